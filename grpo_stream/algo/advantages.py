@@ -1,0 +1,95 @@
+"""Group-relative advantages from the rewards of whole groups (G completions per prompt).
+
+    advantages, keep, metrics = compute_advantages(rewards, cfg.loss)  # rewards [N, G]
+
+`cfg.advantage` picks the baseline and spread from `ADVANTAGES`:
+
+* ``group``: (r - mean_group) / (std_group + eps), DeepSeekMath GRPO.
+* ``batch_std``: (r - mean_group) / (std_batch + eps), the group mean as baseline but
+  one spread for the whole batch (as in "Lite PPO"), so small-spread groups are not
+  blown up.
+* ``leave_one_out``: r - mean of the *other* G-1 rewards (RLOO), divided by
+  (std_group + eps) when scaling.
+
+Standard deviations are unbiased (Bessel, as `torch.std`, TRL and verl use).
+`scale_std=False` skips the division (Dr. GRPO). A group whose rewards are all equal
+has zero variance and carries no learning signal: its advantages are exactly 0 (never a
+0/0), it is counted in the metrics, and with `drop_zero_variance` (DAPO dynamic sampling)
+its `keep` flag is False so the caller can leave it out of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from grpo_stream.algo.registry import choose
+
+# (rewards [N, G]) -> (centred rewards [N, G], spread broadcastable to [N, G])
+Baseline = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _group(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    centred = r - r.mean(dim=1, keepdim=True)  # [N, G]
+    return centred, r.std(dim=1, keepdim=True)  # [N, 1]
+
+
+def _batch_std(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    centred = r - r.mean(dim=1, keepdim=True)  # [N, G]
+    return centred, r.std()  # [] one spread over all N*G rewards
+
+
+def _leave_one_out(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = r.shape[1]
+    others = (r.sum(dim=1, keepdim=True) - r) / (g - 1)  # [N, G] mean of the other G-1
+    return r - others, r.std(dim=1, keepdim=True)  # [N, G], [N, 1]
+
+
+ADVANTAGES: dict[str, Baseline] = {
+    "group": _group,
+    "batch_std": _batch_std,
+    "leave_one_out": _leave_one_out,
+}
+
+
+def _check_rewards(rewards: torch.Tensor) -> None:
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards: expected [N_groups, G], got shape {tuple(rewards.shape)}")
+    if rewards.shape[1] < 2:
+        raise ValueError(f"rewards: a group needs G >= 2 completions, got G={rewards.shape[1]}")
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards: contains NaN or infinite values")
+
+
+def compute_advantages(
+    rewards: torch.Tensor, cfg
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """rewards [N, G] -> (advantages [N, G] float32, keep_mask [N] bool, metrics)."""
+    _check_rewards(rewards)
+    baseline = choose(ADVANTAGES, "loss.advantage", cfg.advantage)
+    r = rewards.float()  # [N, G]
+    centred, spread = baseline(r)  # [N, G], [N, 1] or []
+    adv = centred / (spread + cfg.advantage_eps) if cfg.scale_std else centred  # [N, G]
+    zero_var = r.amax(dim=1) == r.amin(dim=1)  # [N]
+    adv = adv.masked_fill(zero_var.unsqueeze(1), 0.0)  # [N, G] exact zeros, no 0/0 noise
+    keep = ~zero_var if cfg.drop_zero_variance else torch.ones_like(zero_var)  # [N]
+    n = r.shape[0]
+    stats = torch.stack(
+        [
+            r.mean(),
+            r.std() if r.numel() > 1 else r.new_zeros(()),
+            zero_var.float().sum(),
+            keep.float().sum(),
+            adv.abs().mean(),
+        ]
+    ).tolist()
+    metrics = {
+        "reward_mean": stats[0],
+        "reward_std": stats[1],
+        "zero_variance_groups": stats[2],
+        "zero_variance_frac": stats[2] / n,
+        "kept_groups": stats[3],
+        "advantage_abs_mean": stats[4],
+    }
+    return adv, keep, metrics

@@ -1,0 +1,166 @@
+"""The learner's cursor over a rollout store: tail-follow, staleness filter, resume.
+
+The cursor is one integer, `position`: the next global group id to consume. Groups
+are consumed in publication order, each exactly once; `state()` is a JSON-able dict
+the learner saves in its checkpoint, and `load_state()` resumes from it without loss
+or duplication.
+
+Groups the cursor cannot deliver are counted, never silently dropped: stale ones
+(`current_version - policy_version > max_staleness`) are returned as a count; groups
+deleted by retention before the cursor reached them are skipped (the cursor jumps to
+the oldest group on disk) and counted in `skipped_deleted`; groups in corrupt
+segments/chunks (reader on_corrupt="skip") are counted in `skipped_corrupt`.
+
+    cur = GroupCursor(open_reader(path))
+    groups, n_stale = cur.next_groups(8, timeout_s=600, max_staleness=2, current_version=v)
+    ckpt["cursor"] = cur.state()
+    ...
+    cur = GroupCursor(open_reader(path)); cur.load_state(ckpt["cursor"])
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from grpo_stream.buffer.columns import RolloutBatch
+from grpo_stream.buffer.schema import Group
+from grpo_stream.buffer.store import GroupsDeletedError, RolloutReader
+
+STATE_KEYS = ("position", "skipped_stale", "skipped_deleted", "skipped_corrupt")
+
+
+def is_stale(version: int, current_version: int | None, max_staleness: int | None) -> bool:
+    if max_staleness is None or current_version is None:
+        return False
+    return current_version - version > max_staleness
+
+
+class GroupCursor:
+    """Consumes whole groups from a reader in order; see the module docstring."""
+
+    def __init__(self, reader: RolloutReader, position: int = 0, poll_s: float = 0.02) -> None:
+        self.reader = reader
+        self.position = position
+        self.poll_s = poll_s
+        self.skipped_stale = 0
+        self.skipped_deleted = 0
+        self.skipped_corrupt = 0
+
+    def state(self) -> dict[str, Any]:
+        return {k: int(getattr(self, k)) for k in STATE_KEYS}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        missing = [k for k in ("position",) if k not in state]
+        if missing:
+            raise ValueError(f"cursor state: missing field {missing[0]!r}")
+        for k in STATE_KEYS:
+            setattr(self, k, int(state.get(k, 0)))
+
+    def available(self) -> int:
+        """Groups published beyond the cursor (after a refresh)."""
+        self.reader.refresh()
+        self._skip_deleted()
+        return max(self.reader.num_groups() - self.position, 0)
+
+    def _skip_deleted(self) -> None:
+        first = self.reader.first_group()
+        if self.position < first:
+            self.skipped_deleted += first - self.position
+            self.position = first
+
+    def wait_for(self, n: int, timeout_s: float) -> None:
+        """Block until n groups beyond the cursor are published (TimeoutError otherwise)."""
+        deadline = time.monotonic() + timeout_s
+        while (have := self.available()) < n:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"buffer: waited {timeout_s:.0f}s for {n} groups after group "
+                    f"{self.position}; only {have} published"
+                )
+            time.sleep(self.poll_s)
+
+    def _take(self, n: int, read, timeout_s: float):
+        """Wait for n groups, read them with `read(start, stop)`; retry if retention races."""
+        while True:
+            self.wait_for(n, timeout_s)
+            start = self.position
+            try:
+                return start + n, read(start, start + n)
+            except GroupsDeletedError:
+                continue  # wait_for refreshes and jumps past the deleted groups
+
+    def next_groups(
+        self,
+        n: int,
+        timeout_s: float,
+        max_staleness: int | None = None,
+        current_version: int | None = None,
+    ) -> tuple[list[Group], int]:
+        """The next n published groups minus stale ones; returns (groups, skipped_stale)."""
+        if n < 1:
+            raise ValueError(f"next_groups: n must be >= 1 (got {n})")
+        stop, groups = self._take(n, self.reader.read_groups, timeout_s)
+        self.skipped_corrupt += n - len(groups)
+        fresh = [
+            g
+            for g in groups
+            if not is_stale(min(s.policy_version for s in g), current_version, max_staleness)
+        ]
+        self.position = stop
+        self.skipped_stale += len(groups) - len(fresh)
+        return fresh, len(groups) - len(fresh)
+
+    def next_columns(
+        self,
+        n: int,
+        timeout_s: float,
+        max_staleness: int | None = None,
+        current_version: int | None = None,
+        columns: list[str] | None = None,
+    ) -> tuple[RolloutBatch, int]:
+        """Like next_groups, but columnar (numpy) via the reader's `read_columns`."""
+        if n < 1:
+            raise ValueError(f"next_columns: n must be >= 1 (got {n})")
+        cols = list(columns) if columns else None
+        if cols is not None:
+            cols = list(dict.fromkeys([*cols, "group_id", "policy_version"]))
+        stop, batch = self._take(n, lambda a, b: self.reader.read_columns(a, b, cols), timeout_s)
+        self.skipped_corrupt += n - batch.num_groups
+        batch, stale = _drop_stale(batch, current_version, max_staleness)
+        self.position = stop
+        self.skipped_stale += stale
+        return batch, stale
+
+
+def _drop_stale(
+    batch: RolloutBatch, current_version: int | None, max_staleness: int | None
+) -> tuple[RolloutBatch, int]:
+    if max_staleness is None or current_version is None or batch.num_groups == 0:
+        return batch, 0
+    ver = np.minimum.reduceat(batch.scalars["policy_version"], batch.group_offsets[:-1])
+    keep_g = current_version - ver <= max_staleness  # [groups]
+    if keep_g.all():
+        return batch, 0
+    sizes = np.diff(batch.group_offsets)
+    keep_r = np.repeat(keep_g, sizes)  # [rows]
+    out = RolloutBatch(
+        group_ids=batch.group_ids[keep_g],
+        group_offsets=np.concatenate([[0], np.cumsum(sizes[keep_g])]).astype(np.int64),
+    )
+    out.scalars = {k: v[keep_r] for k, v in batch.scalars.items()}
+    out.strings = {
+        k: [s for s, m in zip(v, keep_r, strict=True) if m] for k, v in batch.strings.items()
+    }
+    for k, vals in batch.values.items():
+        offs = batch.offsets[k]
+        lens = np.diff(offs)
+        keep_v = np.repeat(keep_r, lens)
+        out.values[k] = vals[keep_v]
+        out.offsets[k] = np.concatenate([[0], np.cumsum(lens[keep_r])]).astype(np.int64)
+    return out, int((~keep_g).sum())
+
+
+StoreCursor = GroupCursor

@@ -1,0 +1,151 @@
+"""Filesystem helpers shared by the buffer backends: fsspec paths, atomic writes, meta.json.
+
+Every store path is a local path or an fsspec URL. `StoreFS` wraps the fsspec filesystem
+and the root path inside it, and knows how to publish a file atomically: on local disk
+by writing a temporary name, fsync, and `os.replace`; elsewhere by writing the
+temporary name and renaming it (atomic on `memory://`, best effort on object stores).
+
+    sfs = StoreFS.open("memory://runs/r1/buffer")
+    sfs.write_atomic("meta.json", b"{...}")
+    meta = read_meta(sfs)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from grpo_stream.buffer.schema import SCHEMA_VERSION, check_schema_version
+
+META_NAME = "meta.json"
+
+
+@dataclass
+class StoreFS:
+    fs: Any  # fsspec.AbstractFileSystem
+    root: str  # path inside fs, no trailing slash
+    url: str  # what the user gave, for messages
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> StoreFS:
+        url = os.fspath(path)
+        fs, root = fsspec.core.url_to_fs(url)
+        return cls(fs=fs, root=root.rstrip("/") or "/", url=url)
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def join(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.join(name))
+
+    def makedirs(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def listdir(self) -> list[str]:
+        """Base names directly under the root (empty if the root does not exist)."""
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+
+    def remove(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self.join(name))
+        except FileNotFoundError:
+            pass
+
+    def write_atomic(self, name: str, data: bytes, fsync: bool = True) -> None:
+        """Publish `data` under `name` so a reader sees the old file or the whole new one."""
+        final, tmp = self.join(name), self.join(f".{name}.tmp")
+        if self.local:
+            write_local_atomic(tmp, final, data, fsync)
+            return
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, final)
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self.join(name))
+
+
+def write_local_atomic(tmp: str, final: str, data: bytes | memoryview, fsync: bool = True) -> None:
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+    if fsync:
+        fsync_dir(os.path.dirname(final))
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename durable: fsync the directory that holds it (POSIX)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def resolve_store_path(path: str) -> str:
+    """A store root, or a run dir holding one in `buffer/` (used by the CLI)."""
+    sfs = StoreFS.open(path)
+    if not sfs.exists(META_NAME) and sfs.fs.exists(sfs.join(f"buffer/{META_NAME}")):
+        return path.rstrip("/") + "/buffer"
+    return path
+
+
+def write_meta(sfs: StoreFS, backend: str, run_id: str, extra: dict | None = None) -> dict:
+    meta = {
+        "backend": backend,
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "created_at": time.time(),
+        **(extra or {}),
+    }
+    sfs.makedirs()
+    sfs.write_atomic(META_NAME, json.dumps(meta, indent=1, sort_keys=True).encode())
+    return meta
+
+
+def read_meta(sfs: StoreFS, expect_backend: str | None = None) -> dict:
+    """meta.json of a store, checked: it exists, parses, and has a version we know."""
+    where = f"{sfs.url.rstrip('/')}/{META_NAME}"
+    try:
+        meta = json.loads(sfs.read_bytes(META_NAME))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no rollout store at {sfs.url} (missing {META_NAME})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "backend" not in meta:
+        raise ValueError(f"{where}: missing field 'backend'")
+    check_schema_version(meta.get("schema_version"), where)
+    if expect_backend is not None and meta["backend"] != expect_backend:
+        raise ValueError(
+            f"{where}: store backend is {meta['backend']!r}, cannot open it as {expect_backend!r}"
+        )
+    return meta
+
+
+def open_or_create_meta(sfs: StoreFS, backend: str, run_id: str) -> dict:
+    """The writer's view: reuse an existing store's meta (checked) or create a new one."""
+    if sfs.exists(META_NAME):
+        return read_meta(sfs, expect_backend=backend)
+    return write_meta(sfs, backend, run_id)

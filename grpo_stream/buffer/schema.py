@@ -1,0 +1,123 @@
+"""The rollout record: one row per sampled completion, typed on every boundary.
+
+`Sample` is the Python record the generator builds and the learner reads; the Arrow
+schema is generated from its fields (`ARROW_SCHEMA`) so the two never drift. Samples
+travel in groups (`list[Sample]`, the G completions of one prompt): the buffer only
+ever publishes and serves whole groups. `SCHEMA_VERSION` is stored with the data;
+readers refuse versions they do not know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+Group = list["Sample"]
+
+
+@dataclass
+class Sample:
+    run_id: str
+    prompt_id: str
+    sample_index: int  # 0..G-1 within the group
+    policy_version: int  # weight version at request start (server's /weight_info)
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behaviour_logprobs: list[float]  # per completion token, from vLLM (processed log-probs)
+    reward: float
+    policy_version_end: int = -1  # version at request end; differs if a sync crossed it
+    group_id: int = -1  # assigned by the writer: sequential over the store
+    row_id: int = -1  # assigned by the writer: sequential over the store
+    prompt_text: str = ""
+    completion_text: str = ""
+    answer: str = ""
+    reward_components: dict[str, float] = field(default_factory=dict)
+    reward_error: str = ""  # non-empty: a reward function raised or timed out (reason)
+    finish_reason: str = ""
+    gen_latency_s: float = 0.0
+    server_url: str = ""
+    created_at: float = 0.0
+
+    def to_row(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row["reward_components"] = json.dumps(self.reward_components, sort_keys=True)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Sample:
+        row = dict(row)
+        rc = row.get("reward_components") or "{}"
+        row["reward_components"] = json.loads(rc) if isinstance(rc, str) else dict(rc)
+        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
+
+
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "run_id": pa.string(),
+    "prompt_id": pa.string(),
+    "sample_index": pa.int32(),
+    "policy_version": pa.int64(),
+    "prompt_ids": pa.large_list(pa.int32()),
+    "completion_ids": pa.large_list(pa.int32()),
+    "behaviour_logprobs": pa.large_list(pa.float32()),
+    "reward": pa.float32(),
+    "policy_version_end": pa.int64(),
+    "group_id": pa.int64(),
+    "row_id": pa.int64(),
+    "prompt_text": pa.string(),
+    "completion_text": pa.string(),
+    "answer": pa.string(),
+    "reward_components": pa.string(),  # JSON object {name: value}
+    "reward_error": pa.string(),
+    "finish_reason": pa.string(),
+    "gen_latency_s": pa.float32(),
+    "server_url": pa.string(),
+    "created_at": pa.float64(),
+}
+
+assert list(_ARROW_TYPES) == [f.name for f in dataclasses.fields(Sample)], "schema drift"
+
+ARROW_SCHEMA = pa.schema(
+    [pa.field(name, typ, nullable=False) for name, typ in _ARROW_TYPES.items()],
+    metadata={b"grpo_stream_schema_version": str(SCHEMA_VERSION).encode()},
+)
+
+
+class SchemaVersionError(ValueError):
+    """Data written by an unknown (newer) schema version."""
+
+
+def check_schema_version(version: int | str | bytes | None, where: str) -> None:
+    if version is None:
+        raise SchemaVersionError(f"{where}: no grpo-stream schema version recorded")
+    v = int(version.decode() if isinstance(version, bytes) else version)
+    if v != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{where}: schema version {v} is not supported by this grpo-stream "
+            f"(knows {SCHEMA_VERSION}); upgrade grpo-stream to read it"
+        )
+
+
+def groups_to_table(groups: list[Group]) -> pa.Table:
+    rows = [s.to_row() for g in groups for s in g]
+    return pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
+
+
+def table_to_groups(table: pa.Table) -> list[Group]:
+    """Rows (ordered by row_id) back to groups, split on group_id."""
+    groups: list[Group] = []
+    current: Group = []
+    for row in table.to_pylist():
+        s = Sample.from_row(row)
+        if current and current[-1].group_id != s.group_id:
+            groups.append(current)
+            current = []
+        current.append(s)
+    if current:
+        groups.append(current)
+    return groups

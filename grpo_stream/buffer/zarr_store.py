@@ -1,0 +1,301 @@
+"""Zarr backend: chunked, zstd-compressed arrays (layout in zarr_layout), any fsspec path.
+
+Publication protocol: the writer resizes each array and writes the new rows past the
+committed tail, then writes the commit pointer (root attributes `num_groups`,
+`num_rows` and the value lengths) last. Readers re-open the root on `refresh()` and
+read only up to the pointer, so a killed writer's partial append is invisible and the
+next writer simply overwrites it. On local disk every store key (chunk or metadata) is
+written to a temporary name and renamed, so a reader never sees a torn chunk; chunks
+carry a zstd checksum, so a truncated or damaged chunk fails to decode and is reported
+by name, and a missing chunk is detected (every chunk is always written).
+
+No consolidated metadata: the store is live. Retention is not supported here (arrays
+are contiguous); use the Arrow backend for long runs, or `buffer convert`.
+
+    w = ZarrWriter("memory://buf", run_id="r1"); w.append_groups(groups)
+    r = ZarrReader("memory://buf"); r.refresh(); r.read_groups(0, r.num_groups())
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync as zarr_sync
+
+from grpo_stream.buffer.columns import (
+    LEARNER_COLUMNS,
+    LIST_COLUMNS,
+    STRING_COLUMNS,
+    RolloutBatch,
+    samples_to_table,
+    table_to_batch,
+    table_to_groups_fast,
+)
+from grpo_stream.buffer.fsutil import StoreFS, open_or_create_meta, read_meta
+from grpo_stream.buffer.schema import ARROW_SCHEMA, SCHEMA_VERSION, Group, check_schema_version
+from grpo_stream.buffer.store import CorruptSegmentError
+from grpo_stream.buffer.zarr_io import (
+    ChunkError,
+    open_zarr_store,
+    read_slice,
+    remove_stray_tmp,
+)
+from grpo_stream.buffer.zarr_layout import (
+    FLOAT_COLUMNS,
+    VALUE_ARRAYS,
+    array_specs,
+    arrays_to_table,
+    table_to_arrays,
+)
+
+VERSION_ATTR = "grpo_stream_schema_version"
+
+
+def _commit(attrs: dict) -> dict[str, int]:
+    """The commit pointer: groups, rows and each values array's length."""
+    keys = ["num_groups", "num_rows", *(f"len_{n}" for n in VALUE_ARRAYS)]
+    return {k: int(attrs.get(k, 0)) for k in keys}
+
+
+class ZarrWriter:
+    """The single writer of a Zarr store; reopening continues after the commit pointer."""
+
+    def __init__(
+        self,
+        path: str,
+        run_id: str = "",
+        fsync: bool = True,
+        row_chunk: int = 4096,
+        value_chunk: int = 65536,
+        max_groups: int | None = None,
+        max_age_s: float | None = None,
+    ) -> None:
+        if max_groups is not None or max_age_s is not None:
+            raise ValueError(
+                "buffer.max_groups/max_age_s: retention is implemented for the arrow backend "
+                "only (zarr arrays are contiguous); use backend='arrow' for long runs"
+            )
+        self.sfs = StoreFS.open(path)
+        self.meta = open_or_create_meta(self.sfs, "zarr", run_id)
+        self.run_id = run_id or self.meta.get("run_id", "")
+        remove_stray_tmp(self.sfs)
+        self.store = open_zarr_store(self.sfs, read_only=False, fsync=fsync)
+        self.root = self._open_root(row_chunk, value_chunk)
+        self.arrays = {name: self.root[name] for name in array_specs(1, 1)}
+        self.commit = _commit(dict(self.root.attrs))
+
+    def _open_root(self, row_chunk: int, value_chunk: int) -> zarr.Group:
+        try:
+            root = zarr.open_group(self.store, mode="r+", use_consolidated=False)
+            check_schema_version(root.attrs.get(VERSION_ATTR), self.sfs.join("zarr.json"))
+            return root
+        except FileNotFoundError:
+            pass
+        root = zarr.open_group(self.store, mode="a", zarr_format=3)  # "w" would wipe meta.json
+        for name, (chunks, dtype) in array_specs(row_chunk, value_chunk).items():
+            shape = (0, *chunks[1:])
+            root.create_array(
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
+                compressors=ZstdCodec(level=1, checksum=True),
+                fill_value=0,
+                config={"write_empty_chunks": True},
+            )
+        root.attrs.update({VERSION_ATTR: SCHEMA_VERSION, "run_id": self.run_id, **_commit({})})
+        return root
+
+    def num_groups(self) -> int:
+        return self.commit["num_groups"]
+
+    def append_groups(self, groups: Sequence[Group]) -> tuple[int, int]:
+        """Write the rows past the tail, then move the commit pointer; returns [first, end)."""
+        first = self.commit["num_groups"]
+        if not groups:
+            return first, first
+        row = self.commit["num_rows"]
+        empty = [gi for gi, group in enumerate(groups) if not group]
+        if empty:
+            raise ValueError(f"append_groups: group {empty[0]} is empty")
+        for gi, group in enumerate(groups):
+            for s in group:
+                s.group_id, s.row_id = first + gi, row
+                row += 1
+        table = samples_to_table(groups)
+        base = {"rows": self.commit["num_rows"]}
+        base.update({n: self.commit[f"len_{n}"] for n in VALUE_ARRAYS})
+        parts = table_to_arrays(table, base)
+        lengths = {"group_rows": first, **{n: base["rows"] for n in ("ints", "floats")}}
+        lengths.update({"list_ends": base["rows"], "text_ends": base["rows"]})
+        lengths.update({n: base[n] for n in VALUE_ARRAYS})
+        self._write_tails([(self.arrays[n], lengths[n], d) for n, d in parts.items()])
+        new = {"num_groups": first + len(groups), "num_rows": row}
+        new.update({f"len_{n}": base[n] + len(parts[n]) for n in VALUE_ARRAYS})
+        self._sync()  # data durable before the pointer that publishes it
+        self.root.update_attributes(new)  # the commit: readers see the append from here on
+        self._sync()
+        self.commit = new
+        return first, first + len(groups)
+
+    @staticmethod
+    def _write_tails(jobs: list[tuple[zarr.Array, int, np.ndarray]]) -> None:
+        """Write rows [lo, lo+len) of every array, concurrently (zarr's event loop).
+
+        Capacity grows geometrically (few metadata writes): the shape is capacity, the
+        commit pointer is the length.
+        """
+        for arr, lo, data in jobs:
+            need = lo + len(data)
+            if arr.shape[0] < need:
+                arr.resize((max(need, 2 * arr.shape[0], arr.chunks[0]), *arr.shape[1:]))
+
+        async def write_all() -> None:
+            await asyncio.gather(
+                *(a._async_array.setitem(slice(lo, lo + len(d)), d) for a, lo, d in jobs)
+            )
+
+        zarr_sync(write_all())
+
+    def _sync(self) -> None:
+        if hasattr(self.store, "sync"):
+            self.store.sync()
+
+    def close(self) -> None:
+        self._sync()
+
+
+class ZarrReader:
+    """Reads up to the commit pointer; corrupt chunks are named and their groups skipped."""
+
+    def __init__(self, path: str, on_corrupt: str = "skip") -> None:
+        if on_corrupt not in ("skip", "error"):
+            raise ValueError(f"buffer.on_corrupt: {on_corrupt!r} is not 'skip' or 'error'")
+        self.sfs = StoreFS.open(path)
+        self.meta = read_meta(self.sfs, expect_backend="zarr")
+        self.on_corrupt = on_corrupt
+        self.store = open_zarr_store(self.sfs, read_only=True)
+        self.commit = _commit({})
+        self._corrupt: dict[str, str] = {}  # chunk path -> reason
+        self._bad_groups: set[int] = set()
+        self.arrays: dict = {}
+        self.refresh()
+
+    def refresh(self) -> int:
+        where = self.sfs.join("zarr.json")
+        try:
+            root = zarr.open_group(self.store, mode="r", use_consolidated=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{where}: zarr root missing") from None
+        except Exception as e:  # noqa: BLE001 - any decode failure of the root is corruption
+            raise CorruptSegmentError(f"corrupt store root {where}: {e}") from None
+        check_schema_version(root.attrs.get(VERSION_ATTR), where)
+        commit = _commit(dict(root.attrs))
+        if commit != self.commit or not self.arrays:
+            self.arrays = {name: root[name] for name in array_specs(1, 1)}
+            self.commit = commit
+        return self.num_groups()
+
+    def num_groups(self) -> int:
+        return self.commit["num_groups"]
+
+    def first_group(self) -> int:
+        return 0
+
+    def corrupt(self) -> list[str]:
+        return sorted(self._corrupt)
+
+    def corrupt_reasons(self) -> dict[str, str]:
+        return dict(self._corrupt)
+
+    def _read(self, name: str, lo: int, hi: int) -> np.ndarray:
+        return read_slice(self.sfs, name, self.arrays[name], lo, hi)
+
+    def _rows_table(self, start: int, stop: int, columns: list[str]) -> pa.Table:
+        """Rows of groups [start, stop); raises ChunkError naming any unreadable chunk."""
+        g = self._read("group_rows", max(start - 1, 0), stop)
+        r0 = int(g[0]) if start > 0 else 0
+        r1 = int(g[-1]) if len(g) else 0
+        parts: dict[str, np.ndarray] = {}
+        parts["ints"] = self._read("ints", r0, r1)  # holds group_id: always needed
+        if any(c in FLOAT_COLUMNS for c in columns):
+            parts["floats"] = self._read("floats", r0, r1)
+        value_base: dict[str, int] = {}
+        for kind, names in (("list_ends", LIST_COLUMNS), ("text_ends", ["text"])):
+            texty = any(c in STRING_COLUMNS for c in columns)
+            wanted = [n for n in names if n in columns or (kind == "text_ends" and texty)]
+            if not wanted:
+                continue
+            ends = self._read(kind, max(r0 - 1, 0), r1)
+            if r0 == 0:
+                ends = np.concatenate([np.zeros((1, ends.shape[1]), np.int64), ends])
+            parts[kind] = ends
+            for j, name in enumerate(names if kind == "list_ends" else ["text"]):
+                if name not in wanted:
+                    continue
+                lo = int(ends[0, j] if kind == "list_ends" else ends[0, -1])
+                hi = int(ends[-1, j] if kind == "list_ends" else ends[-1, -1])
+                parts[name], value_base[name] = self._read(name, lo, hi), lo
+        return arrays_to_table(parts, value_base, columns)
+
+    def read_table(self, start: int, stop: int, columns: Sequence[str] | None = None) -> pa.Table:
+        """Rows of groups [start, stop); groups touching corrupt chunks are skipped (or raise)."""
+        stop = min(stop, self.num_groups())
+        if start < 0 or start > stop:
+            raise ValueError(f"read_groups: bad range [{start}, {stop})")
+        cols = list(columns) if columns else ARROW_SCHEMA.names
+        if "group_id" not in cols:
+            cols.append("group_id")
+        tables = [self._read_robust(a, b, cols) for a, b in self._good_runs(start, stop)]
+        tables = [t for t in tables if t is not None and t.num_rows]
+        if not tables:
+            return ARROW_SCHEMA.empty_table().select(cols)
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def _good_runs(self, start: int, stop: int) -> list[tuple[int, int]]:
+        bad = sorted(g for g in self._bad_groups if start <= g < stop)
+        runs, lo = [], start
+        for g in bad:
+            if g > lo:
+                runs.append((lo, g))
+            lo = g + 1
+        if stop > lo:
+            runs.append((lo, stop))
+        return runs
+
+    def _read_robust(self, start: int, stop: int, cols: list[str]) -> pa.Table | None:
+        """Bisect a failing range down to single groups; skip (or raise on) the bad ones."""
+        try:
+            return self._rows_table(start, stop, cols)
+        except ChunkError as e:
+            if stop - start > 1:
+                mid = (start + stop) // 2
+                parts = [self._read_robust(start, mid, cols), self._read_robust(mid, stop, cols)]
+                parts = [p for p in parts if p is not None and p.num_rows]
+                return pa.concat_tables(parts) if parts else None
+            for name, reason in e.chunks.items():
+                self._corrupt[name] = reason
+            self._bad_groups.add(start)
+            if self.on_corrupt == "error":
+                raise CorruptSegmentError(str(e)) from None
+            return None
+
+    def read_groups(self, start: int, stop: int) -> list[Group]:
+        return table_to_groups_fast(self.read_table(start, stop))
+
+    def read_columns(
+        self, start: int, stop: int, columns: Sequence[str] | None = None
+    ) -> RolloutBatch:
+        cols = list(columns) if columns else None
+        return table_to_batch(self.read_table(start, stop, cols or list(LEARNER_COLUMNS)), cols)
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["ZarrReader", "ZarrWriter"]

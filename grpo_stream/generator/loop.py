@@ -1,0 +1,175 @@
+"""The generator process: prompts → vLLM (n=G) → rewards → replay buffer.
+
+`Generator.run()` is one asyncio program. A producer walks the prompt source and
+starts one task per prompt, bounded by `generator.max_in_flight` (a semaphore) and
+by the staleness gate (the buffer may run at most `max_ahead_batches` learner
+batches ahead of what the learner has consumed). Finished groups go through a queue
+to a single writer task that publishes them to the buffer off the event loop.
+On stop (SIGTERM/SIGINT or `max_groups`), groups already scored are written before
+exit: nothing finished is lost.
+
+    asyncio.run(Generator(cfg, run_dir).run())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+
+from grpo_stream.buffer.schema import Group
+from grpo_stream.buffer.store import open_writer
+from grpo_stream.config import Config
+from grpo_stream.generator.client import VLLMClient
+from grpo_stream.generator.pool import ServerPool
+from grpo_stream.generator.sampler import (
+    PromptFailed,
+    SampleRequest,
+    build_group,
+    request_group,
+)
+from grpo_stream.generator.stats import GenStats
+from grpo_stream.progress import read_progress
+
+log = logging.getLogger(__name__)
+
+
+class GeneratorError(RuntimeError):
+    """The generator cannot make progress (e.g. every prompt keeps failing)."""
+
+
+async def wait_healthy(client: VLLMClient, urls: list[str], timeout_s: float) -> None:
+    """Bounded wait until at least one server answers /health."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not any(await asyncio.gather(*(client.health(u, timeout_s=5) for u in urls))):
+        if asyncio.get_running_loop().time() > deadline:
+            raise GeneratorError(
+                f"no vLLM server answered /health within {timeout_s:g}s "
+                f"(server.startup_timeout_s): {', '.join(urls)}"
+            )
+        await asyncio.sleep(1.0)
+
+
+class Generator:
+    def __init__(self, cfg: Config, run_dir: str, model_dir: str):
+        from transformers import AutoTokenizer
+
+        from grpo_stream.tasks import make_prompt_source
+        from grpo_stream.tasks.runner import RewardRunner
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.buffer_path = cfg.buffer_path(run_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.prompts = make_prompt_source(cfg.task)
+        self.rewards = RewardRunner(cfg.reward)  # validates reward names now
+        self.run_id = os.path.basename(os.path.normpath(run_dir)) or uuid.uuid4().hex[:8]
+        self.stats = GenStats(os.path.join(run_dir, "generator_metrics.jsonl"))
+        self._stop = asyncio.Event()
+        self._queue: asyncio.Queue[Group | None] = asyncio.Queue()
+        self.failed_prompts = 0
+        self._failed_at_last_success = 0
+        self._max_consecutive_failures = 3 * cfg.generator.max_in_flight + 5
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def sampling_params(self) -> dict:
+        g = self.cfg.generator
+        params = {"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p}
+        params["top_k"] = g.top_k
+        if g.stop:
+            params["stop"] = g.stop
+        return params
+
+    async def _room(self, reserved: int) -> None:
+        """Wait until the learner has consumed enough that `reserved+1` groups may exist."""
+        g, lr = self.cfg.generator, self.cfg.learner
+        while not self._stop.is_set():
+            consumed = (await asyncio.to_thread(read_progress, self.buffer_path)).consumed_groups
+            if reserved < consumed + lr.batch_groups * (1 + g.max_ahead_batches):
+                return
+            self.stats.gated = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.5)  # learner progress is a file
+        self.stats.gated = False
+
+    async def _one(self, pool: ServerPool, prompt, sem: asyncio.Semaphore) -> None:
+        from grpo_stream.tasks import render_prompt
+
+        try:
+            text, ids = render_prompt(prompt, self.tokenizer, self.cfg.task)
+            req = SampleRequest(prompt, text, ids)
+            g = self.cfg.generator
+            outs, v0, v1, lat, url = await request_group(
+                pool, self.cfg.model.served_name, req, g.group_size, self.sampling_params(),
+                g.max_retries,
+            )
+            rewards = await self.rewards.score_group(prompt, [o.text for o in outs])
+            group = build_group(self.run_id, req, outs, rewards, (v0, v1), lat, url)
+            self.stats.add_group(group)
+            await self._queue.put(group)
+        except PromptFailed as err:
+            self.failed_prompts += 1
+            self.stats.failed += 1
+            log.error("%s", err)
+            if self.failed_prompts - self._failed_at_last_success >= self._max_consecutive_failures:
+                raise GeneratorError(f"{self.failed_prompts} prompts failed in a row; last: {err}") from err
+        else:
+            self._failed_at_last_success = self.failed_prompts
+        finally:
+            sem.release()
+
+    async def _writer(self, writer) -> None:
+        pending: list[Group] = []
+        done = False
+        while not done:
+            item = await self._queue.get()
+            if item is None:
+                done = True
+            else:
+                pending.append(item)
+            if pending and (done or len(pending) >= self.cfg.generator.groups_per_write
+                            or self._queue.empty()):
+                await asyncio.to_thread(writer.append_groups, pending)
+                self.stats.written += len(pending)
+                pending = []
+
+    async def _produce(self, pool: ServerPool, tg: asyncio.TaskGroup) -> None:
+        sem = asyncio.Semaphore(self.cfg.generator.max_in_flight)
+        max_groups = self.cfg.generator.max_groups
+        started = 0
+        for prompt in self.prompts:
+            if self._stop.is_set() or (max_groups is not None and started >= max_groups):
+                break
+            await self._room(self.stats.written + self._queue.qsize() + pool.total_in_flight())
+            await sem.acquire()
+            if self._stop.is_set():
+                sem.release()
+                break
+            tg.create_task(self._one(pool, prompt, sem))
+            started += 1
+
+    async def run(self) -> int:
+        writer = open_writer(self.buffer_path, self.cfg.buffer.backend, run_id=self.run_id)
+        self.stats.written = writer.num_groups()
+        urls = self.cfg.server.resolved_urls()
+        async with VLLMClient(self.cfg.generator.request_timeout_s) as client:
+            await wait_healthy(client, urls, self.cfg.server.startup_timeout_s)
+            pool = ServerPool(urls, client, wait_timeout_s=self.cfg.server.startup_timeout_s)
+            writer_task = asyncio.create_task(self._writer(writer), name="buffer-writer")
+            reporter = asyncio.create_task(self.stats.report_every(10.0, pool), name="reporter")
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    await self._produce(pool, tg)  # in-flight groups finish before exit
+            finally:
+                await self._queue.put(None)  # flush what is scored, even when cancelled
+                await asyncio.shield(writer_task)
+                reporter.cancel()
+                await pool.close()
+                await asyncio.to_thread(writer.close)
+                await self.rewards.aclose()
+                self.stats.report(pool)
+        return self.stats.written
+

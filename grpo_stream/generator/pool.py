@@ -1,0 +1,91 @@
+"""Least-loaded dispatch over several vLLM servers, with death and recovery.
+
+`ServerPool.lease()` hands out the live server with the fewest requests in flight.
+A server that fails with a transient error is taken out (`mark_dead`) and a kept
+background task probes its `/health` with exponential backoff until it answers
+again. When every server is down, `lease()` waits on a condition (no sleep-polling)
+until one recovers, up to `wait_timeout_s`.
+
+    async with pool.lease() as url:
+        ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from grpo_stream.generator.client import VLLMClient
+
+log = logging.getLogger(__name__)
+
+
+class NoServerAvailable(RuntimeError):
+    pass
+
+
+class ServerPool:
+    def __init__(self, urls: list[str], client: VLLMClient, wait_timeout_s: float = 300.0):
+        if not urls:
+            raise ValueError("server.urls: no vLLM server URL configured")
+        self.urls = list(urls)
+        self.client = client
+        self.wait_timeout_s = wait_timeout_s
+        self.in_flight = {u: 0 for u in urls}
+        self.alive = {u: True for u in urls}
+        self.served = {u: 0 for u in urls}
+        self._cond = asyncio.Condition()
+        self._probes: dict[str, asyncio.Task] = {}
+
+    def total_in_flight(self) -> int:
+        return sum(self.in_flight.values())
+
+    async def _pick(self) -> str:
+        async with self._cond:
+            try:
+                await asyncio.wait_for(
+                    self._cond.wait_for(lambda: any(self.alive.values())), self.wait_timeout_s
+                )
+            except TimeoutError:
+                raise NoServerAvailable(
+                    f"no vLLM server answered /health for {self.wait_timeout_s:.0f}s: {self.urls}"
+                ) from None
+            url = min((u for u in self.urls if self.alive[u]), key=lambda u: self.in_flight[u])
+            self.in_flight[url] += 1
+            return url
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[str]:
+        url = await self._pick()
+        try:
+            yield url
+            self.served[url] += 1
+        finally:
+            self.in_flight[url] -= 1
+
+    async def mark_dead(self, url: str, reason: str) -> None:
+        async with self._cond:
+            if not self.alive[url]:
+                return
+            self.alive[url] = False
+        log.warning("server %s taken out: %s", url, reason)
+        self._probes[url] = asyncio.create_task(self._probe(url), name=f"probe:{url}")
+
+    async def _probe(self, url: str) -> None:
+        delay = 0.5
+        while not await self.client.health(url, timeout_s=5.0):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        async with self._cond:
+            self.alive[url] = True
+            self._cond.notify_all()
+        log.warning("server %s is back", url)
+
+    async def close(self) -> None:
+        for t in self._probes.values():
+            t.cancel()
+        for t in self._probes.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await t

@@ -1,0 +1,101 @@
+"""One prompt → one scored group: request G samples, bracket the weight version, score.
+
+`sample_group` leases the least-loaded server, reads its weight version before and
+after the request (vLLM stamps no version on a completion, so the pair brackets it:
+if a sync landed in between, the sample carries the span), retries transient errors
+on any live server with backoff, and scores the completions. It returns the group
+as `Sample` records ready for the buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from grpo_stream.buffer.schema import Group, Sample
+from grpo_stream.generator.client import Completion, VLLMClient, is_transient
+from grpo_stream.generator.pool import ServerPool
+
+
+class PromptFailed(RuntimeError):
+    """A prompt could not be sampled (a non-transient error, or retries exhausted)."""
+
+
+@dataclass
+class SampleRequest:
+    prompt: Any  # grpo_stream.tasks.Prompt
+    prompt_text: str
+    prompt_ids: list[int]
+
+
+async def _request_once(
+    client: VLLMClient, url: str, model: str, req: SampleRequest, n: int, sampling: dict
+) -> tuple[list[Completion], int, int, float]:
+    v0 = await client.weight_version(url)
+    t0 = time.perf_counter()
+    outs = await client.complete(url, model, req.prompt_ids, n, sampling)
+    latency = time.perf_counter() - t0
+    v1 = await client.weight_version(url)
+    return outs, v0, v1, latency
+
+
+async def request_group(
+    pool: ServerPool, model: str, req: SampleRequest, n: int, sampling: dict, max_retries: int
+) -> tuple[list[Completion], int, int, float, str]:
+    delay = 0.5
+    for attempt in range(max_retries + 1):
+        async with pool.lease() as url:
+            try:
+                outs, v0, v1, lat = await _request_once(pool.client, url, model, req, n, sampling)
+                return outs, v0, v1, lat, url
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                if not is_transient(err):
+                    raise PromptFailed(f"prompt {req.prompt.prompt_id} on {url}: {err}") from err
+                last = err
+                if not await pool.client.health(url):
+                    await pool.mark_dead(url, f"{type(err).__name__}: {err}")
+        await asyncio.sleep(delay * (1 + random.random()))
+        delay = min(delay * 2, 10.0)
+    raise PromptFailed(
+        f"prompt {req.prompt.prompt_id}: {max_retries + 1} attempts failed, last: {last!r}"
+    )
+
+
+def build_group(
+    run_id: str,
+    req: SampleRequest,
+    outs: list[Completion],
+    rewards: list[Any],
+    versions: tuple[int, int],
+    latency: float,
+    url: str,
+) -> Group:
+    now = time.time()
+    return [
+        Sample(
+            run_id=run_id,
+            prompt_id=req.prompt.prompt_id,
+            sample_index=i,
+            policy_version=versions[0],
+            policy_version_end=versions[1],
+            prompt_ids=req.prompt_ids,
+            completion_ids=c.token_ids,
+            behaviour_logprobs=c.logprobs,
+            reward=float(r.total),
+            prompt_text=req.prompt_text,
+            completion_text=c.text,
+            answer=str(req.prompt.answer),
+            reward_components=dict(r.components),
+            reward_error=r.error,
+            finish_reason=c.finish_reason,
+            gen_latency_s=latency,
+            server_url=url,
+            created_at=now,
+        )
+        for i, (c, r) in enumerate(zip(outs, rewards, strict=True))
+    ]

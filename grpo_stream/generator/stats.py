@@ -1,0 +1,78 @@
+"""Generator observability: counters, a periodic progress line, JSONL metrics.
+
+`GenStats` counts samples, tokens, failed prompts and the reward mean of what was
+produced; `report_every` prints one line every few seconds (samples, tokens/s,
+requests in flight, staleness vs the learner, reward mean) and appends the same
+numbers to `RUN_DIR/generator_metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import time
+
+from grpo_stream.buffer.schema import Group
+
+
+class GenStats:
+    def __init__(self, path: str):
+        self.path = path
+        self.t0 = time.perf_counter()
+        self.samples = 0
+        self.tokens = 0
+        self.failed = 0
+        self.written = 0
+        self.reward_failures = 0
+        self.gated = False
+        self.last_version = 0
+        self._rewards: list[float] = []
+
+    def add_group(self, group: Group) -> None:
+        self.samples += len(group)
+        self.tokens += sum(len(s.completion_ids) for s in group)
+        self.last_version = max(self.last_version, max(s.policy_version_end for s in group))
+        for s in group:
+            if math.isfinite(s.reward):
+                self._rewards.append(s.reward)
+            else:
+                self.reward_failures += 1
+
+    def snapshot(self, pool) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        recent = self._rewards[-512:]
+        return {
+            "time": time.time(),
+            "samples": self.samples,
+            "groups_written": self.written,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / dt,
+            "in_flight": pool.total_in_flight() if pool else 0,
+            "failed_prompts": self.failed,
+            "reward_failures": self.reward_failures,
+            "reward_mean_recent": sum(recent) / len(recent) if recent else float("nan"),
+            "policy_version": self.last_version,
+            "gated": self.gated,
+            "servers_alive": sum(pool.alive.values()) if pool else 0,
+        }
+
+    def report(self, pool) -> dict:
+        snap = self.snapshot(pool)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(snap) + "\n")
+        print(
+            f"[generate] samples={snap['samples']} groups={snap['groups_written']} "
+            f"tok/s={snap['tokens_per_s']:.0f} in_flight={snap['in_flight']} "
+            f"version={snap['policy_version']} reward~{snap['reward_mean_recent']:.3f} "
+            f"{'(waiting for learner)' if snap['gated'] else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return snap
+
+    async def report_every(self, seconds: float, pool) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            self.report(pool)

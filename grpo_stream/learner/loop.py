@@ -1,0 +1,148 @@
+"""The learner process: buffer → μ-epoch GRPO step → checkpoint → weight sync.
+
+    Learner(cfg, run_dir, model_dir, resume=False).run()
+
+Each step takes the next `learner.batch_groups` complete groups from the buffer
+(groups older than `learner.max_staleness` versions are dropped and counted), runs
+`StepRunner`, publishes its progress for the generator's staleness gate, writes a
+checkpoint when due, and every `sync.every` steps pushes the weights into the vLLM
+servers, which then stamp new samples with the new version. Policy version N means
+"the weights after N learner steps"; it is what the servers report in /weight_info.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from grpo_stream.buffer.cursor import GroupCursor
+from grpo_stream.config import Config
+from grpo_stream.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from grpo_stream.learner.optim import build_optimizer
+from grpo_stream.learner.policy import load_causal_lm, pick_device
+from grpo_stream.learner.step import StepRunner, batch_advantages, usable_groups
+from grpo_stream.metrics import MetricsWriter, stderr
+from grpo_stream.progress import LearnerProgress, write_progress
+
+
+def wait_for_store(path: str, timeout_s: float):
+    from grpo_stream.buffer.store import open_reader
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return open_reader(path)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"buffer {path}: no store appeared within {timeout_s:.0f}s") from None
+            time.sleep(0.5)
+
+
+def make_sync(cfg: Config, run_dir: str):
+    if cfg.sync.transport == "none":
+        return None
+    if cfg.sync.transport == "disk":
+        from grpo_stream.sync.disk import DiskSync
+
+        return DiskSync(cfg.sync, cfg.server.resolved_urls(), Path(run_dir) / "weights")
+    from grpo_stream.sync.nccl import NCCLSync
+
+    return NCCLSync(cfg.sync, cfg.server.resolved_urls())
+
+
+class Learner:
+    def __init__(self, cfg: Config, run_dir: str, model_dir: str, resume: bool = False):
+        self.cfg, self.run_dir = cfg, run_dir
+        torch.manual_seed(cfg.run.seed)
+        self.device = pick_device(cfg.learner.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.learner.num_threads or max(1, (os.cpu_count() or 2) - 1))
+        ckpt = latest_checkpoint(run_dir) if resume else None
+        self.model = load_causal_lm(str(ckpt / "model") if ckpt else model_dir, self.device)
+        if cfg.learner.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        # the reference is the initial policy; with beta = 0 it is never loaded
+        self.ref = load_causal_lm(model_dir, self.device, trainable=False) if cfg.loss.beta > 0 else None
+        self.opt, self.sched = build_optimizer(self.model, cfg.learner)
+        self.buffer_path = cfg.buffer_path(run_dir)
+        self.cursor = GroupCursor(wait_for_store(self.buffer_path, cfg.learner.wait_timeout_s))
+        self.step, self.version = 0, 0
+        if ckpt is not None:
+            state = load_trainer_state(ckpt, self.opt, self.sched)
+            self.step, self.version = state["step"], state["version"]
+            self.cursor.load_state(state["cursor"])
+            stderr(f"[learn] resumed from {ckpt} at step {self.step}, cursor {self.cursor.position}")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.runner = StepRunner(cfg, self.model, self.ref, self.opt, self.sched, self.device, pad)
+        self.sync = make_sync(cfg, run_dir)
+        self.metrics = MetricsWriter(run_dir)
+        self.trained_batches = os.path.join(run_dir, "trained_batches.jsonl")
+
+    def _next_batch(self):
+        lc = self.cfg.learner
+        t0 = time.perf_counter()
+        start = self.cursor.position
+        groups, stale = self.cursor.next_groups(
+            lc.batch_groups, lc.wait_timeout_s, lc.max_staleness, current_version=self.version
+        )
+        groups, failed = usable_groups(groups)
+        info = {"wait_s": time.perf_counter() - t0, "stale_groups_dropped": stale,
+                "reward_failed_groups": failed, "cursor_start": start, "cursor_end": self.cursor.position}
+        return groups, info
+
+    def _record_batch(self, groups, info: dict) -> None:
+        with open(self.trained_batches, "a") as f:
+            f.write(json.dumps({"step": self.step, "group_ids": [g[0].group_id for g in groups],
+                                **{k: info[k] for k in ("cursor_start", "cursor_end")}}) + "\n")
+
+    def train_one(self) -> dict:
+        groups, info = self._next_batch()
+        if not groups:
+            stderr(f"[learn] step {self.step}: every group of the batch was stale or failed; skipping")
+            return {}
+        samples, advs, adv_m = batch_advantages(groups, self.cfg)
+        rewards = [s.reward for g in groups for s in g]
+        staleness = [self.version - s.policy_version for s in samples] or [0]
+        m = self.runner.run(samples, advs) if samples else {}
+        self.step += 1
+        self._record_batch(groups, info)
+        mean = sum(rewards) / len(rewards)
+        std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
+        return {**adv_m, **m, **info, "reward_mean": mean, "reward_std": std,
+                "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
+                "groups": len(groups), "samples": len(samples)}
+
+    def _after_step(self, m: dict) -> dict:
+        cfg = self.cfg
+        if self.sync is not None and self.step % cfg.sync.every == 0:
+            self.version = self.step
+            m.update(self.sync.push(self.model, self.version))
+        elif self.sync is None:
+            self.version = self.step
+        write_progress(self.buffer_path, LearnerProgress(self.cursor.position, self.version, self.step))
+        ck = cfg.learner.checkpoint_every
+        if (ck and self.step % ck == 0) or self.step == cfg.learner.max_steps:
+            save_checkpoint(self.run_dir, self.step, self.model, self.opt, self.sched,
+                            {"version": self.version, "cursor": self.cursor.state()})
+        return m
+
+    def run(self) -> None:
+        write_progress(self.buffer_path, LearnerProgress(self.cursor.position, self.version, self.step))
+        while self.step < self.cfg.learner.max_steps:
+            t0 = time.perf_counter()
+            m = self.train_one()
+            if not m:
+                continue
+            m = self._after_step(m)
+            m.update(step=self.step, policy_version=self.version, step_s=time.perf_counter() - t0)
+            m.setdefault("kl", m.get("kl_ref", m.get("approx_kl_proximal", 0.0)))
+            m.setdefault("clip_frac", m.get("clip_frac_low", 0.0) + m.get("clip_frac_high", 0.0))
+            self.metrics.log(m)
+        self.metrics.close()

@@ -1,0 +1,37 @@
+"""AdamW with a warmup then constant/linear/cosine schedule, in optimizer steps.
+
+One learner step makes `epochs × minibatches_per_epoch` optimizer steps; `max_steps`
+learner steps therefore give the schedule its horizon.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from grpo_stream.config import LearnerConfig
+
+
+def lr_lambda(cfg: LearnerConfig):
+    total = max(cfg.max_steps * cfg.epochs * cfg.minibatches_per_epoch, 1)
+    warm = cfg.warmup_steps
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        frac = min((step - warm) / max(total - warm, 1), 1.0)
+        if cfg.lr_schedule == "linear":
+            return 1.0 - frac
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 1.0
+
+    return f
+
+
+def build_optimizer(model, cfg: LearnerConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return opt, sched

@@ -1,0 +1,63 @@
+"""Loading the policy/reference models and computing their token log-probs.
+
+`sequence_logprobs` runs the decoder to its final hidden states and hands them with
+the output-embedding matrix to `algo.token_logprobs_from_hidden`, which computes
+logits chunk by chunk: the learner never holds a [B, T, V] logits tensor. Logits
+are divided by the sampling temperature, matching vLLM's processed log-probs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from grpo_stream.algo import token_logprobs_from_hidden
+from grpo_stream.learner.batch import MicroBatch
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"learner.device = {name!r} but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_causal_lm(path: str, device: torch.device, trainable: bool = True):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.to(device)
+    if trainable:
+        model.train()
+        # dropout would make proximal and current log-probs differ at equal weights
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sequence_logprobs(
+    model,
+    mb: MicroBatch,
+    temperature: float,
+    chunk_size: int,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of mb.targets under `model`: ([B, T], [B, T] entropy or None)."""
+    out = model.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
+    hidden = out.last_hidden_state[:, :-1]  # [B, T, H]
+    weight = model.get_output_embeddings().weight  # [V, H]
+    return token_logprobs_from_hidden(
+        hidden, weight, mb.targets, chunk_size, with_entropy=with_entropy, temperature=temperature
+    )

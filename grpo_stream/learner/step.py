@@ -1,0 +1,131 @@
+"""One learner step on one batch of groups: the μ-epoch clipped GRPO update.
+
+    advantages  ← group-relative, from the rewards          (algo.compute_advantages)
+    old_lp      ← learner log-probs at batch start, no grad (the proximal policy)
+    ref_lp      ← frozen reference log-probs (only when β > 0)
+    for epoch in 1..μ:                 micro-batches shuffled each epoch
+        for each of `minibatches` optimizer steps:
+            Σ micro-batches: grpo_loss(...).backward()     (batch-global normalisers)
+            clip grad norm; AdamW step; scheduler step
+
+Micro-batches are collated once per step and reused by every epoch. Returns plain
+float metrics (token-weighted over micro-batches).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+
+import torch
+
+from grpo_stream.algo import compute_advantages, grpo_loss
+from grpo_stream.buffer.schema import Group
+from grpo_stream.config import Config
+from grpo_stream.learner.batch import MicroBatch, make_micro_batches
+from grpo_stream.learner.policy import autocast, sequence_logprobs
+
+
+def usable_groups(groups: list[Group]) -> tuple[list[Group], int]:
+    """Drop groups with a failed (non-finite) reward: their advantage is unknown."""
+    ok = [g for g in groups if all(math.isfinite(s.reward) for s in g)]
+    return ok, len(groups) - len(ok)
+
+
+def batch_advantages(groups: list[Group], cfg: Config) -> tuple[list, list[float], dict]:
+    rewards = torch.tensor([[s.reward for s in g] for g in groups], dtype=torch.float32)  # [N, G]
+    adv, keep, metrics = compute_advantages(rewards, cfg.loss)  # [N, G], [N]
+    samples, advs = [], []
+    for gi, g in enumerate(groups):
+        if bool(keep[gi]):
+            samples.extend(g)
+            advs.extend(adv[gi].tolist())
+    return samples, advs, metrics
+
+
+class MetricMean:
+    """Token-weighted running mean of the loss metrics over micro-batches."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, metrics: dict, weight: float) -> None:
+        for k, v in metrics.items():
+            if k == "num_tokens" or v is None or not math.isfinite(float(v)):
+                continue
+            self.sums[k] += float(v) * weight
+            self.weights[k] += weight
+
+    def result(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+
+
+class StepRunner:
+    def __init__(self, cfg: Config, model, ref_model, optimizer, scheduler, device, pad_id: int):
+        self.cfg, self.model, self.ref = cfg, model, ref_model
+        self.opt, self.sched, self.device, self.pad_id = optimizer, scheduler, device, pad_id
+        self.temperature = cfg.generator.temperature
+
+    def _logprobs(self, model, mb: MicroBatch, entropy: bool = False):
+        with autocast(self.device, self.cfg.learner.dtype):
+            return sequence_logprobs(
+                model, mb, self.temperature, self.cfg.learner.logprob_chunk_size, entropy
+            )
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, mbs: list[MicroBatch]) -> tuple[list, list]:
+        was_training = self.model.training
+        self.model.eval()
+        old = [self._logprobs(self.model, mb)[0].float() for mb in mbs]  # each [B, T]
+        self.model.train(was_training)
+        ref = [None] * len(mbs)
+        if self.cfg.loss.beta > 0:
+            ref = [self._logprobs(self.ref, mb)[0].float() for mb in mbs]
+        return old, ref
+
+    def _optimizer_step(self, mbs, old, ref, order, meter: MetricMean) -> float:
+        total_tokens = float(sum(mbs[i].num_tokens for i in order))
+        total_seqs = float(sum(mbs[i].input_ids.shape[0] for i in order))
+        self.opt.zero_grad(set_to_none=True)
+        for i in order:
+            mb = mbs[i]
+            lp, ent = self._logprobs(self.model, mb, entropy=True)  # [B, T], [B, T]
+            loss, m = grpo_loss(
+                self.cfg.loss, lp.float(), old[i], mb.behaviour_logprobs, mb.advantages, mb.mask,
+                total_tokens=total_tokens, total_seqs=total_seqs, ref_logprobs=ref[i],
+                entropy=None if ent is None else ent.float(),
+            )
+            loss.backward()
+            meter.add({**m, "loss": float(loss.detach()) * total_tokens / max(mb.num_tokens, 1)},
+                      mb.num_tokens)
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        return float(gn)
+
+    def run(self, samples, advantages: list[float]) -> dict[str, float]:
+        lc = self.cfg.learner
+        mbs = make_micro_batches(samples, advantages, lc.micro_batch_size, self.pad_id,
+                                 list(range(len(samples))))
+        mbs = [mb.to(self.device) for mb in mbs]
+        t0 = time.perf_counter()
+        old, ref = self._frozen_logprobs(mbs)
+        t1 = time.perf_counter()
+        meter, grad_norms = MetricMean(), []
+        n_mini = min(lc.minibatches_per_epoch, len(mbs))
+        for _ in range(lc.epochs):
+            order = random.sample(range(len(mbs)), len(mbs))
+            for k in range(n_mini):
+                grad_norms.append(self._optimizer_step(mbs, old, ref, order[k::n_mini], meter))
+        t2 = time.perf_counter()
+        tokens = sum(int(mb.attention_mask.sum()) for mb in mbs)
+        out = meter.result()
+        out.update(
+            grad_norm=sum(grad_norms) / len(grad_norms), lr=self.sched.get_last_lr()[0],
+            proximal_s=t1 - t0, train_s=t2 - t1, tokens=tokens, completion_tokens=sum(
+                mb.num_tokens for mb in mbs), tokens_per_s=tokens * lc.epochs / max(t2 - t1, 1e-9),
+        )
+        return out

