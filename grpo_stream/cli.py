@@ -96,8 +96,15 @@ def is_user_error(e: BaseException) -> bool:
     """Errors that are the user's to fix: shown as one message, not a traceback."""
     if isinstance(e, ConfigError):
         return True
-    names = {"ServerUnavailable", "ServerStartError", "TaskError", "ModelPrepError",
-             "SchemaVersionError", "NoServerAvailable", "GeneratorError"}
+    names = {
+        "ServerUnavailable",
+        "ServerStartError",
+        "TaskError",
+        "ModelPrepError",
+        "SchemaVersionError",
+        "NoServerAvailable",
+        "GeneratorError",
+    }
     return type(e).__name__ in names
 
 
@@ -114,9 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(sp)
         sp.set_defaults(fn=fn)
         if name == "learn":
-            sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+            sp.add_argument(
+                "--resume", action="store_true", help="continue from the last checkpoint"
+            )
         if name == "run":
-            sp.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
+            sp.add_argument(
+                "--resume", default=None, metavar="RUN_DIR", help="continue a killed run"
+            )
     for name, module, func in [
         ("buffer", "grpo_stream.buffer.tools", "run_cli"),
         ("model", "services.model", "model_cli"),

@@ -263,6 +263,16 @@ class Config(_Section):
             raise ValueError("loss.mask_low must be below loss.mask_high")
         if self.task.name in ("jsonl", "parquet") and not self.task.path:
             raise ValueError(f"task.path is required for task.name = {self.task.name!r}")
+        if self.loss.aggregation == "constant" and self.loss.constant_normalizer is None:
+            # Dr. GRPO divides by a constant: the longest completion the generator can make
+            self.loss.constant_normalizer = float(self.generator.max_tokens)
+        if self.task.name == "countdown" and not any(
+            f.name == "countdown" for f in self.reward.functions
+        ):
+            raise ValueError(
+                "reward.functions: task.name = 'countdown' needs the 'countdown' reward "
+                "(its answers are expressions, not numbers)"
+            )
         return self
 
     def buffer_path(self, run_dir: str | os.PathLike | None = None) -> str:

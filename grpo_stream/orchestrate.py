@@ -107,8 +107,11 @@ def _start_servers(cfg: Config, rd: Path):
     print(f"[run] starting {cfg.server.num_servers} vLLM server(s) on {model_dir}", flush=True)
     t0 = time.perf_counter()
     servers = launch_servers(cfg.server, model_dir, cfg.model.served_name, rd / "logs")
-    print(f"[run] server(s) up in {time.perf_counter() - t0:.0f}s: "
-          f"{', '.join(s.url for s in servers)}", flush=True)
+    print(
+        f"[run] server(s) up in {time.perf_counter() - t0:.0f}s: "
+        f"{', '.join(s.url for s in servers)}",
+        flush=True,
+    )
     return servers
 
 
@@ -118,8 +121,11 @@ def _supervise(learner: Child, generator: Child, servers) -> int:
         if code is not None:
             return code
         if generator.proc.poll() is not None:
-            print(f"[run] generator exited with {generator.proc.returncode}; log tail:\n"
-                  f"{_tail(generator.log)}", flush=True)
+            print(
+                f"[run] generator exited with {generator.proc.returncode}; log tail:\n"
+                f"{_tail(generator.log)}",
+                flush=True,
+            )
             return 1
         dead = [s for s in servers if not s.is_alive()]
         if dead:
@@ -145,10 +151,13 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
     code = 1
     try:
         servers = _start_servers(cfg, rd)
-        gen = Child("generator", _cli("generate", config), rd / "logs" / "generator.log", echo=False)
+        gen = Child(
+            "generator", _cli("generate", config), rd / "logs" / "generator.log", echo=False
+        )
         learn_extra = ["--resume"] if resume_dir else []
-        learner = Child("learner", _cli("learn", config, *learn_extra), rd / "logs" / "learner.log",
-                        echo=True)
+        learner = Child(
+            "learner", _cli("learn", config, *learn_extra), rd / "logs" / "learner.log", echo=True
+        )
         children = [learner, gen]
         code = _supervise(learner, gen, servers)
         if code != 0:
@@ -179,5 +188,7 @@ def _summary(rd: Path) -> None:
         k = max(1, len(rows) // 4)
         first = sum(r["reward_mean"] for r in rows[:k]) / k
         last = sum(r["reward_mean"] for r in rows[-k:]) / k
-        print(f"[run] {len(rows)} steps; reward mean of first {k}: {first:.3f} -> last {k}: {last:.3f}",
-              flush=True)
+        print(
+            f"[run] {len(rows)} steps; reward mean of first {k}: {first:.3f} -> last {k}: {last:.3f}",
+            flush=True,
+        )

@@ -174,6 +174,7 @@ class VLLMServer:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::") else self.cfg.host
+        host = f"[{host}]" if ":" in host else host  # IPv6 literal
         return f"http://{host}:{self.port}"
 
     @property
@@ -262,6 +263,14 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def server_log_path(cfg: ServerConfig, log_dir: Path, index: int) -> Path:
+    """`server.log_file` (suffixed with the index when there are several), else log_dir."""
+    if cfg.log_file:
+        path = Path(cfg.log_file)
+        return path if cfg.num_servers == 1 else path.with_name(f"{path.stem}-{index}{path.suffix}")
+    return Path(log_dir) / f"vllm-{index}.log"
+
+
 def launch_servers(
     cfg: ServerConfig, model_dir: Path, served_name: str, log_dir: Path
 ) -> list[VLLMServer]:
@@ -270,7 +279,7 @@ def launch_servers(
     On any failure every server already started is stopped before the error propagates.
     """
     servers = [
-        VLLMServer(model_dir, served_name, cfg.port + i, cfg, Path(log_dir) / f"vllm-{i}.log")
+        VLLMServer(model_dir, served_name, cfg.port + i, cfg, server_log_path(cfg, log_dir, i))
         for i in range(cfg.num_servers)
     ]
     try:

@@ -52,6 +52,9 @@ def _masked_stats(values: dict[str, torch.Tensor], m: torch.Tensor, n: torch.Ten
 
 
 def _ratio_extremes(ratio: torch.Tensor, valid: torch.Tensor, any_tok: torch.Tensor):
+    if ratio.numel() == 0:  # a micro-batch of 1-token sequences has no target columns
+        one = ratio.new_ones(())
+        return one, one
     inf = torch.full_like(ratio, float("inf"))  # [B, T]
     lo = torch.where(valid, ratio, inf).min()  # []
     hi = torch.where(valid, ratio, -inf).max()  # []

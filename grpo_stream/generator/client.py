@@ -123,7 +123,9 @@ class VLLMClient:
             try:
                 return json.loads(text)
             except json.JSONDecodeError as e:
-                raise ServerResponseError(f"{url}: response is not JSON ({e}): {text[:200]}") from None
+                raise ServerResponseError(
+                    f"{url}: response is not JSON ({e}): {text[:200]}"
+                ) from None
 
     async def complete(
         self, url: str, model: str, prompt_ids: list[int], n: int, sampling: dict[str, Any]
@@ -155,7 +157,9 @@ class VLLMClient:
         try:
             return int(v)
         except ValueError:
-            raise ServerResponseError(f"{url}/weight_info: weight_version {v!r} is not an int") from None
+            raise ServerResponseError(
+                f"{url}/weight_info: weight_version {v!r} is not an int"
+            ) from None
 
     async def pause(self, url: str, mode: str) -> None:
         await self._request("POST", f"{url}/pause", params={"mode": mode})
@@ -165,10 +169,14 @@ class VLLMClient:
 
     async def collective_rpc(self, url: str, method: str, kwargs: dict, timeout_s: float) -> Any:
         payload = {"method": method, "kwargs": kwargs}
-        return await self._request("POST", f"{url}/collective_rpc", json=payload, timeout_s=timeout_s)
+        return await self._request(
+            "POST", f"{url}/collective_rpc", json=payload, timeout_s=timeout_s
+        )
 
     async def set_weight_version(self, url: str, version: int) -> None:
-        await self._request("POST", f"{url}/update_weight_version", json={"new_version": str(version)})
+        await self._request(
+            "POST", f"{url}/update_weight_version", json={"new_version": str(version)}
+        )
 
     async def reset_prefix_cache(self, url: str) -> None:
         await self._request("POST", f"{url}/reset_prefix_cache")

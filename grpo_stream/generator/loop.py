@@ -69,6 +69,7 @@ class Generator:
         self._stop = asyncio.Event()
         self._queue: asyncio.Queue[Group | None] = asyncio.Queue()
         self.failed_prompts = 0
+        self._outstanding = 0  # prompts started but not yet written (or failed)
         self._failed_at_last_success = 0
         self._max_consecutive_failures = 3 * cfg.generator.max_in_flight + 5
 
@@ -103,7 +104,11 @@ class Generator:
             req = SampleRequest(prompt, text, ids)
             g = self.cfg.generator
             outs, v0, v1, lat, url = await request_group(
-                pool, self.cfg.model.served_name, req, g.group_size, self.sampling_params(),
+                pool,
+                self.cfg.model.served_name,
+                req,
+                g.group_size,
+                self.sampling_params(),
                 g.max_retries,
             )
             rewards = await self.rewards.score_group(prompt, [o.text for o in outs])
@@ -113,9 +118,12 @@ class Generator:
         except PromptFailed as err:
             self.failed_prompts += 1
             self.stats.failed += 1
+            self._outstanding -= 1
             log.error("%s", err)
             if self.failed_prompts - self._failed_at_last_success >= self._max_consecutive_failures:
-                raise GeneratorError(f"{self.failed_prompts} prompts failed in a row; last: {err}") from err
+                raise GeneratorError(
+                    f"{self.failed_prompts} prompts failed in a row; last: {err}"
+                ) from err
         else:
             self._failed_at_last_success = self.failed_prompts
         finally:
@@ -130,10 +138,12 @@ class Generator:
                 done = True
             else:
                 pending.append(item)
-            if pending and (done or len(pending) >= self.cfg.generator.groups_per_write
-                            or self._queue.empty()):
+            if pending and (
+                done or len(pending) >= self.cfg.generator.groups_per_write or self._queue.empty()
+            ):
                 await asyncio.to_thread(writer.append_groups, pending)
                 self.stats.written += len(pending)
+                self._outstanding -= len(pending)
                 pending = []
 
     async def _produce(self, pool: ServerPool, tg: asyncio.TaskGroup) -> None:
@@ -143,11 +153,12 @@ class Generator:
         for prompt in self.prompts:
             if self._stop.is_set() or (max_groups is not None and started >= max_groups):
                 break
-            await self._room(self.stats.written + self._queue.qsize() + pool.total_in_flight())
+            await self._room(self.stats.written + self._outstanding)
             await sem.acquire()
             if self._stop.is_set():
                 sem.release()
                 break
+            self._outstanding += 1
             tg.create_task(self._one(pool, prompt, sem))
             started += 1
 
@@ -172,4 +183,3 @@ class Generator:
                 await self.rewards.aclose()
                 self.stats.report(pool)
         return self.stats.written
-

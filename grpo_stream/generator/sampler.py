@@ -46,7 +46,8 @@ async def request_group(
     pool: ServerPool, model: str, req: SampleRequest, n: int, sampling: dict, max_retries: int
 ) -> tuple[list[Completion], int, int, float, str]:
     delay = 0.5
-    for attempt in range(max_retries + 1):
+    last: BaseException | None = None
+    for _attempt in range(max_retries + 1):
         async with pool.lease() as url:
             try:
                 outs, v0, v1, lat = await _request_once(pool.client, url, model, req, n, sampling)

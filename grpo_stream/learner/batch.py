@@ -35,7 +35,9 @@ class MicroBatch:
         return int(self.mask.sum().item())
 
 
-def collate(samples: list[Sample], advantages: list[float], index: list[int], pad_id: int) -> MicroBatch:
+def collate(
+    samples: list[Sample], advantages: list[float], index: list[int], pad_id: int
+) -> MicroBatch:
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
     L = max(lengths)
     B = len(samples)

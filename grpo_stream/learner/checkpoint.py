@@ -27,7 +27,11 @@ def _fsync_tree(root: Path) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -41,7 +45,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: str, step: int, model, optimizer, scheduler, state: dict, keep: int = 2
+) -> Path:
     root = Path(run_dir) / "checkpoints"
     out = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
@@ -49,7 +55,11 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, state:
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "model", safe_serialization=True)
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+        },
         tmp / "trainer.pt",
     )
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))

@@ -38,8 +38,21 @@ def wait_for_store(path: str, timeout_s: float):
             return open_reader(path)
         except FileNotFoundError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"buffer {path}: no store appeared within {timeout_s:.0f}s") from None
+                raise TimeoutError(
+                    f"buffer {path}: no store appeared within {timeout_s:.0f}s"
+                ) from None
             time.sleep(0.5)
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Keep the JSONL rows with row["step"] <= step (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
 
 
 def make_sync(cfg: Config, run_dir: str):
@@ -66,7 +79,9 @@ class Learner:
         if cfg.learner.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         # the reference is the initial policy; with beta = 0 it is never loaded
-        self.ref = load_causal_lm(model_dir, self.device, trainable=False) if cfg.loss.beta > 0 else None
+        self.ref = (
+            load_causal_lm(model_dir, self.device, trainable=False) if cfg.loss.beta > 0 else None
+        )
         self.opt, self.sched = build_optimizer(self.model, cfg.learner)
         self.buffer_path = cfg.buffer_path(run_dir)
         self.cursor = GroupCursor(wait_for_store(self.buffer_path, cfg.learner.wait_timeout_s))
@@ -75,7 +90,9 @@ class Learner:
             state = load_trainer_state(ckpt, self.opt, self.sched)
             self.step, self.version = state["step"], state["version"]
             self.cursor.load_state(state["cursor"])
-            stderr(f"[learn] resumed from {ckpt} at step {self.step}, cursor {self.cursor.position}")
+            stderr(
+                f"[learn] resumed from {ckpt} at step {self.step}, cursor {self.cursor.position}"
+            )
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -84,6 +101,9 @@ class Learner:
         self.sync = make_sync(cfg, run_dir)
         self.metrics = MetricsWriter(run_dir)
         self.trained_batches = os.path.join(run_dir, "trained_batches.jsonl")
+        if ckpt is not None:  # the log follows the checkpoint's lineage, not the killed run's
+            truncate_log(self.trained_batches, self.step)
+            truncate_log(self.metrics.path, self.step)
 
     def _next_batch(self):
         lc = self.cfg.learner
@@ -93,19 +113,34 @@ class Learner:
             lc.batch_groups, lc.wait_timeout_s, lc.max_staleness, current_version=self.version
         )
         groups, failed = usable_groups(groups)
-        info = {"wait_s": time.perf_counter() - t0, "stale_groups_dropped": stale,
-                "reward_failed_groups": failed, "cursor_start": start, "cursor_end": self.cursor.position}
+        info = {
+            "wait_s": time.perf_counter() - t0,
+            "stale_groups_dropped": stale,
+            "reward_failed_groups": failed,
+            "cursor_start": start,
+            "cursor_end": self.cursor.position,
+        }
         return groups, info
 
     def _record_batch(self, groups, info: dict) -> None:
         with open(self.trained_batches, "a") as f:
-            f.write(json.dumps({"step": self.step, "group_ids": [g[0].group_id for g in groups],
-                                **{k: info[k] for k in ("cursor_start", "cursor_end")}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": self.step,
+                        "group_ids": [g[0].group_id for g in groups],
+                        **{k: info[k] for k in ("cursor_start", "cursor_end")},
+                    }
+                )
+                + "\n"
+            )
 
     def train_one(self) -> dict:
         groups, info = self._next_batch()
         if not groups:
-            stderr(f"[learn] step {self.step}: every group of the batch was stale or failed; skipping")
+            stderr(
+                f"[learn] step {self.step}: every group of the batch was stale or failed; skipping"
+            )
             return {}
         samples, advs, adv_m = batch_advantages(groups, self.cfg)
         rewards = [s.reward for g in groups for s in g]
@@ -115,9 +150,17 @@ class Learner:
         self._record_batch(groups, info)
         mean = sum(rewards) / len(rewards)
         std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
-        return {**adv_m, **m, **info, "reward_mean": mean, "reward_std": std,
-                "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
-                "groups": len(groups), "samples": len(samples)}
+        return {
+            **adv_m,
+            **m,
+            **info,
+            "reward_mean": mean,
+            "reward_std": std,
+            "staleness_mean": sum(staleness) / len(staleness),
+            "staleness_max": max(staleness),
+            "groups": len(groups),
+            "samples": len(samples),
+        }
 
     def _after_step(self, m: dict) -> dict:
         cfg = self.cfg
@@ -126,15 +169,28 @@ class Learner:
             m.update(self.sync.push(self.model, self.version))
         elif self.sync is None:
             self.version = self.step
-        write_progress(self.buffer_path, LearnerProgress(self.cursor.position, self.version, self.step))
+        write_progress(
+            self.buffer_path, LearnerProgress(self.cursor.position, self.version, self.step)
+        )
         ck = cfg.learner.checkpoint_every
         if (ck and self.step % ck == 0) or self.step == cfg.learner.max_steps:
-            save_checkpoint(self.run_dir, self.step, self.model, self.opt, self.sched,
-                            {"version": self.version, "cursor": self.cursor.state()})
+            save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.opt,
+                self.sched,
+                {"version": self.version, "cursor": self.cursor.state()},
+            )
         return m
 
     def run(self) -> None:
-        write_progress(self.buffer_path, LearnerProgress(self.cursor.position, self.version, self.step))
+        if self.step > 0 and self.sync is not None:
+            # a resumed learner owns the truth: the servers may hold newer (discarded) weights
+            self.sync.push(self.model, self.version)
+        write_progress(
+            self.buffer_path, LearnerProgress(self.cursor.position, self.version, self.step)
+        )
         while self.step < self.cfg.learner.max_steps:
             t0 = time.perf_counter()
             m = self.train_one()
@@ -142,7 +198,8 @@ class Learner:
                 continue
             m = self._after_step(m)
             m.update(step=self.step, policy_version=self.version, step_s=time.perf_counter() - t0)
-            m.setdefault("kl", m.get("kl_ref", m.get("approx_kl_proximal", 0.0)))
-            m.setdefault("clip_frac", m.get("clip_frac_low", 0.0) + m.get("clip_frac_high", 0.0))
+            # `kl`: to the reference when beta > 0, else the approximate KL(pi_old || pi_theta)
+            m["kl"] = m.get("kl_ref", m.get("approx_kl_proximal", 0.0))
+            m["clip_frac"] = m.get("clip_low_frac", 0.0) + m.get("clip_high_frac", 0.0)
             self.metrics.log(m)
         self.metrics.close()

@@ -26,7 +26,9 @@ def pick_device(name: str) -> torch.device:
 
 def load_causal_lm(path: str, device: torch.device, trainable: bool = True):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keep the per-step console lines readable
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.to(device)
     if trainable:

@@ -94,13 +94,22 @@ class StepRunner:
             mb = mbs[i]
             lp, ent = self._logprobs(self.model, mb, entropy=True)  # [B, T], [B, T]
             loss, m = grpo_loss(
-                self.cfg.loss, lp.float(), old[i], mb.behaviour_logprobs, mb.advantages, mb.mask,
-                total_tokens=total_tokens, total_seqs=total_seqs, ref_logprobs=ref[i],
+                self.cfg.loss,
+                lp.float(),
+                old[i],
+                mb.behaviour_logprobs,
+                mb.advantages,
+                mb.mask,
+                total_tokens=total_tokens,
+                total_seqs=total_seqs,
+                ref_logprobs=ref[i],
                 entropy=None if ent is None else ent.float(),
             )
             loss.backward()
-            meter.add({**m, "loss": float(loss.detach()) * total_tokens / max(mb.num_tokens, 1)},
-                      mb.num_tokens)
+            meter.add(
+                {**m, "loss": float(loss.detach()) * total_tokens / max(mb.num_tokens, 1)},
+                mb.num_tokens,
+            )
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
         self.opt.step()
         self.sched.step()
@@ -108,8 +117,9 @@ class StepRunner:
 
     def run(self, samples, advantages: list[float]) -> dict[str, float]:
         lc = self.cfg.learner
-        mbs = make_micro_batches(samples, advantages, lc.micro_batch_size, self.pad_id,
-                                 list(range(len(samples))))
+        mbs = make_micro_batches(
+            samples, advantages, lc.micro_batch_size, self.pad_id, list(range(len(samples)))
+        )
         mbs = [mb.to(self.device) for mb in mbs]
         t0 = time.perf_counter()
         old, ref = self._frozen_logprobs(mbs)
@@ -124,8 +134,12 @@ class StepRunner:
         tokens = sum(int(mb.attention_mask.sum()) for mb in mbs)
         out = meter.result()
         out.update(
-            grad_norm=sum(grad_norms) / len(grad_norms), lr=self.sched.get_last_lr()[0],
-            proximal_s=t1 - t0, train_s=t2 - t1, tokens=tokens, completion_tokens=sum(
-                mb.num_tokens for mb in mbs), tokens_per_s=tokens * lc.epochs / max(t2 - t1, 1e-9),
+            grad_norm=sum(grad_norms) / len(grad_norms),
+            lr=self.sched.get_last_lr()[0],
+            proximal_s=t1 - t0,
+            train_s=t2 - t1,
+            tokens=tokens,
+            completion_tokens=sum(mb.num_tokens for mb in mbs),
+            tokens_per_s=tokens * lc.epochs / max(t2 - t1, 1e-9),
         )
         return out

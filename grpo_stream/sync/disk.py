@@ -70,7 +70,9 @@ def validate_weights_dir(folder: Path) -> None:
                 header = json.loads(fh.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise WeightSyncError(f"{f}: unreadable safetensors header ({e})") from None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
         if f.stat().st_size < 8 + n + end:
             raise WeightSyncError(f"{f}: file shorter than its header says (torn write?)")
 
@@ -105,7 +107,11 @@ class DiskSync:
         save_s = time.perf_counter() - t0
         pauses = asyncio.run(self._reload_all(folder, version))
         self._prune(version)
-        return {"sync_save_s": save_s, "sync_pause_s": max(pauses), "sync_s": time.perf_counter() - t0}
+        return {
+            "sync_save_s": save_s,
+            "sync_pause_s": max(pauses),
+            "sync_s": time.perf_counter() - t0,
+        }
 
     async def _reload_all(self, folder: Path, version: int) -> list[float]:
         async with VLLMClient(self.cfg.timeout_s) as client:

@@ -16,6 +16,7 @@ from services.vllm_server import (
     VLLMServer,
     build_command,
     build_env,
+    server_log_path,
     wait_for_server,
 )
 
@@ -121,3 +122,17 @@ def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
     assert len(family) == 2
     server.stop(timeout=2)
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family)
+
+
+def test_log_paths_follow_log_file_or_log_dir(tmp_path: Path) -> None:
+    one = ServerConfig(log_file=str(tmp_path / "v.log"))
+    assert server_log_path(one, tmp_path / "d", 0) == tmp_path / "v.log"
+    two = ServerConfig(log_file=str(tmp_path / "v.log"), num_servers=2)
+    assert server_log_path(two, tmp_path / "d", 1) == tmp_path / "v-1.log"
+    assert server_log_path(ServerConfig(), tmp_path / "d", 1) == tmp_path / "d" / "vllm-1.log"
+
+
+def test_url_uses_loopback_for_wildcard_hosts() -> None:
+    cfg = ServerConfig(host="0.0.0.0", allow_remote_dev_mode=True)
+    assert VLLMServer(Path("m"), "p", 8123, cfg).url == "http://127.0.0.1:8123"
+    assert VLLMServer(Path("m"), "p", 8123, ServerConfig(host="::1")).url == "http://[::1]:8123"

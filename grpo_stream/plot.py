@@ -1,0 +1,138 @@
+"""`grpo-stream plot RUN_DIR [--out FILE.png]`: training curves from RUN_DIR/metrics.jsonl.
+
+One PNG (matplotlib, Agg backend, no display needed) with five panels against the
+learner step: reward mean with a ±std band, KL, clip fraction, learner tokens/s, and
+staleness (mean and max, in policy versions). A metric a run did not log is drawn as
+an empty panel that says so. Default output: RUN_DIR/plots.png.
+
+    grpo-stream plot runs/grpo-20250101-120000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+# panel title -> (metric keys drawn as lines, y label)
+PANELS: list[tuple[str, tuple[str, ...], str]] = [
+    ("reward", ("reward_mean",), "reward"),
+    ("KL", ("kl",), "KL"),
+    ("clip fraction", ("clip_frac",), "fraction of tokens"),
+    ("learner throughput", ("tokens_per_s",), "tokens / s"),
+    ("staleness", ("staleness_mean", "staleness_max"), "versions"),
+    ("loss", ("loss",), "loss"),
+]
+
+
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key`, skipping rows where it is missing or not finite."""
+    xs, ys = [], []
+    for i, r in enumerate(rows):
+        v = r.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(float(r.get("step", i + 1)))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _reward_band(ax, rows: list[dict]) -> None:
+    """Shade reward_mean ± reward_std where both were logged."""
+    pairs = [
+        (float(r.get("step", i + 1)), r["reward_mean"], r["reward_std"])
+        for i, r in enumerate(rows)
+        if isinstance(r.get("reward_mean"), int | float)
+        and isinstance(r.get("reward_std"), int | float)
+    ]
+    if pairs:
+        x, m, s = zip(*pairs, strict=True)
+        lo = [a - b for a, b in zip(m, s, strict=True)]
+        hi = [a + b for a, b in zip(m, s, strict=True)]
+        ax.fill_between(x, lo, hi, alpha=0.25, label="± std")
+
+
+def draw_panel(ax, rows: list[dict], title: str, keys: tuple[str, ...], ylabel: str) -> None:
+    drawn = 0
+    for key in keys:
+        xs, ys = series(rows, key)
+        if xs:
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=key)
+            drawn += 1
+    if keys[0] == "reward_mean":
+        _reward_band(ax, rows)
+    if not drawn:
+        ax.text(
+            0.5,
+            0.5,
+            f"no {', '.join(keys)} logged",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn and (len(keys) > 1 or keys[0] == "reward_mean"):
+        ax.legend(fontsize=8)
+
+
+def plot_metrics(rows: list[dict], out: Path, title: str = "") -> Path:
+    """Draw the panels for `rows` (metrics.jsonl records) into the PNG `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    flat = list(axes.flat)
+    for ax, (name, keys, ylabel) in zip(flat, PANELS, strict=False):
+        draw_panel(ax, rows, name, keys, ylabel)
+    for ax in flat[len(PANELS) :]:
+        ax.axis("off")
+    fig.suptitle(title or f"{len(rows)} learner steps")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out)  # a viewer never sees half a PNG
+    return out
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl records; a torn last line (a learner mid-write) is left out."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+    return rows
+
+
+def plot_cli(argv: list[str]) -> int:
+    """`grpo-stream plot RUN_DIR [--out FILE.png]`; 2 when there is nothing to plot."""
+    p = argparse.ArgumentParser(prog="grpo-stream plot", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", type=Path, help="a run folder with metrics.jsonl")
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/plots.png)")
+    args = p.parse_args(argv)
+    try:
+        rows = read_rows(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"grpo-stream plot: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"grpo-stream plot: {args.run_dir}/metrics.jsonl has no steps yet", file=sys.stderr)
+        return 2
+    out = plot_metrics(rows, args.out or args.run_dir / "plots.png", title=args.run_dir.name)
+    print(f"[plot] {len(rows)} steps → {out}")
+    return 0

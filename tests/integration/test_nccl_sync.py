@@ -1,0 +1,174 @@
+"""Integration: NCCL weight sync into a real vLLM GPU server (needs 2 CUDA devices).
+
+A vLLM server with `--weight-transfer-config '{"backend":"nccl"}'` serves a tiny random
+Llama on GPU 1 (NCCL refuses two ranks of one communicator on the same GPU); the trainer
+holds the same model on GPU 0, perturbs it, and `NCCLSync.push`es it. Checked: the server
+reports the new /weight_info version, greedy log-probs changed, and they now match the
+perturbed model's own log-probs (computed with Hugging Face on GPU 0) on the same tokens.
+A second push reuses the NCCL group. Skipped without CUDA (this CPU box).
+
+The CPU test below checks the weight source alone: its metadata (what the workers size
+their receive buffers from) agrees with its iteration, under Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_stream.config import ModelConfig, ServerConfig, SyncConfig
+from grpo_stream.sync.nccl import NCCLSync, local_address_for
+from services.model import build_tiny_model, resolve_model_path
+from services.vllm_server import VLLMServer, post_json
+
+PROMPT = [1, 9690, 198, 2683, 314, 260, 2023, 282]
+NEEDS_TWO_GPUS = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="NCCL weight sync needs CUDA and 2 GPUs (trainer and server on distinct devices)",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _greedy(url: str) -> tuple[list[int], list[float]]:
+    body = {
+        "model": "policy",
+        "prompt": PROMPT,
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "n": 1,
+        "logprobs": 0,
+        "return_token_ids": True,
+        "return_tokens_as_token_ids": True,
+    }
+    status, out = post_json(f"{url}/v1/completions", body, timeout=120)
+    assert status == 200, out
+    choice = out["choices"][0]
+    return choice["token_ids"], choice["logprobs"]["token_logprobs"]
+
+
+def _hf_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    ids = torch.tensor([PROMPT + tokens], device="cuda:0")  # [1, P+C]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(PROMPT) - 1 : -1].float()  # [C, V]
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp.gather(1, torch.tensor(tokens, device="cuda:0")[:, None])[:, 0].cpu()  # [C]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tok = resolve_model_path(ModelConfig())
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", tok)
+
+
+@pytest.fixture(scope="module")
+def gpu1_server(tiny: Path, tmp_path_factory: pytest.TempPathFactory):
+    torch.zeros(1, device="cuda:0")  # pin this process's CUDA view before the env changes
+    cfg = ServerConfig(
+        max_model_len=256,
+        startup_timeout_s=600,
+        extra_args=[
+            "--weight-transfer-config",
+            '{"backend":"nccl"}',
+            "--gpu-memory-utilization",
+            "0.3",
+        ],
+    )
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CUDA_VISIBLE_DEVICES", "1")  # only the server's environment sees GPU 1
+    srv = VLLMServer(
+        tiny, "policy", _free_port(), cfg, tmp_path_factory.mktemp("logs") / "vllm.log"
+    )
+    try:
+        srv.start()
+    finally:
+        mp.undo()
+    with srv:
+        srv.wait_healthy()
+        yield srv
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@NEEDS_TWO_GPUS
+def test_nccl_push_changes_served_weights(tiny: Path, gpu1_server: VLLMServer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    url = gpu1_server.url
+    tokens0, lp0 = _greedy(url)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).to("cuda:0")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        model.lm_head.weight.mul_(1.05)
+    sync = NCCLSync(SyncConfig(transport="nccl", timeout_s=300), [url])
+    try:
+        m = sync.push(model, 1)
+        assert _get_json(f"{url}/weight_info") == {"weight_version": "1"}
+        assert m["sync_pause_s"] >= m["sync_transfer_s"] > 0
+        tokens1, lp1 = _greedy(url)
+        hf1 = _hf_logprobs(model, tokens1)
+        assert torch.allclose(torch.tensor(lp1), hf1, atol=1e-2), (lp1, hf1.tolist())
+        old_on_new = _hf_logprobs(model, tokens0)
+        assert (torch.tensor(lp0) - old_on_new).abs().max() > 0.1  # the weights did change
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.1)
+        sync.push(model, 2)  # the NCCL group is reused
+        assert _get_json(f"{url}/weight_info") == {"weight_version": "2"}
+        tokens2, lp2 = _greedy(url)
+        assert torch.allclose(torch.tensor(lp2), _hf_logprobs(model, tokens2), atol=1e-2)
+    finally:
+        sync.close()
+
+
+@pytest.mark.slow  # imports vLLM (~30 s here)
+def test_weight_source_metadata_matches_iteration() -> None:
+    pytest.importorskip("vllm")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from grpo_stream.sync.nccl import _hf_source
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    src = _hf_source(model, torch.bfloat16)
+    meta = src.metadata()
+    pairs = list(src)
+    assert (
+        [m.name for m in meta] == [n for n, _ in pairs] == [n for n, _ in model.named_parameters()]
+    )
+    assert "lm_head.weight" in dict(pairs) and "model.layers.1.mlp.up_proj.weight" in dict(pairs)
+    for m, (_, t) in zip(meta, pairs, strict=True):
+        assert (m.dtype, m.shape) == (t.dtype, tuple(t.shape)) == (torch.bfloat16, m.shape)
+    ref = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(
+        dict(pairs)["model.layers.0.self_attn.q_proj.weight"], ref.detach().bfloat16()
+    )
+    assert [m.dtype for m in _hf_source(model, None).metadata()] == [torch.float32] * len(meta)
+
+
+def test_master_address_is_loopback_for_local_servers() -> None:
+    assert local_address_for(["http://127.0.0.1:8000", "http://localhost:8001"]) == "127.0.0.1"
+    assert local_address_for(["http://127.0.0.1:8000"]) == "127.0.0.1"
