@@ -48,7 +48,7 @@ class BenchGenerator(Generator):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompts", type=int, default=16, help="requests per run (one per prompt)")
+    p.add_argument("--prompts", type=int, default=8, help="requests per run (one per prompt)")
     p.add_argument("--group-size", type=int, default=8, help="n: samples per request")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")

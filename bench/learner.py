@@ -220,14 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     n = args.samples or (32 if device.type == "cuda" else 8)
     load = {"before": os.getloadavg()}
     figures, config = [], {"device": device.type, "model": "SmolLM2-135M-Instruct float32"}
-    if args.part in ("step", "all"):
-        fig, config["step"] = bench_step(n, args.reps, device)
-        figures.append(fig)
-    if args.part in ("sync", "all"):
-        fig, config["sync"] = bench_sync(args.pushes)
-        figures.append(fig)
+    parts = {
+        "step": lambda: bench_step(n, args.reps, device),
+        "sync": lambda: bench_sync(args.pushes),
+    }
+    for name, run in parts.items():
+        if args.part in (name, "all"):
+            before = os.getloadavg()
+            fig, config[name] = run()
+            config[name]["load_average_1_5_15"] = {"before": before, "after": os.getloadavg()}
+            figures.append(fig)
     load["after"] = os.getloadavg()
-    config["load_average_1_5_15"] = load
     out = merge_results({"figures": figures, "machine": machine(device), "config": config})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")

@@ -140,8 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PASSTHROUGH = {"buffer", "model", "replay", "plot"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:  # their own argparse sees every flag, --help too
+        args = build_parser().parse_args([argv[0]])
+        args.rest = argv[1:]
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except Exception as e:

@@ -90,6 +90,7 @@ class Generator:
         while not self._stop.is_set():
             consumed = (await asyncio.to_thread(read_progress, self.buffer_path)).consumed_groups
             if reserved < consumed + lr.batch_groups * (1 + g.max_ahead_batches):
+                self.stats.gated = False
                 return
             self.stats.gated = True
             with contextlib.suppress(TimeoutError):
@@ -163,11 +164,11 @@ class Generator:
             started += 1
 
     async def run(self) -> int:
-        writer = open_writer(self.buffer_path, self.cfg.buffer.backend, run_id=self.run_id)
-        self.stats.written = writer.num_groups()
         urls = self.cfg.server.resolved_urls()
         async with VLLMClient(self.cfg.generator.request_timeout_s) as client:
             await wait_healthy(client, urls, self.cfg.server.startup_timeout_s)
+            writer = open_writer(self.buffer_path, self.cfg.buffer.backend, run_id=self.run_id)
+            self.stats.written = writer.num_groups()
             pool = ServerPool(urls, client, wait_timeout_s=self.cfg.server.startup_timeout_s)
             writer_task = asyncio.create_task(self._writer(writer), name="buffer-writer")
             reporter = asyncio.create_task(self.stats.report_every(10.0, pool), name="reporter")

@@ -35,7 +35,6 @@ class ServerPool:
         self.wait_timeout_s = wait_timeout_s
         self.in_flight = {u: 0 for u in urls}
         self.alive = {u: True for u in urls}
-        self.served = {u: 0 for u in urls}
         self._cond = asyncio.Condition()
         self._probes: dict[str, asyncio.Task] = {}
 
@@ -61,7 +60,6 @@ class ServerPool:
         url = await self._pick()
         try:
             yield url
-            self.served[url] += 1
         finally:
             self.in_flight[url] -= 1
 

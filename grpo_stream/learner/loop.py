@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from grpo_stream.buffer.cursor import GroupCursor
@@ -71,6 +73,8 @@ class Learner:
     def __init__(self, cfg: Config, run_dir: str, model_dir: str, resume: bool = False):
         self.cfg, self.run_dir = cfg, run_dir
         torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)  # micro-batch order: replay must reproduce it
+        np.random.seed(cfg.run.seed)
         self.device = pick_device(cfg.learner.device)
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.learner.num_threads or max(1, (os.cpu_count() or 2) - 1))

@@ -25,7 +25,8 @@ def _learn(run_dir: Path, tiny: Path, *extra: str) -> list[str]:
         sys.executable, "-m", "grpo_stream.cli", "learn", f"run.run_dir={run_dir}",
         f"model.path={tiny}", "sync.transport=none", "learner.batch_groups=2",
         "learner.max_steps=4", "learner.checkpoint_every=1", "learner.micro_batch_size=4",
-        "learner.lr=1e-3", "learner.epochs=2", "generator.temperature=1.0", *extra,
+        "learner.lr=1e-3", "learner.epochs=2", "generator.temperature=1.0",
+        "learner.max_staleness=1000", *extra,
     ]  # fmt: skip
 
 

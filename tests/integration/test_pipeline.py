@@ -98,7 +98,7 @@ def pipeline(tmp_path_factory, tiny_model_dir, tiny_server):
         "learner.checkpoint_every=1",
         "loss.beta=0.04",
         "task.use_chat_template=false",
-        "reward.functions=[{name='numeric_answer'}]",
+        "reward.functions=[{name='length_penalty', kwargs={target=10, limit=60}}]",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     gen = subprocess.Popen(
