@@ -63,6 +63,8 @@ class ServerConfig(_Section):
     startup_timeout_s: float = Field(300.0, gt=0)
     enforce_eager: bool = True
     extra_args: list[str] = Field(default_factory=list)
+    # set from sync.transport = "nccl": starts vLLM with --weight-transfer-config
+    weight_transfer_backend: Literal["nccl"] | None = None
     log_file: str | None = None
     # dev mode exposes /collective_rpc (runs any worker method): a host other than
     # 127.0.0.1/localhost is refused unless this is set
@@ -233,7 +235,8 @@ class LearnerConfig(_Section):
     logprob_chunk_size: int = Field(1024, ge=1)
     wait_timeout_s: float = Field(600.0, gt=0)  # max wait for enough groups in the buffer
     gradient_checkpointing: bool = False
-    # CPU threads for torch; None: all cores but one (a local vLLM CPU server binds one)
+    # CPU threads for torch; None: every core (split across torchrun ranks). A local vLLM
+    # CPU server binds one core, but it idles while the generator waits for the learner.
     num_threads: int | None = None
 
 
@@ -263,6 +266,8 @@ class Config(_Section):
             raise ValueError("loss.mask_low must be below loss.mask_high")
         if self.task.name in ("jsonl", "parquet") and not self.task.path:
             raise ValueError(f"task.path is required for task.name = {self.task.name!r}")
+        if self.sync.transport == "nccl" and self.server.weight_transfer_backend is None:
+            self.server.weight_transfer_backend = "nccl"
         if self.loss.aggregation == "constant" and self.loss.constant_normalizer is None:
             # Dr. GRPO divides by a constant: the longest completion the generator can make
             self.loss.constant_normalizer = float(self.generator.max_tokens)

@@ -81,6 +81,8 @@ def build_command(model_dir: Path, served_name: str, port: int, cfg: ServerConfi
     ]
     if cfg.enforce_eager:
         cmd.append("--enforce-eager")
+    if cfg.weight_transfer_backend:  # vLLM's native weight transfer (sync.transport = "nccl")
+        cmd += ["--weight-transfer-config", json.dumps({"backend": cfg.weight_transfer_backend})]
     return cmd + list(cfg.extra_args)
 
 

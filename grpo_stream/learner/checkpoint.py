@@ -46,17 +46,26 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    run_dir: str, step: int, model, optimizer, scheduler, state: dict, keep: int = 2
+    run_dir: str,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int = 2,
+    state_dict: dict | None = None,
 ) -> Path:
+    """`state_dict`: full weights gathered from FSDP shards; the optimizer state of a
+    sharded run is not saved (resuming under torchrun is not supported yet)."""
     root = Path(run_dir) / "checkpoints"
     out = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if state_dict is None else None,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
         },
@@ -87,7 +96,8 @@ def latest_checkpoint(run_dir: str) -> Path | None:
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler) -> dict:
     blob = torch.load(ckpt / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    if blob["optimizer"] is not None:  # None: written by a sharded (torchrun) learner
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return json.loads((ckpt / "state.json").read_text())

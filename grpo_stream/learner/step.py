@@ -63,17 +63,39 @@ class MetricMean:
         return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
 
+def _global(values: dict[str, float], world: int) -> dict[str, float]:
+    """Sums over ranks under torchrun (the loss normalisers must be batch-global)."""
+    if world == 1:
+        return values
+    from grpo_stream.learner.distributed import all_reduce_scalars
+
+    return all_reduce_scalars(values)
+
+
 class StepRunner:
-    def __init__(self, cfg: Config, model, ref_model, optimizer, scheduler, device, pad_id: int):
+    def __init__(
+        self, cfg: Config, model, ref_model, optimizer, scheduler, device, pad_id: int, world=1
+    ):
         self.cfg, self.model, self.ref = cfg, model, ref_model
         self.opt, self.sched, self.device, self.pad_id = optimizer, scheduler, device, pad_id
         self.temperature = cfg.generator.temperature
+        self.world = world  # > 1: model/ref are FSDP2 ShardedPolicy wrappers
 
     def _logprobs(self, model, mb: MicroBatch, entropy: bool = False):
+        chunk = self.cfg.learner.logprob_chunk_size
+        if self.world > 1:  # ShardedPolicy.forward is sequence_logprobs; FSDP does precision
+            return model(mb, self.temperature, chunk, entropy)
         with autocast(self.device, self.cfg.learner.dtype):
-            return sequence_logprobs(
-                model, mb, self.temperature, self.cfg.learner.logprob_chunk_size, entropy
-            )
+            return sequence_logprobs(model, mb, self.temperature, chunk, entropy)
+
+    def _clip_grad(self) -> float:
+        if self.world > 1:
+            from grpo_stream.learner.distributed import clip_grad_norm
+
+            return clip_grad_norm(self.model.parameters(), self.cfg.learner.max_grad_norm)
+        return float(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
+        )
 
     @torch.no_grad()
     def _frozen_logprobs(self, mbs: list[MicroBatch]) -> tuple[list, list]:
@@ -87,8 +109,12 @@ class StepRunner:
         return old, ref
 
     def _optimizer_step(self, mbs, old, ref, order, meter: MetricMean) -> float:
-        total_tokens = float(sum(mbs[i].num_tokens for i in order))
-        total_seqs = float(sum(mbs[i].input_ids.shape[0] for i in order))
+        local = {
+            "tokens": float(sum(mbs[i].num_tokens for i in order)),
+            "seqs": float(sum(self.real_seqs[i] for i in order)),
+        }
+        totals = _global(local, self.world)
+        total_tokens, total_seqs = totals["tokens"], totals["seqs"]
         self.opt.zero_grad(set_to_none=True)
         for i in order:
             mb = mbs[i]
@@ -106,14 +132,11 @@ class StepRunner:
                 entropy=None if ent is None else ent.float(),
             )
             loss.backward()
-            meter.add(
-                {**m, "loss": float(loss.detach()) * total_tokens / max(mb.num_tokens, 1)},
-                mb.num_tokens,
-            )
-        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
+            meter.add(m, mb.num_tokens)
+        gn = self._clip_grad()
         self.opt.step()
         self.sched.step()
-        return float(gn)
+        return gn
 
     def run(self, samples, advantages: list[float]) -> dict[str, float]:
         lc = self.cfg.learner
@@ -121,6 +144,12 @@ class StepRunner:
             samples, advantages, lc.micro_batch_size, self.pad_id, list(range(len(samples)))
         )
         mbs = [mb.to(self.device) for mb in mbs]
+        real = [1] * len(samples)
+        if self.world > 1:  # FSDP padding samples carry no tokens and are no sequence
+            from grpo_stream.learner.distributed import is_padding
+
+            real = [0 if is_padding(x) else 1 for x in samples]
+        self.real_seqs = [sum(real[i] for i in mb.index.tolist()) for mb in mbs]
         t0 = time.perf_counter()
         old, ref = self._frozen_logprobs(mbs)
         t1 = time.perf_counter()

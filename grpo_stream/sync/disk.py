@@ -41,11 +41,14 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def save_weights(model, out: Path) -> Path:
-    """Atomically publish `model`'s weights (+config) as a safetensors folder."""
+def save_weights(model, out: Path, state_dict=None) -> Path:
+    """Atomically publish `model`'s weights (+config) as a safetensors folder.
+
+    `state_dict`: the full weights gathered from FSDP shards (None: the model's own).
+    """
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     _fsync_tree(tmp)
     if out.exists():
         shutil.rmtree(out)
@@ -100,9 +103,9 @@ class DiskSync:
         self.root = Path(weights_root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def push(self, model, version: int) -> dict[str, float]:
+    def push(self, model, version: int, state_dict=None) -> dict[str, float]:
         t0 = time.perf_counter()
-        folder = save_weights(model, self.root / f"v{version}")
+        folder = save_weights(model, self.root / f"v{version}", state_dict)
         validate_weights_dir(folder)
         save_s = time.perf_counter() - t0
         pauses = asyncio.run(self._reload_all(folder, version))

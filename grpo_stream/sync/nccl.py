@@ -200,7 +200,8 @@ class NCCLSync:
         )
         self._module = module
 
-    def push(self, model, version: int) -> dict[str, float]:
+    def push(self, model, version: int, state_dict=None) -> dict[str, float]:
+        """`state_dict` is unused: NCCL streams the (gathered) parameters themselves."""
         from grpo_stream.learner.distributed import unwrap
 
         module = unwrap(model)
