@@ -179,6 +179,7 @@ class Generator:
                 await self._queue.put(None)  # flush what is scored, even when cancelled
                 await asyncio.shield(writer_task)
                 reporter.cancel()
+                self.stats.server = await self.stats.server_metrics(pool)
                 await pool.close()
                 await asyncio.to_thread(writer.close)
                 await self.rewards.aclose()

@@ -14,6 +14,8 @@ import math
 import sys
 import time
 
+import aiohttp
+
 from grpo_stream.buffer.schema import Group
 
 
@@ -29,6 +31,7 @@ class GenStats:
         self.gated = False
         self.last_version = 0
         self._rewards: list[float] = []
+        self.server: dict[str, float] = {}
 
     def add_group(self, group: Group) -> None:
         self.samples += len(group)
@@ -56,6 +59,7 @@ class GenStats:
             "policy_version": self.last_version,
             "gated": self.gated,
             "servers_alive": sum(pool.alive.values()) if pool else 0,
+            **self.server,
         }
 
     def report(self, pool) -> dict:
@@ -65,6 +69,7 @@ class GenStats:
         print(
             f"[generate] samples={snap['samples']} groups={snap['groups_written']} "
             f"tok/s={snap['tokens_per_s']:.0f} in_flight={snap['in_flight']} "
+            f"server_running={snap.get('vllm_requests_running', 0):.0f} "
             f"version={snap['policy_version']} reward~{snap['reward_mean_recent']:.3f} "
             f"{'(waiting for learner)' if snap['gated'] else ''}",
             file=sys.stderr,
@@ -72,7 +77,20 @@ class GenStats:
         )
         return snap
 
+    async def server_metrics(self, pool) -> dict[str, float]:
+        """vLLM's own counters from /metrics, summed over the live servers."""
+        out = {"vllm_requests_running": 0.0, "vllm_generation_tokens_total": 0.0}
+        for url in [u for u in pool.urls if pool.alive[u]]:
+            try:
+                m = await pool.client.metrics(url)
+            except (TimeoutError, aiohttp.ClientError, ValueError):  # observability only
+                continue
+            out["vllm_requests_running"] += m.get("vllm:num_requests_running", 0.0)
+            out["vllm_generation_tokens_total"] += m.get("vllm:generation_tokens_total", 0.0)
+        return out
+
     async def report_every(self, seconds: float, pool) -> None:
         while True:
             await asyncio.sleep(seconds)
+            self.server = await self.server_metrics(pool)
             self.report(pool)

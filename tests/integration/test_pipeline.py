@@ -134,6 +134,13 @@ def test_buffer_holds_groups_of_g_with_ids_and_logprobs(pipeline):
             assert all(math.isfinite(x) and x <= 0 for x in s.behaviour_logprobs)
 
 
+def test_generator_logged_its_own_and_the_servers_metrics(pipeline):
+    lines = (pipeline["run_dir"] / "generator_metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert last["groups_written"] >= 6 and last["samples"] == G * last["groups_written"]
+    assert last["vllm_generation_tokens_total"] >= last["tokens"] > 0  # read from /metrics
+
+
 def test_behaviour_logprobs_match_transformers_recompute(pipeline, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
