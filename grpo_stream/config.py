@@ -180,14 +180,23 @@ class BufferConfig(_Section):
     max_groups: int | None = Field(None, ge=1)
     max_age_s: float | None = Field(None, gt=0)
     poll_s: float = Field(0.02, gt=0)  # learner's tail-follow poll interval
+    # roll-up (arrow only): merge this many consecutive small segments (each < the target
+    # groups) into one, so reads open few files; None turns it off
+    rollup_segments: int | None = Field(16, ge=2)
+    rollup_target_groups: int = Field(256, ge=2)
 
     def writer_opts(self) -> dict[str, Any]:
-        """Keyword options for `open_writer` (retention only where it is set)."""
+        """Keyword options for `open_writer` (retention only where it is set; roll-up
+        only for arrow, and only where it differs from the writer's defaults)."""
         opts: dict[str, Any] = {"fsync": self.fsync}
         if self.max_groups is not None:
             opts["max_groups"] = self.max_groups
         if self.max_age_s is not None:
             opts["max_age_s"] = self.max_age_s
+        if self.backend == "arrow":
+            for name in ("rollup_segments", "rollup_target_groups"):
+                if name in self.model_fields_set:
+                    opts[name] = getattr(self, name)
         return opts
 
 

@@ -11,7 +11,13 @@ segments (zero copy) and verify each column's CRC the first time they touch it.
 Retention deletes whole old segments; group ids never change, so a reader asking for
 deleted groups gets `GroupsDeletedError` (the cursor skips forward and counts them).
 
-    w = ArrowWriter("runs/r1/buffer", run_id="r1", max_groups=10_000)
+Roll-up (arrow_rollup.py): once `rollup_segments` consecutive small segments (each <
+`rollup_target_groups` groups) exist, the writer verifies their CRCs, merges them into
+one `seg-F-E.arrow` over their union (tmp, fsync, os.replace) and then deletes them.
+Readers prefer a covering segment over the contained originals still listed, keep
+reading originals they have mapped, and re-list when one vanishes before they open it.
+
+    w = ArrowWriter("runs/r1/buffer", run_id="r1", max_groups=10_000, rollup_segments=16)
     first, end = w.append_groups(groups)
     r = ArrowReader("runs/r1/buffer"); r.refresh()
     batch = r.read_columns(first, end)       # numpy, for the learner
@@ -20,88 +26,43 @@ deleted groups gets `GroupsDeletedError` (the cursor skips forward and counts th
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import pyarrow as pa
 
+from grpo_stream.buffer.arrow_rollup import (  # noqa: F401  (re-exported names)
+    READ_ERRORS,
+    SEG_META_KEY,
+    SEG_RE,
+    VERSION_KEY,
+    Segment,
+    bad_column,
+    ipc_bytes,
+    list_segments,
+    merge_window,
+    open_table,
+    plan_rollup,
+    resolve_covering,
+    scan_segments,
+    seal_table,
+    segment_meta,
+    segment_name,
+)
 from grpo_stream.buffer.columns import (
     LEARNER_COLUMNS,
     RolloutBatch,
-    column_crc,
     samples_to_table,
-    table_crcs,
     table_to_batch,
     table_to_groups_fast,
 )
 from grpo_stream.buffer.fsutil import StoreFS, open_or_create_meta, read_meta, write_local_atomic
-from grpo_stream.buffer.schema import (
-    ARROW_SCHEMA,
-    SCHEMA_VERSION,
-    Group,
-    SchemaVersionError,
-    check_schema_version,
-)
+from grpo_stream.buffer.schema import ARROW_SCHEMA, Group, SchemaVersionError
 from grpo_stream.buffer.store import CorruptSegmentError, GroupsDeletedError
 
-SEG_RE = re.compile(r"^seg-(\d{12})-(\d{12})\.arrow$")
-SEG_META_KEY = b"grpo_stream_segment"
-VERSION_KEY = b"grpo_stream_schema_version"
 _OPEN_CACHE = 64  # memory-mapped segments kept open per reader
-
-
-@dataclass(frozen=True)
-class Segment:
-    name: str
-    first: int  # first group id inside
-    end: int  # one past the last group id
-
-
-def segment_name(first: int, end: int) -> str:
-    return f"seg-{first:012d}-{end:012d}.arrow"
-
-
-def list_segments(sfs: StoreFS) -> list[Segment]:
-    """Sealed segments sorted by first group id; `.tmp` and other files are ignored."""
-    segs = []
-    for name in sfs.listdir():
-        m = SEG_RE.match(name)
-        if m:
-            segs.append(Segment(name, int(m.group(1)), int(m.group(2))))
-    return sorted(segs, key=lambda s: s.first)
-
-
-def _ipc_bytes(table: pa.Table) -> pa.Buffer:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue()
-
-
-def _open_table(sfs: StoreFS, seg: Segment) -> pa.Table:
-    """Memory-map (local) or fetch (remote) a sealed segment; raises on unreadable files."""
-    path = sfs.join(seg.name)
-    if sfs.local:
-        source = pa.memory_map(path, "r")
-    else:
-        source = pa.BufferReader(pa.py_buffer(sfs.fs.cat_file(path)))
-    return pa.ipc.open_file(source).read_all()
-
-
-def _segment_meta(table: pa.Table, where: str, seg: Segment) -> dict:
-    md = table.schema.metadata or {}
-    check_schema_version(md.get(VERSION_KEY), where)
-    if table.schema.remove_metadata() != ARROW_SCHEMA.remove_metadata():
-        raise CorruptSegmentError("columns do not match the rollout schema")
-    meta = json.loads(md[SEG_META_KEY])
-    if (meta["first_group"], meta["end_group"]) != (seg.first, seg.end):
-        raise CorruptSegmentError("group range in the file does not match its name")
-    if meta["num_rows"] != table.num_rows:
-        raise CorruptSegmentError(f"{table.num_rows} rows, metadata says {meta['num_rows']}")
-    return meta
+_GONE_TRIES = 8  # re-listings when a listed segment vanished before it was opened
 
 
 class ArrowWriter:
@@ -114,16 +75,26 @@ class ArrowWriter:
         fsync: bool = True,
         max_groups: int | None = None,
         max_age_s: float | None = None,
+        rollup_segments: int | None = 16,
+        rollup_target_groups: int = 256,
     ) -> None:
         if max_groups is not None and max_groups < 1:
             raise ValueError("buffer.max_groups: must be >= 1 (or unset)")
+        if rollup_segments is not None and rollup_segments < 2:
+            raise ValueError("buffer.rollup_segments: must be >= 2 (or unset: no roll-up)")
+        if rollup_target_groups < 2:
+            raise ValueError("buffer.rollup_target_groups: must be >= 2")
         self.sfs = StoreFS.open(path)
         self.meta = open_or_create_meta(self.sfs, "arrow", run_id)
         self.run_id = run_id or self.meta.get("run_id", "")
         self.fsync, self.max_groups, self.max_age_s = fsync, max_groups, max_age_s
+        self.rollup_segments, self.rollup_target_groups = rollup_segments, rollup_target_groups
+        self._barriers: set[int] = set()  # first ids of segments a roll-up could not read
         for name in self.sfs.listdir():  # a killed writer's half-written segments
             if name.startswith(".seg-") and name.endswith(".tmp"):
                 self.sfs.remove(name)
+        for seg in resolve_covering(scan_segments(self.sfs, stable=False))[1]:
+            self.sfs.remove(seg.name)  # originals a killed roll-up had merged already
         self._next_group, self._next_row = self._resume_point()
 
     def _resume_point(self) -> tuple[int, int]:
@@ -132,10 +103,10 @@ class ArrowWriter:
             return 0, 0
         for seg in reversed(segs):  # rows continue after the newest readable segment
             try:
-                table = _open_table(self.sfs, seg)
-                meta = _segment_meta(table, self.sfs.join(seg.name), seg)
+                table = open_table(self.sfs, seg)
+                meta = segment_meta(table, self.sfs.join(seg.name), seg)
                 return segs[-1].end, meta["first_row"] + meta["num_rows"]
-            except (OSError, pa.ArrowException, ValueError, KeyError, CorruptSegmentError):
+            except (*READ_ERRORS, CorruptSegmentError):
                 continue
         return segs[-1].end, 0
 
@@ -155,24 +126,36 @@ class ArrowWriter:
                 s.group_id, s.row_id = first + gi, row
                 row += 1
         end = first + len(groups)
-        table = samples_to_table(groups)
-        seg_meta = {
-            "first_group": first,
-            "end_group": end,
-            "first_row": self._next_row,
-            "num_rows": table.num_rows,
-            "run_id": self.run_id,
-            "created_at": time.time(),
-            "crc": table_crcs(table),
-        }
-        table = table.replace_schema_metadata(
-            {VERSION_KEY: str(SCHEMA_VERSION).encode(), SEG_META_KEY: json.dumps(seg_meta).encode()}
+        table = seal_table(
+            samples_to_table(groups), first, end, self._next_row, self.run_id, time.time()
         )
-        self._publish(segment_name(first, end), _ipc_bytes(table))
+        self._publish(segment_name(first, end), ipc_bytes(table))
         self._next_group, self._next_row = end, row
         if self.max_groups is not None or self.max_age_s is not None:
             compact(self.sfs.url, keep_groups=self.max_groups, max_age_s=self.max_age_s)
+        if self.rollup_segments is not None:
+            self.rollup()
         return first, end
+
+    def rollup(self) -> list[str]:
+        """Merge windows of small segments until none is left; returns the new names."""
+        made = []
+        while True:
+            live, _ = resolve_covering(scan_segments(self.sfs, stable=False))
+            window = plan_rollup(
+                live, self.rollup_segments or 0, self.rollup_target_groups, self._barriers
+            )
+            if not window:
+                return made
+            merged, bad = merge_window(self.sfs, window, self.run_id)
+            if merged is None:
+                self._barriers.add(bad.first)  # never merged; plan again around it
+                continue
+            name = segment_name(window[0].first, window[-1].end)
+            self._publish(name, ipc_bytes(merged))  # covering segment first ...
+            for seg in window:  # ... then the originals (readers skip contained ones)
+                self.sfs.remove(seg.name)
+            made.append(name)
 
     def _publish(self, name: str, data: pa.Buffer) -> None:
         if self.sfs.local:
@@ -239,15 +222,15 @@ class ArrowReader:
         try:
             table = self._open.get(seg.name)
             if table is None:
-                table = _open_table(self.sfs, seg)
-                _segment_meta(table, where, seg)
+                table = open_table(self.sfs, seg)
+                segment_meta(table, where, seg)
                 self._open[seg.name] = table
                 while len(self._open) > _OPEN_CACHE:
                     self._open.popitem(last=False)
             self._verify(seg, table, columns)
             return table
         except FileNotFoundError:
-            raise GroupsDeletedError(f"{where} was deleted (retention) while reading") from None
+            raise _SegmentGone(where) from None
         except SchemaVersionError:
             raise
         except CorruptSegmentError as e:
@@ -259,13 +242,11 @@ class ArrowReader:
         return None
 
     def _verify(self, seg: Segment, table: pa.Table, columns: Sequence[str]) -> None:
-        crcs = json.loads(table.schema.metadata[SEG_META_KEY])["crc"]
-        for name in columns:
-            if (seg.name, name) in self._verified:
-                continue
-            if column_crc(table.column(name)) != crcs[name]:
-                raise CorruptSegmentError(f"column {name!r} fails its CRC-32 check")
-            self._verified.add((seg.name, name))
+        todo = [c for c in columns if (seg.name, c) not in self._verified]
+        bad = bad_column(table, todo)
+        if bad is not None:
+            raise CorruptSegmentError(f"column {bad!r} fails its CRC-32 check")
+        self._verified.update((seg.name, c) for c in todo)
 
     def _check_range(self, start: int, stop: int) -> tuple[int, int]:
         stop = min(stop, self.num_groups())
@@ -279,7 +260,22 @@ class ArrowReader:
         return start, stop
 
     def read_table(self, start: int, stop: int, columns: Sequence[str] | None = None) -> pa.Table:
-        """Rows of groups [start, stop) as one (chunked, zero-copy) table; corrupt ones skipped."""
+        """Rows of groups [start, stop) as one (chunked, zero-copy) table; corrupt ones skipped.
+
+        A segment that vanished between listing and opening (merged by a roll-up, or
+        deleted by retention) makes it re-list and retry; groups retention deleted
+        raise GroupsDeletedError."""
+        for _ in range(_GONE_TRIES):
+            try:
+                return self._read_listed(start, stop, columns)
+            except _SegmentGone:
+                self.refresh()
+        try:
+            return self._read_listed(start, stop, columns)
+        except _SegmentGone as e:
+            raise GroupsDeletedError(f"{e} was deleted while reading") from None
+
+    def _read_listed(self, start: int, stop: int, columns: Sequence[str] | None) -> pa.Table:
         start, stop = self._check_range(start, stop)
         cols = list(columns) if columns else ARROW_SCHEMA.names
         parts = []
@@ -310,6 +306,10 @@ class ArrowReader:
 
     def close(self) -> None:
         self._open.clear()
+
+
+class _SegmentGone(Exception):
+    """A listed segment file no longer exists (a roll-up or retention removed it)."""
 
 
 def _slice_groups(table: pa.Table, gid, seg: Segment, start: int, stop: int) -> pa.Table:
@@ -347,7 +347,7 @@ def compact(
 
 def _segment_time(sfs: StoreFS, seg: Segment) -> float:
     try:
-        table = _open_table(sfs, seg)
+        table = open_table(sfs, seg)
         return float(json.loads(table.schema.metadata[SEG_META_KEY])["created_at"])
     except (OSError, pa.ArrowException, ValueError, KeyError, TypeError):
         info = sfs.fs.info(sfs.join(seg.name))

@@ -196,7 +196,7 @@ async def _group(urls: list[str], max_retries: int, wait_timeout_s: float = 30.0
         pool = ServerPool(urls, client, wait_timeout_s=wait_timeout_s)
         try:
             result = await request_group(pool, "policy", _request(), 2, {}, max_retries)
-            return result, dict(pool.alive), dict(pool.served)
+            return result, dict(pool.alive)
         finally:
             await pool.close()
 
@@ -239,7 +239,7 @@ def test_http_503_is_retried_then_succeeds() -> None:
             srv.script["/weight_info"] = VERSION
             busy = (503, dumps({"error": {"message": "paused"}}))
             srv.script["/v1/completions"] = [busy, busy, (200, dumps(good_body()))]
-            result, alive, _ = await _group([srv.url], max_retries=3)
+            result, alive = await _group([srv.url], max_retries=3)
             return result, alive, srv.url, srv.hits["/v1/completions"]
 
     (outs, v0, v1, latency, url), alive, srv_url, hits = run(main())
@@ -264,7 +264,7 @@ def test_connection_cut_mid_body_is_retried() -> None:
         async with CannedServer() as srv:
             srv.script["/weight_info"] = VERSION
             srv.script["/v1/completions"] = [cut, (200, dumps(good_body()))]
-            result, _, _ = await _group([srv.url], max_retries=2)
+            result, _ = await _group([srv.url], max_retries=2)
             return result[0], srv.hits["/v1/completions"]
 
     outs, hits = run(main())
