@@ -74,6 +74,8 @@ def cmd_learn(args) -> int:
 def cmd_run(args) -> int:
     from grpo_stream.orchestrate import run_pipeline
 
+    if args.resume and args.config is None:  # continue with the run's own resolved config
+        args.config = os.path.join(args.resume, "config.toml")
     return run_pipeline(_load(args), resume_dir=args.resume)
 
 

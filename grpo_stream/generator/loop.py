@@ -62,7 +62,8 @@ class Generator:
         self.cfg, self.run_dir = cfg, run_dir
         self.buffer_path = cfg.buffer_path(run_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.prompts = make_prompt_source(cfg.task)
+        self.prompts = make_prompt_source(cfg.task)  # validates the task (files read) now
+        self._make_source = make_prompt_source
         self.rewards = RewardRunner(cfg.reward)  # validates reward names now
         self.run_id = os.path.basename(os.path.normpath(run_dir)) or uuid.uuid4().hex[:8]
         self.stats = GenStats(os.path.join(run_dir, "generator_metrics.jsonl"))
@@ -169,6 +170,8 @@ class Generator:
             await wait_healthy(client, urls, self.cfg.server.startup_timeout_s)
             writer = open_writer(self.buffer_path, self.cfg.buffer.backend, run_id=self.run_id)
             self.stats.written = writer.num_groups()
+            if self.stats.written:  # a restarted generator continues the prompt stream
+                self.prompts = self._make_source(self.cfg.task, start=self.stats.written)
             pool = ServerPool(urls, client, wait_timeout_s=self.cfg.server.startup_timeout_s)
             writer_task = asyncio.create_task(self._writer(writer), name="buffer-writer")
             reporter = asyncio.create_task(self.stats.report_every(10.0, pool), name="reporter")
