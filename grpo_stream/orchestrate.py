@@ -166,6 +166,8 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
         print(f"[run] interrupted (signal {stop['signal']}); stopping", flush=True)
         code = 130
     finally:
+        for sig in old:  # a second Ctrl-C must not abort the clean-up half-way (orphans)
+            signal.signal(sig, signal.SIG_IGN)
         for c in reversed(children):  # generator first: it flushes scored groups
             c.stop()
         for s in servers:

@@ -273,6 +273,20 @@ def server_log_path(cfg: ServerConfig, log_dir: Path, index: int) -> Path:
     return Path(log_dir) / f"vllm-{index}.log"
 
 
+def check_port_free(host: str, port: int) -> None:
+    """vLLM binds with SO_REUSEPORT: a second server on a busy port would silently share
+    its requests with whatever listens there (e.g. a stale server of an old run)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        if sock.connect_ex((host, port)) == 0:
+            raise ServerStartError(
+                f"server.port: {host}:{port} is already in use (a leftover vLLM server?); "
+                "stop it or choose another server.port"
+            )
+
+
 def launch_servers(
     cfg: ServerConfig, model_dir: Path, served_name: str, log_dir: Path
 ) -> list[VLLMServer]:
@@ -280,6 +294,8 @@ def launch_servers(
 
     On any failure every server already started is stopped before the error propagates.
     """
+    for i in range(cfg.num_servers):
+        check_port_free(cfg.host, cfg.port + i)
     servers = [
         VLLMServer(model_dir, served_name, cfg.port + i, cfg, server_log_path(cfg, log_dir, i))
         for i in range(cfg.num_servers)
