@@ -1,4 +1,4 @@
-"""Benchmark: chunked log-probs from hidden states vs the naive full-logits path.
+"""Benchmark: the learner's chunked log-prob + loss path vs the naive full-logits path.
 
     python -m bench.logprobs            # from the repository root; writes bench/results/logprobs.json
 
@@ -7,9 +7,14 @@ Workload: one learner micro-batch, forward + backward, SmolLM2's output layer
 with a fixed random c, so the backward is the one the GRPO loss would run.
 
 * naive: what a user writes: ``logits = hidden @ W.T``; ``log_softmax(logits.float())``;
-  ``gather``. Holds the [B*T, V] logits, their log-softmax and their gradients.
-* chunked: ``grpo_stream.algo.token_logprobs_from_hidden`` with `chunk_size` tokens per
-  chunk, recomputing each chunk's logits in the backward.
+  ``gather``; loss; backward. Holds the [B*T, V] logits, their log-softmax and their
+  gradients.
+* fused (what the learner trains with): ``grpo_stream.algo.fused_loss_from_hidden``,
+  `chunk_size` tokens per chunk; each chunk's softmax is turned into the hidden and
+  weight gradients while it is in hand, so no [B*T, V] tensor and no recompute.
+* recompute: ``token_logprobs_from_hidden`` (log-probs first, loss after): its backward
+  recomputes each chunk's logits, a fourth vocab-sized matmul. Reported for reference;
+  it is what the learner's no-grad proximal/reference passes use.
 
 How memory is measured (honestly, per variant, from a clean slate): each variant runs in
 a fresh subprocess. On CPU, the child builds its inputs, runs a tiny warm-up (library
@@ -17,21 +22,15 @@ and thread-pool start-up), records its resident set size, resets the kernel's pe
 counter (``echo 5 > /proc/self/clear_refs``), runs one forward + backward, and reports
 peak RSS (VmHWM) minus the RSS before. PyTorch's CPU allocator does not cache, and
 glibc returns large blocks to the kernel on free, so RSS follows live tensors; the
-figure includes the gradients of `hidden` and `W` that both variants must produce. On
+figure includes the gradients of `hidden` and `W` that every variant must produce. On
 CUDA it is ``torch.cuda.max_memory_allocated()`` minus the allocation before the step.
-peak_memory_ratio = chunked peak / naive peak (goal <= 0.25).
+peak_memory_ratio = fused peak / naive peak (goal <= 0.25).
 
-Time is measured in this process: a warm-up of each, then `REPS` rounds with the two
-variants alternating order, median wall time of forward + backward per variant;
-speed_ratio = naive / chunked (goal >= 1.0). forward_speed_ratio is the same for a
-no-grad forward (the learner's proximal and reference passes). All are ratios taken side
-by side in one run, since the machines are shared and absolute times drift.
-
-What to expect: with gradients, the chunked path does four [N, H] x [H, V]-sized matmuls
-(the forward, its recompute, and the two gradients) where the naive one does three, and
-wins back the memory-bound passes over the [N, V] float32 tensors (allocation, page
-faults, log_softmax and its backward); on a CPU the two roughly cancel. The no-grad
-forward does the same single matmul in both, so there the chunked path should win.
+Time is measured in this process: a warm-up of each, then `REPS` rounds with the
+variants in rotating order, median wall time of forward + backward per variant;
+speed_ratio = naive / fused (goal >= 1.0). forward_speed_ratio is naive / recompute for a
+no-grad forward (the learner's proximal and reference passes). All are ratios taken
+side by side in one run, since the machines are shared and absolute times drift.
 """
 
 from __future__ import annotations
@@ -47,10 +46,10 @@ from pathlib import Path
 
 import torch
 
-from grpo_stream.algo import token_logprobs_from_hidden
+from grpo_stream.algo import fused_loss_from_hidden, token_logprobs_from_hidden
 
 CONFIG = {"B": 8, "T": 256, "H": 576, "V": 49152, "chunk_size": 256, "dtype": "float32"}
-REPS = 2
+REPS = 3
 RESULTS = Path(__file__).resolve().parent / "results" / "logprobs.json"
 
 
@@ -63,23 +62,41 @@ def _inputs(device: str, b: int, t: int, h: int, v: int):
     return hidden, weight, ids, coef
 
 
-def _naive(hidden, weight, ids, chunk_size):
+def _naive_lp(hidden, weight, ids, chunk_size):
     logits = hidden @ weight.t()  # [B, T, V]
     logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, T]
 
 
-def _chunked(hidden, weight, ids, chunk_size):
+def _recompute_lp(hidden, weight, ids, chunk_size):
     return token_logprobs_from_hidden(hidden, weight, ids, chunk_size)[0]  # [B, T]
 
 
-VARIANTS = {"naive": _naive, "chunked": _chunked}
+def _naive(hidden, weight, ids, coef, chunk_size):
+    lp = _naive_lp(hidden, weight, ids, chunk_size)  # [B, T]
+    return (lp * coef).sum(), lp
+
+
+def _fused(hidden, weight, ids, coef, chunk_size):
+    loss, lp, _ = fused_loss_from_hidden(
+        hidden, weight, ids, lambda rows, lp, ent: (lp * coef[rows]).sum(), chunk_size
+    )
+    return loss, lp
+
+
+def _recompute(hidden, weight, ids, coef, chunk_size):
+    lp = _recompute_lp(hidden, weight, ids, chunk_size)  # [B, T]
+    return (lp * coef).sum(), lp
+
+
+VARIANTS = {"naive": _naive, "fused": _fused, "recompute": _recompute}
+FORWARD = {"naive": _naive_lp, "recompute": _recompute_lp}  # no-grad log-probs only
 
 
 def _step(fn, hidden, weight, ids, coef, chunk_size) -> torch.Tensor:
     hidden.grad = weight.grad = None
-    lp = fn(hidden, weight, ids, chunk_size)  # [B, T]
-    (lp * coef).sum().backward()
+    loss, lp = fn(hidden, weight, ids, coef, chunk_size)
+    loss.backward()
     return lp.detach()
 
 
@@ -130,18 +147,18 @@ def _peak_in_subprocess(variant: str, device: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _time_variants(device: str, step) -> tuple[dict[str, float], float]:
+def _time_variants(device: str, step, variants) -> tuple[dict[str, float], float]:
     cfg = CONFIG
     args = _inputs(device, cfg["B"], cfg["T"], cfg["H"], cfg["V"])
-    outs = {k: step(fn, *args, cfg["chunk_size"]) for k, fn in VARIANTS.items()}  # warm-up
-    max_diff = float((outs["naive"] - outs["chunked"]).abs().max())
-    times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    outs = {k: step(fn, *args, cfg["chunk_size"]) for k, fn in variants.items()}  # warm-up
+    max_diff = max(float((outs["naive"] - o).abs().max()) for o in outs.values())
+    names = list(variants)
+    times: dict[str, list[float]] = {k: [] for k in variants}
     for rep in range(REPS):
-        order = list(VARIANTS) if rep % 2 == 0 else list(reversed(VARIANTS))
-        for name in order:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate
             _sync(device)
             start = time.perf_counter()
-            step(VARIANTS[name], *args, cfg["chunk_size"])
+            step(variants[name], *args, cfg["chunk_size"])
             _sync(device)
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}, max_diff
@@ -164,15 +181,17 @@ def _figure(name, value, op, goal):
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peaks = {k: _peak_in_subprocess(k, device) for k in VARIANTS}
-    times, max_diff = _time_variants(device, _step)
-    fwd_times, _ = _time_variants(device, _forward_only)
-    mem_ratio = peaks["chunked"] / peaks["naive"]
-    speed_ratio = times["naive"] / times["chunked"]
-    fwd_ratio = fwd_times["naive"] / fwd_times["chunked"]
+    times, max_diff = _time_variants(device, _step, VARIANTS)
+    fwd_times, _ = _time_variants(device, _forward_only, FORWARD)
+    mem_ratio = peaks["fused"] / peaks["naive"]
+    speed_ratio = times["naive"] / times["fused"]
+    fwd_ratio = fwd_times["naive"] / fwd_times["recompute"]
     print(f"log-probs on {device}: {CONFIG}  (max |diff| {max_diff:.2e})")
-    print(f"{'variant':<10}{'peak MiB':>12}{'fwd+bwd s':>12}{'no-grad fwd s':>15}")
+    print(f"{'variant':<11}{'peak MiB':>10}{'fwd+bwd s':>11}{'vs naive':>10}{'no-grad fwd s':>15}")
     for k in VARIANTS:
-        print(f"{k:<10}{peaks[k] / 2**20:>12.1f}{times[k]:>12.3f}{fwd_times[k]:>15.3f}")
+        fwd = f"{fwd_times[k]:>15.3f}" if k in fwd_times else f"{'-':>15}"
+        ratio = times["naive"] / times[k]
+        print(f"{k:<11}{peaks[k] / 2**20:>10.1f}{times[k]:>11.3f}{ratio:>10.2f}{fwd}")
     figures = [
         _figure("peak_memory_ratio", mem_ratio, "<=", 0.25),
         _figure("speed_ratio", speed_ratio, ">=", 1.0),
@@ -183,6 +202,8 @@ def main() -> None:
     config = CONFIG | {"device": device, "reps": REPS, "peak_bytes": peaks}
     config |= {"fwd_bwd_seconds": times, "forward_seconds": fwd_times}
     config["max_abs_logprob_diff"] = max_diff
+    config["recompute_speed_ratio"] = round(times["naive"] / times["recompute"], 4)
+    config["recompute_peak_memory_ratio"] = round(peaks["recompute"] / peaks["naive"], 4)
     result = {"figures": figures, "machine": _machine(device), "config": config}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")

@@ -242,6 +242,9 @@ class LearnerConfig(_Section):
     max_staleness: int = Field(2, ge=0)  # drop groups older than this many versions
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     logprob_chunk_size: int = Field(1024, ge=1)
+    # train with algo.fused_loss_from_hidden: gradients made while each chunk's softmax is
+    # in hand (3 vocab-sized matmuls); False: log-probs first, recompute in backward (4)
+    fused_loss: bool = True
     wait_timeout_s: float = Field(600.0, gt=0)  # max wait for enough groups in the buffer
     gradient_checkpointing: bool = False
     # CPU threads for torch; None: every core (split across torchrun ranks). A local vLLM

@@ -86,8 +86,13 @@ def grpo_loss(
     total_seqs: float,
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    metrics: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Scalar loss of this micro-batch (sum over micro-batches = batch loss) and metrics."""
+    """Scalar loss of this micro-batch (sum over micro-batches = batch loss) and metrics.
+
+    `metrics=False` skips the metrics (and their device sync) and returns an empty dict:
+    the fused path calls this once per chunk of rows, then once for the metrics.
+    """
     named = {"old_logprobs": old_logprobs, "behaviour_logprobs": behaviour_logprobs}
     named |= {"mask": mask, "ref_logprobs": ref_logprobs, "entropy": entropy}
     _check_shapes(logprobs, advantages, named)
@@ -115,6 +120,8 @@ def grpo_loss(
     if kl_loss is not None:
         per_token = per_token + kl_loss  # [B, T]
     loss = aggregate(per_token, m, max(float(total_tokens), 1.0), float(total_seqs), cfg)
+    if not metrics:
+        return loss, {}
 
     logged = {"pg_loss": weighted, "ratio_mean": ratio, "behaviour_weight_mean": weight}
     logged["approx_kl_proximal"] = kl_k3(old, lp.detach())  # KL(pi_old || pi_theta)

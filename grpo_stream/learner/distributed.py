@@ -93,7 +93,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from grpo_stream.learner.policy import sequence_logprobs
+from grpo_stream.learner.policy import sequence_logprobs, sequence_loss
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -162,15 +162,20 @@ def mixed_precision_dtype(learner_dtype: str, device: torch.device) -> torch.dty
 
 
 class ShardedPolicy(torch.nn.Module):
-    """FSDP root around a Hugging Face causal LM; forward = `sequence_logprobs`."""
+    """FSDP root around a Hugging Face causal LM; forward = `sequence_logprobs`, or
+    `sequence_loss` when given a `loss_fn`."""
 
     def __init__(self, module: torch.nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, mb, temperature: float, chunk_size: int, with_entropy: bool = False):
-        # ([B, T] log-probs, [B, T] entropy or None); the root hooks have gathered
-        # embed/norm/lm_head, the per-layer hooks gather each decoder layer
+    def forward(
+        self, mb, temperature: float, chunk_size: int, with_entropy: bool = False, loss_fn=None
+    ):
+        # ([B, T] log-probs, [B, T] entropy or None), or (loss, log-probs, entropy); the
+        # root hooks have gathered embed/norm/lm_head, the per-layer hooks each decoder layer
+        if loss_fn is not None:
+            return sequence_loss(self.module, mb, temperature, chunk_size, loss_fn, with_entropy)
         return sequence_logprobs(self.module, mb, temperature, chunk_size, with_entropy)
 
 

@@ -1,9 +1,11 @@
-"""Loading the policy/reference models and computing their token log-probs.
+"""Loading the policy/reference models and computing their token log-probs and loss.
 
 `sequence_logprobs` runs the decoder to its final hidden states and hands them with
 the output-embedding matrix to `algo.token_logprobs_from_hidden`, which computes
-logits chunk by chunk: the learner never holds a [B, T, V] logits tensor. Logits
-are divided by the sampling temperature, matching vLLM's processed log-probs.
+logits chunk by chunk: the learner never holds a [B, T, V] logits tensor.
+`sequence_loss` does the same for training through `algo.fused_loss_from_hidden`,
+which also makes the output layer's gradients chunk by chunk. Logits are divided by
+the sampling temperature, matching vLLM's processed log-probs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 
 import torch
 
-from grpo_stream.algo import token_logprobs_from_hidden
+from grpo_stream.algo import fused_loss_from_hidden, token_logprobs_from_hidden
 from grpo_stream.learner.batch import MicroBatch
 
 
@@ -62,4 +64,22 @@ def sequence_logprobs(
     weight = model.get_output_embeddings().weight  # [V, H]
     return token_logprobs_from_hidden(
         hidden, weight, mb.targets, chunk_size, with_entropy=with_entropy, temperature=temperature
+    )
+
+
+def sequence_loss(
+    model,
+    mb: MicroBatch,
+    temperature: float,
+    chunk_size: int,
+    loss_fn,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss [], log-probs [B, T], entropy [B, T] or None); `loss_fn(rows, lp, ent)` as in
+    `algo.fused_loss_from_hidden`. Only the loss carries gradient."""
+    out = model.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
+    hidden = out.last_hidden_state[:, :-1]  # [B, T, H]
+    weight = model.get_output_embeddings().weight  # [V, H]
+    return fused_loss_from_hidden(
+        hidden, weight, mb.targets, loss_fn, chunk_size, temperature, with_entropy
     )

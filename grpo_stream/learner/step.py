@@ -5,7 +5,8 @@
     ref_lp      ← frozen reference log-probs (only when β > 0)
     for epoch in 1..μ:                 micro-batches shuffled each epoch
         for each of `minibatches` optimizer steps:
-            Σ micro-batches: grpo_loss(...).backward()     (batch-global normalisers)
+            Σ micro-batches: grpo_loss(...).backward()     (batch-global normalisers;
+                             fused with the output layer: algo.fused_loss_from_hidden)
             clip grad norm; AdamW step; scheduler step
 
 Micro-batches are collated once per step and reused by every epoch. Returns plain
@@ -25,7 +26,7 @@ from grpo_stream.algo import compute_advantages, grpo_loss
 from grpo_stream.buffer.schema import Group
 from grpo_stream.config import Config
 from grpo_stream.learner.batch import MicroBatch, make_micro_batches
-from grpo_stream.learner.policy import autocast, sequence_logprobs
+from grpo_stream.learner.policy import autocast, sequence_logprobs, sequence_loss
 
 
 def usable_groups(groups: list[Group]) -> tuple[list[Group], int]:
@@ -88,6 +89,33 @@ class StepRunner:
         with autocast(self.device, self.cfg.learner.dtype):
             return sequence_logprobs(model, mb, self.temperature, chunk, entropy)
 
+    def _fused_loss(self, mb: MicroBatch, loss_fn):
+        """(loss, log-probs [B, T], entropy [B, T]) with the output layer fused in."""
+        chunk = self.cfg.learner.logprob_chunk_size
+        if self.world > 1:
+            return self.model(mb, self.temperature, chunk, True, loss_fn=loss_fn)
+        with autocast(self.device, self.cfg.learner.dtype):
+            return sequence_loss(self.model, mb, self.temperature, chunk, loss_fn, True)
+
+    def _micro_batch_loss(self, mb: MicroBatch, old, ref, totals) -> tuple[torch.Tensor, dict]:
+        """Backward-ready loss of one micro-batch and its metrics."""
+        fixed = (old, mb.behaviour_logprobs, mb.advantages, mb.mask, ref)  # each [B, ...]
+
+        def loss_of(rows, lp, ent, metrics: bool):
+            o, b, a, m, r = (None if x is None else x[rows] for x in fixed)
+            ent = None if ent is None else ent.float()
+            kw = dict(ref_logprobs=r, entropy=ent, metrics=metrics)
+            return grpo_loss(self.cfg.loss, lp.float(), o, b, a, m, **totals, **kw)
+
+        everything = slice(None)
+        if not self.cfg.learner.fused_loss:
+            lp, ent = self._logprobs(self.model, mb, entropy=True)  # [B, T], [B, T]
+            return loss_of(everything, lp, ent, True)
+        loss, lp, ent = self._fused_loss(mb, lambda rows, x, e: loss_of(rows, x, None, False)[0])
+        with torch.no_grad():  # metrics from the whole micro-batch's detached log-probs
+            _, metrics = loss_of(everything, lp, ent, True)
+        return loss, metrics | {"loss": float(loss.detach())}
+
     def _clip_grad(self) -> float:
         if self.world > 1:
             from grpo_stream.learner.distributed import clip_grad_norm
@@ -114,25 +142,12 @@ class StepRunner:
             "seqs": float(sum(self.real_seqs[i] for i in order)),
         }
         totals = _global(local, self.world)
-        total_tokens, total_seqs = totals["tokens"], totals["seqs"]
+        totals = {"total_tokens": totals["tokens"], "total_seqs": totals["seqs"]}
         self.opt.zero_grad(set_to_none=True)
         for i in order:
-            mb = mbs[i]
-            lp, ent = self._logprobs(self.model, mb, entropy=True)  # [B, T], [B, T]
-            loss, m = grpo_loss(
-                self.cfg.loss,
-                lp.float(),
-                old[i],
-                mb.behaviour_logprobs,
-                mb.advantages,
-                mb.mask,
-                total_tokens=total_tokens,
-                total_seqs=total_seqs,
-                ref_logprobs=ref[i],
-                entropy=None if ent is None else ent.float(),
-            )
+            loss, m = self._micro_batch_loss(mbs[i], old[i], ref[i], totals)
             loss.backward()
-            meter.add(m, mb.num_tokens)
+            meter.add(m, mbs[i].num_tokens)
         gn = self._clip_grad()
         self.opt.step()
         self.sched.step()
