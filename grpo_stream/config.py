@@ -166,7 +166,9 @@ class GeneratorConfig(_Section):
     # the buffer may run at most this many learner batches ahead of what the learner consumed
     max_ahead_batches: int = Field(1, ge=0)
     request_timeout_s: float = Field(300.0, gt=0)
-    max_retries: int = Field(5, ge=0)
+    max_retries: int = Field(5, ge=0)  # transient errors (5xx, cut connections, time-outs)
+    # ... retried for at least this long too: a server paused by a slow sync answers 503
+    retry_budget_s: float = Field(180.0, ge=0)
     max_groups: int | None = None  # stop after this many groups (None: until stopped)
 
 

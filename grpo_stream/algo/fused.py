@@ -53,7 +53,11 @@ RowLoss = Callable[[slice, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def _softmax_stats(z: torch.Tensor, ids: torch.Tensor, ent_buf: torch.Tensor | None):
-    """Logits [c, V] -> (logprob [c], entropy [c] or None, p [c, V]); p overwrites a buffer."""
+    """Logits [c, V] -> (logprob [c], entropy [c] or None, e [c, V], S [c]), softmax = e / S.
+
+    e = exp(z - max) overwrites z (or the entropy buffer); the caller folds 1 / S into
+    its gradient scale rather than spending a pass over [c, V] on it.
+    """
     picked = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [c]
     top = z.amax(dim=-1, keepdim=True)  # [c, 1]
     shifted = z.sub_(top)  # [c, V] z - max
@@ -66,7 +70,7 @@ def _softmax_stats(z: torch.Tensor, ids: torch.Tensor, ent_buf: torch.Tensor | N
         total = e.sum(-1)  # [c]
         ent = total.log() - _rowdot(e, shifted) / total  # [c] H = log S - E_p[z - max]
     lp = picked - top.squeeze(-1) - total.log()  # [c]
-    return lp, ent, e.div_(total.unsqueeze(-1))  # p = e / S, in place
+    return lp, ent, e, total
 
 
 def _row_grad(loss_fn: RowLoss, rows: slice, lp: torch.Tensor, ent: torch.Tensor | None):
@@ -106,7 +110,7 @@ class _FusedLoss(torch.autograd.Function):
                 h = hidden[rows].detach().reshape(n * t, h_dim).to(cdtype)  # [c, H]
                 z = _chunk_logits(h, w, temperature, buf)  # [c, V]
                 flat_ids = ids[rows].reshape(-1)  # [c]
-                lp, ent, p = _softmax_stats(z, flat_ids, ent_buf)  # [c], [c] | None, [c, V]
+                lp, ent, e, s = _softmax_stats(z, flat_ids, ent_buf)  # [c], [c]|None, [c, V], [c]
                 lp_all[rows] = lp_rows = lp.view(n, t)  # [n, T]
                 ent_rows = None
                 if entropy:
@@ -114,11 +118,10 @@ class _FusedLoss(torch.autograd.Function):
                 loss, g = _row_grad(loss_fn, rows, lp_rows, ent_rows)  # [], [n, T]
                 total += loss
                 g = g.reshape(-1).float()  # [c]
-                # d lp / d z = onehot - p, through z = logits / tau
-                gz = p.mul_(g.unsqueeze(-1)).neg_()  # [c, V] -g p
+                # d lp / d z = onehot - p with p = e / S, through z = logits / tau: one pass
+                g = g / temperature  # [c]
+                gz = e.mul_((-g / s).unsqueeze(-1))  # [c, V] -g p / tau
                 gz.scatter_add_(-1, flat_ids.unsqueeze(-1), g.unsqueeze(-1))
-                if temperature != 1.0:
-                    gz.div_(temperature)
                 gz = gz.to(cdtype)  # [c, V]
                 if need_h:
                     grad_h[rows] = (gz @ w).view(n, t, h_dim).to(grad_h.dtype)  # [n, T, H]

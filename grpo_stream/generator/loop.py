@@ -112,6 +112,7 @@ class Generator:
                 g.group_size,
                 self.sampling_params(),
                 g.max_retries,
+                g.retry_budget_s,
             )
             rewards = await self.rewards.score_group(prompt, [o.text for o in outs])
             group = build_group(self.run_id, req, outs, rewards, (v0, v1), lat, url)

@@ -43,11 +43,23 @@ async def _request_once(
 
 
 async def request_group(
-    pool: ServerPool, model: str, req: SampleRequest, n: int, sampling: dict, max_retries: int
+    pool: ServerPool,
+    model: str,
+    req: SampleRequest,
+    n: int,
+    sampling: dict,
+    max_retries: int,
+    retry_budget_s: float = 0.0,
+    backoff_s: float = 0.5,
 ) -> tuple[list[Completion], int, int, float, str]:
-    delay = 0.5
+    """Retries transient errors until both `max_retries` retries and `retry_budget_s`
+    seconds since the first failure are spent: a server paused for a long weight sync
+    answers 503 for as long as the sync takes, however few attempts that is."""
+    delay = backoff_s  # doubles per attempt, jittered, at most 10 s
     last: BaseException | None = None
-    for _attempt in range(max_retries + 1):
+    attempts, first_failure = 0, None
+    while True:
+        attempts += 1
         async with pool.lease() as url:
             try:
                 outs, v0, v1, lat = await _request_once(pool.client, url, model, req, n, sampling)
@@ -58,12 +70,21 @@ async def request_group(
                 if not is_transient(err):
                     raise PromptFailed(f"prompt {req.prompt.prompt_id} on {url}: {err}") from err
                 last = err
+                first_failure = first_failure or time.monotonic()
                 if not await pool.client.health(url):
                     await pool.mark_dead(url, f"{type(err).__name__}: {err}")
-        await asyncio.sleep(delay * (1 + random.random()))
+        waited = time.monotonic() - first_failure
+        if attempts > max_retries and waited >= retry_budget_s:
+            break
+        pause = delay * (1 + random.random())
+        if attempts > max_retries:  # only the time budget is left: do not sleep past it
+            pause = min(pause, max(retry_budget_s - waited, 0.0))
+        await asyncio.sleep(pause)
         delay = min(delay * 2, 10.0)
     raise PromptFailed(
-        f"prompt {req.prompt.prompt_id}: {max_retries + 1} attempts failed, last: {last!r}"
+        f"prompt {req.prompt.prompt_id}: {attempts} attempts failed in {waited:.1f} s "
+        f"(generator.max_retries={max_retries}, generator.retry_budget_s={retry_budget_s:g}), "
+        f"last: {last!r}"
     )
 
 

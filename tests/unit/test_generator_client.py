@@ -335,3 +335,26 @@ def test_health_and_http_errors() -> None:
     assert not is_transient(ServerHTTPError("u", 404, "")) and is_transient(
         ServerHTTPError("u", 429, "")
     )
+
+
+def test_retry_budget_outlasts_a_long_pause() -> None:
+    """Seven 503s (a long weight sync) exhaust max_retries=1 but not a 5 s time budget;
+    with no time budget the same server fails the prompt after 2 attempts."""
+
+    async def main(budget: float):
+        async with CannedServer() as srv:
+            srv.script["/weight_info"] = VERSION
+            busy = (503, dumps({"error": {"message": "paused"}}))
+            srv.script["/v1/completions"] = [busy] * 7 + [(200, dumps(good_body()))]
+            async with VLLMClient(timeout_s=10) as client:
+                pool = ServerPool([srv.url], client, wait_timeout_s=30)
+                try:
+                    args = (pool, "policy", _request(), 2, {}, 1, budget)
+                    return await request_group(*args, backoff_s=0.01)
+                finally:
+                    await pool.close()
+
+    outs, *_ = run(main(5.0))
+    assert [o.token_ids for o in outs] == [[10, 20, 30], [11, 21, 31]]
+    with pytest.raises(PromptFailed, match=r"2 attempts failed in .*retry_budget_s=0"):
+        run(main(0.0))
