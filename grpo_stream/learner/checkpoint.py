@@ -54,9 +54,11 @@ def save_checkpoint(
     state: dict,
     keep: int = 2,
     state_dict: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """`state_dict`: full weights gathered from FSDP shards; the optimizer state of a
-    sharded run is not saved (resuming under torchrun is not supported yet)."""
+    """`state_dict` / `optimizer_state`: full weights and full optimizer state (keyed by
+    parameter name) gathered from FSDP shards on rank 0; None in one process, where the
+    model's and optimizer's own state dicts are written."""
     root = Path(run_dir) / "checkpoints"
     out = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
@@ -65,7 +67,8 @@ def save_checkpoint(
     model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     torch.save(
         {
-            "optimizer": optimizer.state_dict() if state_dict is None else None,
+            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "optimizer_format": "torch" if optimizer_state is None else "full_state_dict",
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
         },
@@ -94,10 +97,27 @@ def latest_checkpoint(run_dir: str) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_trainer_state(ckpt: Path, optimizer, scheduler) -> dict:
+def load_trainer_state(ckpt: Path, optimizer, scheduler, load_optimizer=None) -> dict:
+    """Restore optimizer, scheduler and RNG; returns state.json.
+
+    `load_optimizer(full_state)`: how a sharded learner loads a full optimizer state
+    (FSDP: every rank calls it, rank 0's copy is broadcast); None: `load_state_dict`.
+    A checkpoint's optimizer state must match how it is loaded: one process writes
+    torch's per-index format, FSDP a per-name full state dict.
+    """
     blob = torch.load(ckpt / "trainer.pt", weights_only=False)
-    if blob["optimizer"] is not None:  # None: written by a sharded (torchrun) learner
+    fmt = blob.get("optimizer_format", "torch")
+    want = "torch" if load_optimizer is None else "full_state_dict"
+    if blob["optimizer"] is None or fmt != want:
+        raise ValueError(
+            f"{ckpt / 'trainer.pt'}: optimizer state in format {fmt!r} "
+            f"({'missing' if blob['optimizer'] is None else 'present'}), this learner needs "
+            f"{want!r}: resume with the same number of processes that wrote it"
+        )
+    if load_optimizer is None:
         optimizer.load_state_dict(blob["optimizer"])
+    else:
+        load_optimizer(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return json.loads((ckpt / "state.json").read_text())

@@ -26,8 +26,10 @@ from grpo_stream.config import Config, ConfigError
 from grpo_stream.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from grpo_stream.learner.distributed import (
     broadcast_object,
+    full_optimizer_state_dict_on_rank0,
     full_state_dict_on_rank0,
     init_distributed,
+    load_full_optimizer_state,
     mixed_precision_dtype,
     shard_batch,
     shard_model,
@@ -97,10 +99,8 @@ class Learner:
             cores = (os.cpu_count() or 1) // self.dist.world_size
             torch.set_num_threads(cfg.learner.num_threads or max(1, cores))
         ckpt = latest_checkpoint(run_dir) if resume else None
-        if ckpt is not None and self.dist.world_size > 1:
-            raise ConfigError(
-                "learn --resume under torchrun is not supported yet (one process only)"
-            )
+        if self.dist.world_size > 1:  # every rank must resume from rank 0's checkpoint
+            ckpt = broadcast_object(ckpt)
         self._load_models(str(ckpt / "model") if ckpt else model_dir)
         self.opt, self.sched = build_optimizer(self.model, cfg.learner)  # after sharding
         self.buffer_path = cfg.buffer_path(run_dir)
@@ -119,7 +119,7 @@ class Learner:
         self.sync = make_sync(cfg, run_dir) if self.rank0 or cfg.sync.transport == "nccl" else None
         self.metrics = MetricsWriter(run_dir) if self.rank0 else None
         self.trained_batches = os.path.join(run_dir, "trained_batches.jsonl")
-        if ckpt is not None:  # the log follows the checkpoint's lineage, not the killed run's
+        if ckpt is not None and self.rank0:  # the logs follow the checkpoint's lineage
             truncate_log(self.trained_batches, self.step)
             truncate_log(self.metrics.path, self.step)
 
@@ -138,10 +138,23 @@ class Learner:
             self.ref = shard_model(self.ref, self.dist, mp) if self.ref is not None else None
 
     def _resume(self, ckpt: Path) -> None:
-        state = load_trainer_state(ckpt, self.opt, self.sched)
+        load_opt = None
+        if self.dist.world_size > 1:  # a full (per-name) state, broadcast from rank 0
+
+            def load_opt(full):
+                load_full_optimizer_state(self.model, self.opt, full if self.rank0 else {})
+
+        try:
+            state = load_trainer_state(ckpt, self.opt, self.sched, load_opt)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         self.step, self.version = state["step"], state["version"]
-        self.cursor.load_state(state["cursor"])
-        stderr(f"[learn] resumed from {ckpt} at step {self.step}, cursor {self.cursor.position}")
+        if self.cursor is not None:  # rank 0 reads the buffer
+            self.cursor.load_state(state["cursor"])
+        if self.rank0:
+            stderr(
+                f"[learn] resumed from {ckpt} at step {self.step}, cursor {self.cursor.position}"
+            )
 
     def _next_batch(self):
         lc = self.cfg.learner
@@ -206,6 +219,9 @@ class Learner:
         due_ckpt = (ck and self.step % ck == 0) or self.step == cfg.learner.max_steps
         due_sync = self.step % cfg.sync.every == 0
         sd = self._full_state() if (due_ckpt or due_sync) else None
+        opt_sd = None
+        if due_ckpt and self.dist.world_size > 1:  # collective: every rank gathers
+            opt_sd = full_optimizer_state_dict_on_rank0(self.model, self.opt)
         hf = unwrap(self.model)
         if due_sync or cfg.sync.transport == "none":
             self.version = self.step
@@ -216,13 +232,16 @@ class Learner:
         if due_ckpt and self.rank0:
             state = {"version": self.version, "cursor": self.cursor.state()}
             save_checkpoint(self.run_dir, self.step, hf, self.opt, self.sched, state,
-                            state_dict=sd)  # fmt: skip
+                            state_dict=sd, optimizer_state=opt_sd)  # fmt: skip
         return m
 
     def run(self) -> None:
-        if self.step > 0 and self.sync is not None:
+        if self.step > 0:
             # a resumed learner owns the truth: the servers may hold newer (discarded) weights
-            self.sync.push(unwrap(self.model), self.version)
+            sd = self._full_state()  # collective under torchrun
+            if self.sync is not None:
+                target = self.model if self.cfg.sync.transport == "nccl" else unwrap(self.model)
+                self.sync.push(target, self.version, state_dict=sd)
         self._publish_progress()
         while self.step < self.cfg.learner.max_steps:
             t0 = time.perf_counter()

@@ -1,5 +1,7 @@
 """The real `grpo-stream learn` under torchrun: 2 gloo processes with FSDP2 on CPU train
-the same batches to the same weights as one process (tolerance stated below)."""
+the same batches to the same weights as one process (tolerance stated below), and a
+2-process run stopped at a checkpoint resumes (weights, sharded AdamW state, scheduler,
+cursor) to the same weights as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -31,15 +33,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _prefill(run_dir: Path) -> None:
+def _prefill(run_dir: Path, groups: int = 4) -> None:
     run_dir.mkdir()
     w = open_writer(str(run_dir / "buffer"), "arrow", run_id="fsdp")
-    w.append_groups(make_groups(4, group_size=3, prompt_len=6, completion_len=5))
+    w.append_groups(make_groups(groups, group_size=3, prompt_len=6, completion_len=5))
     w.close()
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "checkpoints" / "step-2" / "model" / "model.safetensors")
+def _weights(run_dir: Path, step: int = 2) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step-{step}" / "model" / "model.safetensors")
+
+
+def _torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(free_port())]  # fmt: skip
+
+
+def _batches(d: Path) -> list[list[int]]:
+    return [json.loads(x)["group_ids"] for x in (d / "trained_batches.jsonl").open()]
 
 
 def test_two_process_fsdp_learner_matches_one_process(tmp_path, tiny_model_dir):
@@ -50,16 +61,10 @@ def test_two_process_fsdp_learner_matches_one_process(tmp_path, tiny_model_dir):
     single = subprocess.run([sys.executable, *args, f"run.run_dir={one}"], capture_output=True,
                             text=True, timeout=600)  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", str(free_port())]  # fmt: skip
-    multi = subprocess.run([*torchrun, *args, f"run.run_dir={two}"], capture_output=True,
+    multi = subprocess.run([*_torchrun(), *args, f"run.run_dir={two}"], capture_output=True,
                            text=True, timeout=600)  # fmt: skip
     assert multi.returncode == 0, multi.stderr[-3000:]
-
-    def batches(d):
-        return [json.loads(x)["group_ids"] for x in (d / "trained_batches.jsonl").open()]
-
-    assert batches(one) == batches(two) == [[0, 1], [2, 3]]
+    assert _batches(one) == _batches(two) == [[0, 1], [2, 3]]
     w1, w2 = _weights(one), _weights(two)
     assert set(w1) == set(w2)
     w0 = load_file(Path(tiny_model_dir) / "model.safetensors")
@@ -69,3 +74,25 @@ def test_two_process_fsdp_learner_matches_one_process(tmp_path, tiny_model_dir):
         torch.testing.assert_close(w2[k], w1[k], atol=5e-5, rtol=1e-4)
         moved = max(moved, (w1[k] - w0[k]).abs().max().item())
     assert moved > 1e-3  # the weights did train: equality is not trivial
+
+
+def test_two_process_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for d in (whole, split):
+        _prefill(d, groups=8)
+    args = ["-m", "grpo_stream.cli", "learn", f"model.path={tiny_model_dir}", *OVERRIDES,
+            "learner.checkpoint_every=2"]  # fmt: skip
+
+    def learn(run_dir: Path, steps: int, *extra: str) -> None:
+        cmd = [*_torchrun(), *args, f"run.run_dir={run_dir}", f"learner.max_steps={steps}"]
+        done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    learn(whole, 4)
+    learn(split, 2)  # stops after step 2's checkpoint, as a killed run would have left it
+    learn(split, 4, "--resume")
+    assert _batches(whole) == _batches(split) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    w_whole, w_split, w_mid = _weights(whole, 4), _weights(split, 4), _weights(split, 2)
+    for k in w_whole:  # the same processes, the same order of every reduction
+        torch.testing.assert_close(w_split[k], w_whole[k], atol=1e-6, rtol=1e-5)
+    assert max((w_whole[k] - w_mid[k]).abs().max().item() for k in w_whole) > 1e-3
