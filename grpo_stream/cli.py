@@ -64,10 +64,12 @@ def cmd_generate(args) -> int:
 def cmd_learn(args) -> int:
     cfg = _load(args)
     run_dir = _run_dir(cfg)
+    from grpo_stream.learner.distributed import shutdown_distributed
     from grpo_stream.learner.loop import Learner
     from services.model import resolve_model_path
 
     Learner(cfg, run_dir, str(resolve_model_path(cfg.model)), resume=args.resume).run()
+    shutdown_distributed()  # only after a clean run: a failed rank must not wait here
     return 0
 
 

@@ -156,6 +156,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly (a barrier, then destroy): a rank that exits while
+    its peer still tears down gloo can take the peer down with SIGABRT."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def mixed_precision_dtype(learner_dtype: str, device: torch.device) -> torch.dtype | None:
     """bf16 FSDP parameters on GPU when learner.dtype == "bfloat16"; None (fp32) otherwise."""
     return torch.bfloat16 if learner_dtype == "bfloat16" and device.type == "cuda" else None

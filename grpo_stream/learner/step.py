@@ -47,21 +47,58 @@ def batch_advantages(groups: list[Group], cfg: Config) -> tuple[list, list[float
 
 
 class MetricMean:
-    """Token-weighted running mean of the loss metrics over micro-batches."""
+    """Token-weighted mean of the loss metrics over micro-batches (and, under torchrun,
+    ranks); `*_min` / `*_max` metrics are the extreme over them instead, and `loss` (each
+    micro-batch's share of its optimizer batch's loss) sums to the batch loss, averaged
+    over the optimizer steps (`end_step`).
+
+    Every key seen is kept even when all its values were non-finite, so ranks running
+    the same config reduce the same keys.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.weights: dict[str, float] = defaultdict(float)
+        self.mins: dict[str, float] = {}
+        self.maxs: dict[str, float] = {}
+        self.loss, self.steps = 0.0, 0
+
+    def end_step(self) -> None:
+        self.steps += 1
 
     def add(self, metrics: dict, weight: float) -> None:
         for k, v in metrics.items():
-            if k == "num_tokens" or v is None or not math.isfinite(float(v)):
+            if k == "num_tokens" or v is None:
                 continue
-            self.sums[k] += float(v) * weight
-            self.weights[k] += weight
+            v = float(v)
+            ok = math.isfinite(v)
+            if k == "loss":
+                self.loss += v  # non-finite stays visible: a NaN loss must show
+            elif k.endswith("_min"):
+                self.mins[k] = min(self.mins.get(k, math.inf), v if ok else math.inf)
+            elif k.endswith("_max"):
+                self.maxs[k] = max(self.maxs.get(k, -math.inf), v if ok else -math.inf)
+            else:
+                self.sums[k] += v * weight if ok else 0.0
+                self.weights[k] += weight if ok else 0.0
 
-    def result(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+    def result(self, world: int = 1) -> dict[str, float]:
+        sums, weights, mins, maxs = dict(self.sums), dict(self.weights), self.mins, self.maxs
+        if world > 1:  # collective: every rank calls it with the same keys
+            from grpo_stream.learner.distributed import all_reduce_scalars
+
+            sums["loss"] = self.loss  # reduced with the rest, then taken out again
+            if sums:
+                sums = all_reduce_scalars(sums, "sum")
+                weights = all_reduce_scalars(weights, "sum")
+            mins = all_reduce_scalars(mins, "min") if mins else mins
+            maxs = all_reduce_scalars(maxs, "max") if maxs else maxs
+        loss = sums.pop("loss", self.loss)
+        out = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+        out |= {k: v for k, v in {**mins, **maxs}.items() if math.isfinite(v)}
+        if self.steps:
+            out["loss"] = loss / self.steps
+        return out
 
 
 def _global(values: dict[str, float], world: int) -> dict[str, float]:
@@ -148,6 +185,7 @@ class StepRunner:
             loss, m = self._micro_batch_loss(mbs[i], old[i], ref[i], totals)
             loss.backward()
             meter.add(m, mbs[i].num_tokens)
+        meter.end_step()
         gn = self._clip_grad()
         self.opt.step()
         self.sched.step()
@@ -175,15 +213,19 @@ class StepRunner:
             for k in range(n_mini):
                 grad_norms.append(self._optimizer_step(mbs, old, ref, order[k::n_mini], meter))
         t2 = time.perf_counter()
-        tokens = sum(int(mb.attention_mask.sum()) for mb in mbs)
-        out = meter.result()
+        out = meter.result(self.world)
+        counts = {"tokens": sum(int(mb.attention_mask.sum()) for mb in mbs),
+                  "completion_tokens": sum(mb.num_tokens for mb in mbs)}  # fmt: skip
+        times = {"proximal_s": t1 - t0, "train_s": t2 - t1}
+        if self.world > 1:  # the whole batch's tokens, the slowest rank's times
+            from grpo_stream.learner.distributed import all_reduce_scalars
+
+            counts, times = all_reduce_scalars(counts, "sum"), all_reduce_scalars(times, "max")
+        out.update(counts)
+        out.update(times)
         out.update(
             grad_norm=sum(grad_norms) / len(grad_norms),
             lr=self.sched.get_last_lr()[0],
-            proximal_s=t1 - t0,
-            train_s=t2 - t1,
-            tokens=tokens,
-            completion_tokens=sum(mb.num_tokens for mb in mbs),
-            tokens_per_s=tokens * lc.epochs / max(t2 - t1, 1e-9),
+            tokens_per_s=counts["tokens"] * lc.epochs / max(times["train_s"], 1e-9),
         )
         return out

@@ -75,6 +75,16 @@ def test_two_process_fsdp_learner_matches_one_process(tmp_path, tiny_model_dir):
         moved = max(moved, (w1[k] - w0[k]).abs().max().item())
     assert moved > 1e-3  # the weights did train: equality is not trivial
 
+    def metrics(d):
+        return [json.loads(x) for x in (d / "metrics.jsonl").open()]
+
+    # logged metrics cover the whole batch (reduced over ranks), not rank 0's half
+    for m1, m2 in zip(metrics(one), metrics(two), strict=True):
+        for k in ("loss", "pg_loss", "entropy", "ratio_max", "ratio_min", "grad_norm",
+                  "approx_kl_proximal", "tokens", "completion_tokens", "reward_mean"):  # fmt: skip
+            assert m2[k] == pytest.approx(m1[k], rel=1e-3, abs=1e-6), k
+    assert metrics(one)[-1]["ratio_max"] > 1.0  # second step, second epoch: off-policy
+
 
 def test_two_process_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     whole, split = tmp_path / "whole", tmp_path / "split"

@@ -83,3 +83,18 @@ def test_fused_loss_gives_the_same_update_as_log_probs_then_loss(tiny_model_dir,
     for k in ("loss", "grad_norm", "ratio_max", "clip_high_frac", "entropy", "pg_loss"):
         assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-7), k
     assert m1["ratio_max"] != 1.0
+
+
+def test_metric_mean_extremes_loss_sum_and_non_finite():
+    from grpo_stream.learner.step import MetricMean
+
+    meter = MetricMean()
+    meter.add({"loss": 0.25, "ratio_min": 0.9, "ratio_max": 1.1, "entropy": 2.0}, 10)
+    meter.add({"loss": 0.5, "ratio_min": 0.8, "ratio_max": 1.05, "entropy": 5.0}, 30)
+    meter.end_step()  # one optimizer batch: loss 0.75
+    meter.add({"loss": 0.25, "ratio_min": float("nan"), "ratio_max": 1.3, "entropy": 1.0}, 20)
+    meter.end_step()  # a second: loss 0.25
+    out = meter.result()
+    assert out["loss"] == pytest.approx((0.75 + 0.25) / 2)
+    assert out["ratio_min"] == 0.8 and out["ratio_max"] == 1.3  # extremes, not means
+    assert out["entropy"] == pytest.approx((2.0 * 10 + 5.0 * 30 + 1.0 * 20) / 60)
