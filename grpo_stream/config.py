@@ -249,6 +249,10 @@ class LearnerConfig(_Section):
     fused_loss: bool = True
     wait_timeout_s: float = Field(600.0, gt=0)  # max wait for enough groups in the buffer
     gradient_checkpointing: bool = False
+    # learner processes `grpo-stream run` starts under torchrun (FSDP2 data parallel on one
+    # machine: one per GPU, or gloo on CPU); 1: a plain process. Multi-node: run torchrun
+    # yourself with `-m grpo_stream.cli learn`.
+    num_processes: int = Field(1, ge=1)
     # CPU threads for torch; None: every core (split across torchrun ranks). A local vLLM
     # CPU server binds one core, but it idles while the generator waits for the learner.
     num_threads: int | None = None

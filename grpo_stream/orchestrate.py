@@ -94,6 +94,18 @@ def _cli(sub: str, config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "grpo_stream.cli", sub, "--config", str(config), *extra]
 
 
+def _learner_argv(cfg: Config, config: Path, *extra: str) -> list[str]:
+    """`grpo-stream learn`, under torchrun (one node, a free rendezvous port) when
+    learner.num_processes > 1. torchrun forwards SIGTERM to its ranks."""
+    argv = _cli("learn", config, *extra)
+    n = cfg.learner.num_processes
+    if n == 1:
+        return argv
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", str(n)]  # fmt: skip
+    return [*torchrun, *argv[1:]]  # drop the interpreter: torchrun runs `-m grpo_stream.cli`
+
+
 def _start_servers(cfg: Config, rd: Path):
     from services.model import resolve_model_path
     from services.vllm_server import check_host, launch_servers, wait_for_server
@@ -156,7 +168,10 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
         )
         learn_extra = ["--resume"] if resume_dir else []
         learner = Child(
-            "learner", _cli("learn", config, *learn_extra), rd / "logs" / "learner.log", echo=True
+            "learner",
+            _learner_argv(cfg, config, *learn_extra),
+            rd / "logs" / "learner.log",
+            echo=True,
         )
         children = [learner, gen]
         code = _supervise(learner, gen, servers)

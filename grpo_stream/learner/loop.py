@@ -101,6 +101,8 @@ class Learner:
         ckpt = latest_checkpoint(run_dir) if resume else None
         if self.dist.world_size > 1:  # every rank must resume from rank 0's checkpoint
             ckpt = broadcast_object(ckpt)
+            if self.rank0:
+                stderr(f"[learn] FSDP2 over {self.dist.world_size} processes on {self.device}")
         self._load_models(str(ckpt / "model") if ckpt else model_dir)
         self.opt, self.sched = build_optimizer(self.model, cfg.learner)  # after sharding
         self.buffer_path = cfg.buffer_path(run_dir)
