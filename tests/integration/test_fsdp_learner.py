@@ -6,13 +6,13 @@ cursor) to the same weights as an uninterrupted one."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from grpo_stream.buffer.store import open_writer
@@ -25,12 +25,6 @@ OVERRIDES = [
     "learner.micro_batch_size=4", "learner.lr=1e-3", "learner.epochs=2",
     "learner.max_staleness=1000", "generator.temperature=1.0", "learner.num_threads=1",
 ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prefill(run_dir: Path, groups: int = 4) -> None:

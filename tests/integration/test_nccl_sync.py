@@ -14,12 +14,12 @@ their receive buffers from) agrees with its iteration, under Hugging Face names.
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from grpo_stream.config import ModelConfig, ServerConfig, SyncConfig
 from grpo_stream.sync.nccl import NCCLSync, local_address_for
@@ -31,12 +31,6 @@ NEEDS_TWO_GPUS = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
     reason="NCCL weight sync needs CUDA and 2 GPUs (trainer and server on distinct devices)",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get_json(url: str) -> object:
@@ -90,9 +84,7 @@ def gpu1_server(tiny: Path, tmp_path_factory: pytest.TempPathFactory):
     )
     mp = pytest.MonkeyPatch()
     mp.setenv("CUDA_VISIBLE_DEVICES", "1")  # only the server's environment sees GPU 1
-    srv = VLLMServer(
-        tiny, "policy", _free_port(), cfg, tmp_path_factory.mktemp("logs") / "vllm.log"
-    )
+    srv = VLLMServer(tiny, "policy", free_port(), cfg, tmp_path_factory.mktemp("logs") / "vllm.log")
     try:
         srv.start()
     finally:

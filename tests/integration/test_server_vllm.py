@@ -11,25 +11,19 @@ from __future__ import annotations
 import json
 import math
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from grpo_stream.config import ModelConfig, ServerConfig
 from services.model import SMOLLM2_VOCAB, build_tiny_model, resolve_model_path
 from services.vllm_server import VLLMServer, post_json
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get_json(url: str) -> object:
@@ -51,7 +45,7 @@ def tiny(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory):
     cfg = ServerConfig(max_model_len=256, startup_timeout_s=600)
     log = tmp_path_factory.mktemp("logs") / "vllm.log"
-    srv = VLLMServer(tiny, "policy", _free_port(), cfg, log)
+    srv = VLLMServer(tiny, "policy", free_port(), cfg, log)
     with srv:
         srv.wait_healthy()
         yield srv
@@ -183,7 +177,7 @@ def test_stop_leaves_no_process(server: VLLMServer) -> None:
 def test_serve_cli_prints_urls_and_stops_cleanly(tiny: Path, tmp_path: Path) -> None:
     """`python -m services.serve --config X`: URL lines, then SIGTERM -> exit 0, no orphans."""
     psutil = pytest.importorskip("psutil")
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "serve.toml"
     config.write_text(
         f'[run]\noutput_dir = "{tmp_path}"\n[model]\npath = "{tiny}"\n'

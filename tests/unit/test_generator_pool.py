@@ -10,21 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 
 import pytest
 from aiohttp import web
+from conftest import free_port
 
 from grpo_stream.generator.client import VLLMClient
 from grpo_stream.generator.pool import NoServerAvailable, ServerPool
 from grpo_stream.generator.sampler import SampleRequest, request_group
 from grpo_stream.tasks import Prompt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dead_url() -> str:

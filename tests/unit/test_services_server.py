@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from grpo_stream.config import ConfigError, ServerConfig
 from services.vllm_server import (
@@ -19,12 +19,6 @@ from services.vllm_server import (
     server_log_path,
     wait_for_server,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _flag(cmd: list[str], name: str) -> str:
@@ -81,7 +75,7 @@ def test_loopback_hosts_are_accepted(host: str) -> None:
 
 
 def test_wait_for_server_raises_when_nothing_listens() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(ServerUnavailable, match=r"did not answer /health within 1.5s") as err:
         wait_for_server(url, timeout_s=1.5)
@@ -91,7 +85,7 @@ def test_wait_for_server_raises_when_nothing_listens() -> None:
 
 def test_wait_healthy_fails_fast_with_the_log_tail(tmp_path: Path) -> None:
     """A process that dies at once is reported with its log, long before the timeout."""
-    cfg = ServerConfig(startup_timeout_s=120, port=_free_port())
+    cfg = ServerConfig(startup_timeout_s=120, port=free_port())
     server = VLLMServer(tmp_path / "no-model", "p", cfg.port, cfg, tmp_path / "s.log")
     server.command = [sys.executable, "-c", "print('boom: bad model'); raise SystemExit(3)"]
     server.start()
@@ -105,7 +99,7 @@ def test_wait_healthy_fails_fast_with_the_log_tail(tmp_path: Path) -> None:
 def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
     """A child that ignores SIGTERM (like a stuck EngineCore) is killed too."""
     psutil = pytest.importorskip("psutil")
-    cfg = ServerConfig(port=_free_port())
+    cfg = ServerConfig(port=free_port())
     server = VLLMServer(tmp_path, "p", cfg.port, cfg, tmp_path / "s.log")
     child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
     server.command = [
