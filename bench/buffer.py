@@ -30,6 +30,7 @@ import pyarrow as pa
 import zarr
 
 from grpo_stream.buffer.columns import samples_to_table, table_to_batch
+from grpo_stream.buffer.schema import SCHEMA_VERSION
 from grpo_stream.buffer.store import open_reader, open_writer
 from grpo_stream.buffer.synth import make_group
 
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "fsync": False,
             "seconds": best,
             "arrow_writer": _arrow_defaults(),
+            "schema_version": SCHEMA_VERSION,  # 2: CRC-32C column checksums (1: CRC-32)
             "note": "fsync off for all formats (JSONL baseline does not fsync either); "
             "the arrow writer runs with its default segment roll-up",
         },

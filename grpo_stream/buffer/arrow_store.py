@@ -5,15 +5,17 @@ writes `.seg-F-E.arrow.tmp`, fsyncs, and renames it to `seg-F-E.arrow`, where F.
 are the global group ids inside (12-digit, so names sort by number). The name carries
 the group range, so readers number groups, skip corrupt segments and survive deleted
 ones by listing the directory alone. Each segment's schema metadata holds the schema
-version, its group/row range and a CRC-32 per column; readers memory-map local
-segments (zero copy) and verify each column's CRC the first time they touch it.
+version, its group/row range and a checksum per column (CRC-32C; CRC-32 in stores of
+schema version 1, which a writer keeps extending in their own format); readers
+memory-map local segments (zero copy) and verify each column's checksum the first
+time they touch it.
 
 Retention deletes whole old segments; group ids never change, so a reader asking for
 deleted groups gets `GroupsDeletedError` (the cursor skips forward and counts them).
 
 Roll-up (arrow_rollup.py): once `rollup_segments` consecutive small segments (each <
-`rollup_target_groups` groups) exist, the writer verifies their CRCs, merges them into
-one `seg-F-E.arrow` over their union (tmp, fsync, os.replace) and then deletes them.
+`rollup_target_groups` groups) exist, the writer verifies their checksums, merges them
+into one `seg-F-E.arrow` over their union (tmp, fsync, os.replace), then deletes them.
 Readers prefer a covering segment over the contained originals still listed, keep
 reading originals they have mapped, and re-list when one vanishes before they open it.
 
@@ -51,6 +53,7 @@ from grpo_stream.buffer.arrow_rollup import (  # noqa: F401  (re-exported names)
     segment_name,
 )
 from grpo_stream.buffer.columns import (
+    CHECKSUM_NAMES,
     LEARNER_COLUMNS,
     RolloutBatch,
     samples_to_table,
@@ -87,6 +90,7 @@ class ArrowWriter:
         self.sfs = StoreFS.open(path)
         self.meta = open_or_create_meta(self.sfs, "arrow", run_id)
         self.run_id = run_id or self.meta.get("run_id", "")
+        self.version = int(self.meta["schema_version"])  # an older store keeps its format
         self.fsync, self.max_groups, self.max_age_s = fsync, max_groups, max_age_s
         self.rollup_segments, self.rollup_target_groups = rollup_segments, rollup_target_groups
         self._barriers: set[int] = set()  # first ids of segments a roll-up could not read
@@ -126,9 +130,8 @@ class ArrowWriter:
                 s.group_id, s.row_id = first + gi, row
                 row += 1
         end = first + len(groups)
-        table = seal_table(
-            samples_to_table(groups), first, end, self._next_row, self.run_id, time.time()
-        )
+        rows = samples_to_table(groups)
+        table = seal_table(rows, first, end, self._next_row, self.run_id, time.time(), self.version)
         self._publish(segment_name(first, end), ipc_bytes(table))
         self._next_group, self._next_row = end, row
         if self.max_groups is not None or self.max_age_s is not None:
@@ -147,7 +150,7 @@ class ArrowWriter:
             )
             if not window:
                 return made
-            merged, bad = merge_window(self.sfs, window, self.run_id)
+            merged, bad = merge_window(self.sfs, window, self.run_id, self.version)
             if merged is None:
                 self._barriers.add(bad.first)  # never merged; plan again around it
                 continue
@@ -178,7 +181,7 @@ class ArrowReader:
         self.meta = read_meta(self.sfs, expect_backend="arrow")
         self.on_corrupt = on_corrupt
         self._segs: list[Segment] = []
-        self._open: OrderedDict[str, pa.Table] = OrderedDict()
+        self._open: OrderedDict[str, tuple[pa.Table, dict]] = OrderedDict()  # + its meta
         self._verified: set[tuple[str, str]] = set()
         self._corrupt: dict[str, str] = {}  # name -> reason
         self.refresh()
@@ -220,15 +223,14 @@ class ArrowReader:
             self._fail(seg, self._corrupt[seg.name])
             return None
         try:
-            table = self._open.get(seg.name)
-            if table is None:
+            opened = self._open.get(seg.name)
+            if opened is None:
                 table = open_table(self.sfs, seg)
-                segment_meta(table, where, seg)
-                self._open[seg.name] = table
+                opened = self._open[seg.name] = (table, segment_meta(table, where, seg))
                 while len(self._open) > _OPEN_CACHE:
                     self._open.popitem(last=False)
-            self._verify(seg, table, columns)
-            return table
+            self._verify(seg, *opened, columns)
+            return opened[0]
         except FileNotFoundError:
             raise _SegmentGone(where) from None
         except SchemaVersionError:
@@ -241,11 +243,12 @@ class ArrowReader:
         self._fail(seg, reason)
         return None
 
-    def _verify(self, seg: Segment, table: pa.Table, columns: Sequence[str]) -> None:
+    def _verify(self, seg: Segment, table: pa.Table, meta: dict, columns: Sequence[str]) -> None:
         todo = [c for c in columns if (seg.name, c) not in self._verified]
-        bad = bad_column(table, todo)
+        bad = bad_column(table, todo, meta)
         if bad is not None:
-            raise CorruptSegmentError(f"column {bad!r} fails its CRC-32 check")
+            check = CHECKSUM_NAMES[meta["schema_version"]]
+            raise CorruptSegmentError(f"column {bad!r} fails its {check} check")
         self._verified.update((seg.name, c) for c in todo)
 
     def _check_range(self, start: int, stop: int) -> tuple[int, int]:

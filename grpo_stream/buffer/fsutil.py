@@ -54,6 +54,8 @@ class StoreFS:
     def listdir(self) -> list[str]:
         """Base names directly under the root (empty if the root does not exist)."""
         try:
+            if self.local:  # fsspec's ls stats every entry; a store holds many files
+                return os.listdir(self.root)
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             return []

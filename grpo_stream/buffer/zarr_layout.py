@@ -22,7 +22,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from grpo_stream.buffer.columns import LIST_COLUMNS, STRING_COLUMNS, column_views
+from grpo_stream.buffer.columns import (
+    LIST_COLUMNS,
+    STRING_COLUMNS,
+    column_views,
+    one_chunk,
+    take_ranges,
+)
 from grpo_stream.buffer.schema import _ARROW_TYPES, ARROW_SCHEMA
 
 INT_COLUMNS = [n for n, t in _ARROW_TYPES.items() if pa.types.is_integer(t)]
@@ -50,7 +56,7 @@ def array_specs(row_chunk: int, value_chunk: int) -> dict[str, tuple[tuple[int, 
 
 
 def _col(table: pa.Table, name: str) -> list[np.ndarray]:
-    return column_views(table.column(name).combine_chunks())
+    return column_views(one_chunk(table.column(name)))
 
 
 def table_to_arrays(table: pa.Table, base: dict[str, int]) -> dict[str, np.ndarray]:
@@ -76,40 +82,19 @@ def table_to_arrays(table: pa.Table, base: dict[str, int]) -> dict[str, np.ndarr
 
 
 def _pack_text(table: pa.Table, base: int) -> tuple[np.ndarray, np.ndarray]:
-    """Interleave the string columns row-major: row0 col0, row0 col1, ..., row1 col0."""
+    """Interleave the string columns row-major: row0 col0, row0 col1, ..., row1 col0.
+
+    One Arrow `take` over the columns laid end to end (column-major) copies every
+    string once, in C++; returns (end offsets [rows, k] + base, UTF-8 bytes [total]).
+    """
     n, k = table.num_rows, len(STRING_COLUMNS)
-    lens = np.zeros((n, k), np.int64)
-    starts = np.zeros((n, k), np.int64)
-    datas = []
-    for j, name in enumerate(STRING_COLUMNS):
-        offs, data = _col(table, name)
-        lens[:, j] = np.diff(offs)
-        starts[:, j] = offs[:-1] - offs[0]
-        datas.append(data)
-    ends = np.cumsum(lens.reshape(-1)).reshape(n, k)
-    total = int(ends[-1, -1]) if n else 0
-    text = np.empty(total, np.uint8)
-    # destination index for every byte: where its column-major source byte goes row-major
-    col_base = np.concatenate([[0], np.cumsum([len(d) for d in datas])])
-    src = np.concatenate(datas) if datas else np.zeros(0, np.uint8)
-    dst_start = (ends - lens).reshape(-1)  # row-major starts in `text`
-    src_start = (starts + col_base[:-1][None, :]).reshape(-1)
-    flat_lens = lens.reshape(-1)
-    idx = np.repeat(src_start - dst_start, flat_lens) + np.arange(total)
-    text[:] = src[idx]
-    return ends + base, text
-
-
-def _gather(
-    data: np.ndarray, starts: np.ndarray, ends: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    lens = ends - starts
-    offs = np.zeros(len(lens) + 1, np.int64)
-    np.cumsum(lens, out=offs[1:])
-    if len(lens) and np.all(starts[1:] == ends[:-1]):  # contiguous: a view, no gather
-        return offs, data[starts[0] : ends[-1]] if len(lens) else data[:0]
-    idx = np.repeat(starts - offs[:-1], lens) + np.arange(offs[-1])
-    return offs, data[idx]
+    chunks = [c for name in STRING_COLUMNS for c in table.column(name).chunks]
+    if sum(c.nbytes for c in chunks) >= 2**31:  # too big for int32 offsets
+        chunks = [c.cast(pa.large_string()) for c in chunks]
+    column_major = pa.concat_arrays(chunks)  # [k*n]
+    row_major = np.arange(n)[:, None] + np.arange(k)[None, :] * n  # [n, k] -> column-major index
+    offs, text = column_views(column_major.take(row_major.reshape(-1)))
+    return (offs[1:] - offs[0]).astype(np.int64).reshape(n, k) + base, text
 
 
 def arrays_to_table(
@@ -146,7 +131,7 @@ def _string_array(parts: dict, value_base: dict, name: str, n: int) -> pa.Array:
     j = STRING_COLUMNS.index(name)
     ends = flat[1 + j :: len(STRING_COLUMNS)][:n]
     starts = flat[j :: len(STRING_COLUMNS)][:n]
-    offs, data = _gather(parts["text"], starts - value_base["text"], ends - value_base["text"])
+    offs, data = take_ranges(parts["text"], starts - value_base["text"], ends - value_base["text"])
     if offs[-1] >= 2**31:
         raise ValueError(f"column {name!r}: more than 2 GiB of text in one read")
     return pa.StringArray.from_buffers(

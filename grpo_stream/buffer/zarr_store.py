@@ -1,4 +1,4 @@
-"""Zarr backend: chunked, zstd-compressed arrays (layout in zarr_layout), any fsspec path.
+"""Zarr backend: chunked, compressed arrays (layout in zarr_layout), any fsspec path.
 
 Publication protocol: the writer resizes each array and writes the new rows past the
 committed tail, then writes the commit pointer (root attributes `num_groups`,
@@ -6,8 +6,14 @@ committed tail, then writes the commit pointer (root attributes `num_groups`,
 read only up to the pointer, so a killed writer's partial append is invisible and the
 next writer simply overwrites it. On local disk every store key (chunk or metadata) is
 written to a temporary name and renamed, so a reader never sees a torn chunk; chunks
-carry a zstd checksum, so a truncated or damaged chunk fails to decode and is reported
+carry a checksum, so a truncated or damaged chunk fails to decode and is reported
 by name, and a missing chunk is detected (every chunk is always written).
+
+Chunks are byte-shuffled and LZ4-compressed (Blosc), then CRC-32C-checksummed
+(`CHUNK_CODECS`): an append re-encodes each array's partly filled tail chunk, and this
+is ~15x faster to encode than zstd level 1 (which stores made before used; their
+arrays keep their own codecs) while compressing token ids better (shuffled, their
+high bytes are mostly zero).
 
 No consolidated metadata: the store is live. Retention is not supported here (arrays
 are contiguous); use the Arrow backend for long runs, or `buffer convert`.
@@ -24,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync as zarr_sync
 
 from grpo_stream.buffer.columns import (
@@ -54,6 +60,8 @@ from grpo_stream.buffer.zarr_layout import (
 )
 
 VERSION_ATTR = "grpo_stream_schema_version"
+CHUNK_CODECS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec())
+_INITIAL_CHUNKS = 16  # a new array's capacity, in chunks: each doubling rewrites its zarr.json
 
 
 def _commit(attrs: dict) -> dict[str, int]:
@@ -98,13 +106,13 @@ class ZarrWriter:
             pass
         root = zarr.open_group(self.store, mode="a", zarr_format=3)  # "w" would wipe meta.json
         for name, (chunks, dtype) in array_specs(row_chunk, value_chunk).items():
-            shape = (0, *chunks[1:])
+            shape = (_INITIAL_CHUNKS * chunks[0], *chunks[1:])  # capacity; unwritten: no files
             root.create_array(
                 name,
                 shape=shape,
                 chunks=chunks,
                 dtype=dtype,
-                compressors=ZstdCodec(level=1, checksum=True),
+                compressors=CHUNK_CODECS,
                 fill_value=0,
                 config={"write_empty_chunks": True},
             )
@@ -150,12 +158,14 @@ class ZarrWriter:
         Capacity grows geometrically (few metadata writes): the shape is capacity, the
         commit pointer is the length.
         """
-        for arr, lo, data in jobs:
-            need = lo + len(data)
-            if arr.shape[0] < need:
-                arr.resize((max(need, 2 * arr.shape[0], arr.chunks[0]), *arr.shape[1:]))
+        grow = [
+            (arr, (max(lo + len(data), 2 * arr.shape[0], arr.chunks[0]), *arr.shape[1:]))
+            for arr, lo, data in jobs
+            if arr.shape[0] < lo + len(data)
+        ]
 
         async def write_all() -> None:
+            await asyncio.gather(*(a._async_array.resize(shape) for a, shape in grow))
             await asyncio.gather(
                 *(a._async_array.setitem(slice(lo, lo + len(d)), d) for a, lo, d in jobs)
             )

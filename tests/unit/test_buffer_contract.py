@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from grpo_stream.buffer import (
+    SCHEMA_VERSION,
     GroupCursor,
     SchemaVersionError,
     open_reader,
@@ -62,7 +63,7 @@ def test_meta_json_records_the_store(where, backend):
     open_writer(where, backend=backend, run_id="run-7").append_groups(make_groups(1))
     r = open_reader(where)
     assert r.meta["backend"] == backend
-    assert r.meta["schema_version"] == 1
+    assert r.meta["schema_version"] == SCHEMA_VERSION == 2
     assert r.meta["run_id"] == "run-7"
     assert r.meta["created_at"] > 1.6e9
 
