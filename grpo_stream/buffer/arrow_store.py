@@ -60,7 +60,13 @@ from grpo_stream.buffer.columns import (
     table_to_batch,
     table_to_groups_fast,
 )
-from grpo_stream.buffer.fsutil import StoreFS, open_or_create_meta, read_meta, write_local_atomic
+from grpo_stream.buffer.fsutil import (
+    StoreFS,
+    WriterLock,
+    open_or_create_meta,
+    read_meta,
+    write_local_atomic,
+)
 from grpo_stream.buffer.schema import ARROW_SCHEMA, Group, SchemaVersionError
 from grpo_stream.buffer.store import CorruptSegmentError, GroupsDeletedError
 
@@ -88,6 +94,7 @@ class ArrowWriter:
         if rollup_target_groups < 2:
             raise ValueError("buffer.rollup_target_groups: must be >= 2")
         self.sfs = StoreFS.open(path)
+        self._lock = WriterLock(self.sfs)  # before touching anything: one writer per store
         self.meta = open_or_create_meta(self.sfs, "arrow", run_id)
         self.run_id = run_id or self.meta.get("run_id", "")
         self.version = int(self.meta["schema_version"])  # an older store keeps its format
@@ -168,7 +175,7 @@ class ArrowWriter:
             self.sfs.write_atomic(name, data.to_pybytes(), self.fsync)
 
     def close(self) -> None:
-        pass
+        self._lock.release()
 
 
 class ArrowReader:

@@ -12,8 +12,10 @@ temporary name and renaming it (atomic on `memory://`, best effort on object sto
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,11 @@ from fsspec.implementations.local import LocalFileSystem
 from grpo_stream.buffer.schema import SCHEMA_VERSION, check_schema_version
 
 META_NAME = "meta.json"
+LOCK_NAME = "writer.lock"
+
+
+class WriterLockedError(RuntimeError):
+    """Another live process already writes this store (a store has one writer)."""
 
 
 @dataclass
@@ -79,6 +86,45 @@ class StoreFS:
 
     def read_bytes(self, name: str) -> bytes:
         return self.fs.cat_file(self.join(name))
+
+
+class WriterLock:
+    """An exclusive `flock` on STORE/writer.lock, held while a writer is open.
+
+    Two writers would both number their next groups from the same listing and publish
+    over each other's segments/chunks, silently losing data; the second one is refused
+    instead, with the holder's pid and host. The kernel drops the lock when the holder
+    exits however it exits (SIGKILL included), so no stale lock ever needs clearing.
+    Local stores only: fsspec object stores have no such lock (keep to one writer).
+    """
+
+    def __init__(self, sfs: StoreFS) -> None:
+        self._file = None
+        if not sfs.local:
+            return
+        sfs.makedirs()
+        path = sfs.join(LOCK_NAME)
+        f = open(path, "a+")  # noqa: SIM115  (held open for the writer's lifetime)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise WriterLockedError(
+                f"buffer {sfs.url}: another writer ({holder}) holds {path}; a store has one "
+                "writer (stop it, or give this run its own buffer.path)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
 
 
 def write_local_atomic(tmp: str, final: str, data: bytes | memoryview, fsync: bool = True) -> None:

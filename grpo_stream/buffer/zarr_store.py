@@ -42,7 +42,7 @@ from grpo_stream.buffer.columns import (
     table_to_batch,
     table_to_groups_fast,
 )
-from grpo_stream.buffer.fsutil import StoreFS, open_or_create_meta, read_meta
+from grpo_stream.buffer.fsutil import StoreFS, WriterLock, open_or_create_meta, read_meta
 from grpo_stream.buffer.schema import ARROW_SCHEMA, SCHEMA_VERSION, Group, check_schema_version
 from grpo_stream.buffer.store import CorruptSegmentError
 from grpo_stream.buffer.zarr_io import (
@@ -89,6 +89,7 @@ class ZarrWriter:
                 "only (zarr arrays are contiguous); use backend='arrow' for long runs"
             )
         self.sfs = StoreFS.open(path)
+        self._lock = WriterLock(self.sfs)  # before touching anything: one writer per store
         self.meta = open_or_create_meta(self.sfs, "zarr", run_id)
         self.run_id = run_id or self.meta.get("run_id", "")
         remove_stray_tmp(self.sfs)
@@ -178,6 +179,7 @@ class ZarrWriter:
 
     def close(self) -> None:
         self._sync()
+        self._lock.release()
 
 
 class ZarrReader:

@@ -215,3 +215,30 @@ def test_empty_group_is_refused(where, backend):
     w = open_writer(where, backend=backend)
     with pytest.raises(ValueError, match="group 1 is empty"):
         w.append_groups([make_group(0), []])
+
+
+def test_second_writer_is_refused_until_the_first_closes(tmp_path, backend):
+    import os
+    import subprocess
+    import sys
+
+    from grpo_stream.buffer.fsutil import WriterLockedError
+
+    path = str(tmp_path / "buf")
+    w = open_writer(path, backend=backend)
+    w.append_groups(make_groups(2))
+    with pytest.raises(WriterLockedError, match=rf"pid {os.getpid()} on .* holds .*writer.lock"):
+        open_writer(path, backend=backend)
+    # another process is refused too, and nothing it could have written exists
+    code = (
+        "import sys; from grpo_stream.buffer import open_writer\n"
+        f"try: open_writer({path!r}, backend={backend!r})\n"
+        "except RuntimeError as e: print(e); sys.exit(3)"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert other.returncode == 3 and "another writer" in other.stdout, other.stderr
+    w.close()
+    w2 = open_writer(path, backend=backend)  # the lock went with the first writer
+    assert w2.append_groups(make_groups(1, start=2)) == (2, 3)
+    w2.close()
+    assert open_reader(path).num_groups() == 3

@@ -64,6 +64,7 @@ def test_covering_segment_wins_over_contained_originals(tmp_path):
     r = ArrowReader(str(path), on_corrupt="error")
     assert [(s.first, s.end) for s in r.segments()] == [(0, 4), (4, 8)]
     assert [g[0].group_id for g in r.read_groups(0, 8)] == list(range(8))
+    w.close()
     ArrowWriter(str(path), fsync=False)  # a restarted writer deletes the leftovers
     assert _seg_files(path) == [segment_name(0, 4), segment_name(4, 8)]
 
