@@ -183,8 +183,9 @@ class BufferConfig(_Section):
     max_age_s: float | None = Field(None, gt=0)
     poll_s: float = Field(0.02, gt=0)  # learner's tail-follow poll interval
     # roll-up (arrow only): merge this many consecutive small segments (each < the target
-    # groups) into one, so reads open few files; None turns it off
-    rollup_segments: int | None = Field(16, ge=2)
+    # groups) into one, tier by tier (4: 16-group appends -> 64 -> 256), so reads open
+    # few files; each group is rewritten about log_n(target / append size) times; None: off
+    rollup_segments: int | None = Field(4, ge=2)
     rollup_target_groups: int = Field(256, ge=2)
 
     def writer_opts(self) -> dict[str, Any]:

@@ -14,12 +14,15 @@ Retention deletes whole old segments; group ids never change, so a reader asking
 deleted groups gets `GroupsDeletedError` (the cursor skips forward and counts them).
 
 Roll-up (arrow_rollup.py): once `rollup_segments` consecutive small segments (each <
-`rollup_target_groups` groups) exist, the writer verifies their checksums, merges them
-into one `seg-F-E.arrow` over their union (tmp, fsync, os.replace), then deletes them.
+`rollup_target_groups` groups) of the same size tier exist, the writer verifies their
+checksums, merges them into one `seg-F-E.arrow` over their union (tmp, fsync,
+os.replace), then deletes them. With the default 4, appends of 16 groups become
+segments of 64, then 256: a store of N groups is read from about N/256 + 6 files, for
+each group written about 3 times in all.
 Readers prefer a covering segment over the contained originals still listed, keep
 reading originals they have mapped, and re-list when one vanishes before they open it.
 
-    w = ArrowWriter("runs/r1/buffer", run_id="r1", max_groups=10_000, rollup_segments=16)
+    w = ArrowWriter("runs/r1/buffer", run_id="r1", max_groups=10_000, rollup_segments=4)
     first, end = w.append_groups(groups)
     r = ArrowReader("runs/r1/buffer"); r.refresh()
     batch = r.read_columns(first, end)       # numpy, for the learner
@@ -84,7 +87,7 @@ class ArrowWriter:
         fsync: bool = True,
         max_groups: int | None = None,
         max_age_s: float | None = None,
-        rollup_segments: int | None = 16,
+        rollup_segments: int | None = 4,
         rollup_target_groups: int = 256,
     ) -> None:
         if max_groups is not None and max_groups < 1:

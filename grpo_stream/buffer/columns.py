@@ -17,7 +17,7 @@ import array
 import functools
 import json
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -255,20 +255,70 @@ def table_crcs(table: pa.Table, version: int = SCHEMA_VERSION) -> dict[str, int]
     return {name: column_crc(table.column(name), version) for name in table.column_names}
 
 
+Parts = list[tuple[np.ndarray, np.ndarray]]  # per segment: (offsets [r+1] from 0, values)
+
+
+class _JoinedOnUse(MutableMapping):
+    """name -> one flat array of a list column, joined from its per-segment parts on
+    first access (then kept). A read spanning several segments keeps each segment's
+    zero-copy views until somebody asks for one flat array; `RolloutBatch.ragged`
+    slices the parts directly and never pays for the copy."""
+
+    def __init__(self, join: Callable[[Parts], np.ndarray], parts: dict[str, Parts]) -> None:
+        self._join, self._parts, self._done = join, parts, {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._done:
+            self._done[name] = self._join(self._parts[name])  # KeyError if unknown
+        return self._done[name]
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        self._done[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._done and name not in self._parts:
+            raise KeyError(name)
+        self._done.pop(name, None)
+        self._parts.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys([*self._parts, *self._done]))
+
+    def __len__(self) -> int:
+        return len(set(self._parts) | set(self._done))
+
+    def parts(self, name: str) -> Parts | None:
+        """The per-segment parts while `name` has not been joined (or replaced)."""
+        return None if name in self._done else self._parts.get(name)
+
+
+def _join_values(parts: Parts) -> np.ndarray:
+    return np.concatenate([v for _, v in parts])  # [total]
+
+
+def _join_offsets(parts: Parts) -> np.ndarray:
+    lens = np.concatenate([np.diff(o) for o, _ in parts])  # [rows]
+    out = np.zeros(len(lens) + 1, np.int64)  # [rows+1]
+    np.cumsum(lens, out=out[1:])
+    return out
+
+
 @dataclass
 class RolloutBatch:
-    """A columnar slice of the store: flat numpy arrays, rows ordered by row_id.
+    """A columnar slice of the store: numpy arrays, rows ordered by row_id.
 
     `scalars[name]`: [rows]; `values[name]`: [total] and `offsets[name]`: [rows+1] (int64,
     starting at 0) for list columns; `strings[name]`: list[str]; `group_offsets`:
-    [groups+1] row offsets of each group.
+    [groups+1] row offsets of each group. List columns read from several segments are
+    joined into one flat array only when `values`/`offsets` are indexed; `ragged` gives
+    per-sample views without joining.
     """
 
     group_ids: np.ndarray  # [groups] int64
     group_offsets: np.ndarray  # [groups+1] int64
     scalars: dict[str, np.ndarray] = field(default_factory=dict)
-    values: dict[str, np.ndarray] = field(default_factory=dict)
-    offsets: dict[str, np.ndarray] = field(default_factory=dict)
+    values: MutableMapping[str, np.ndarray] = field(default_factory=dict)
+    offsets: MutableMapping[str, np.ndarray] = field(default_factory=dict)
     strings: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -281,8 +331,23 @@ class RolloutBatch:
 
     def ragged(self, name: str) -> list[np.ndarray]:
         """Per-sample views of a list column (no copy)."""
-        vals, offs = self.values[name], self.offsets[name].tolist()
-        return [vals[a:b] for a, b in zip(offs[:-1], offs[1:], strict=True)]
+        parts = self.values.parts(name) if isinstance(self.values, _JoinedOnUse) else None
+        if parts is None:
+            parts = [(self.offsets[name], self.values[name])]
+        out: list[np.ndarray] = []
+        for offs, vals in parts:
+            o = offs.tolist()
+            out += [vals[a:b] for a, b in zip(o[:-1], o[1:], strict=True)]
+        return out
+
+
+def _column_parts(col: pa.ChunkedArray) -> Parts:
+    """(offsets from 0 [r+1], values) per chunk of a list column, zero-copy."""
+    parts = []
+    for chunk in col.chunks or [pa.array([], col.type)]:
+        offsets, values = column_views(chunk)
+        parts.append((offsets - offsets[0] if offsets[0] else offsets, values))
+    return parts
 
 
 def one_chunk(col: pa.ChunkedArray) -> pa.Array:
@@ -300,16 +365,19 @@ def table_to_batch(table: pa.Table, columns: Sequence[str] | None = None) -> Rol
     if "group_id" not in cols:
         cols.append("group_id")
     batch = RolloutBatch(group_ids=np.zeros(0, np.int64), group_offsets=np.zeros(1, np.int64))
+    parts: dict[str, Parts] = {}
     for name in cols:
         if name in STRING_COLUMNS:
             batch.strings[name] = table.column(name).to_pylist()
-            continue
-        views = column_views(one_chunk(table.column(name)))
-        if name in LIST_COLUMNS:
-            offsets, batch.values[name] = views  # [rows+1] int64, [total]
-            batch.offsets[name] = offsets - offsets[0] if offsets[0] else offsets
+        elif name in LIST_COLUMNS:
+            parts[name] = _column_parts(table.column(name))  # per segment, zero-copy
         else:
-            batch.scalars[name] = views[0]  # [rows]
+            batch.scalars[name] = column_views(one_chunk(table.column(name)))[0]  # [rows]
+    batch.values = _JoinedOnUse(_join_values, parts)
+    batch.offsets = _JoinedOnUse(_join_offsets, parts)
+    for name, p in parts.items():
+        if len(p) == 1:  # one segment: the views are the flat arrays already
+            batch.offsets[name], batch.values[name] = p[0]
     gid = batch.scalars["group_id"]
     starts = np.flatnonzero(np.diff(gid)) + 1 if len(gid) else np.zeros(0, np.int64)
     batch.group_offsets = np.concatenate([[0], starts, [len(gid)]]).astype(np.int64)

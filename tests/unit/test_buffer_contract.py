@@ -68,9 +68,13 @@ def test_meta_json_records_the_store(where, backend):
     assert r.meta["created_at"] > 1.6e9
 
 
-def test_read_columns_matches_samples(where, backend):
+@pytest.mark.parametrize("appends", [1, 4], ids=["one_append", "four_appends"])
+def test_read_columns_matches_samples(where, backend, appends):
     groups = make_groups(4, group_size=3)
-    open_writer(where, backend=backend).append_groups(groups)
+    w = open_writer(where, backend=backend)
+    for i in range(appends):  # arrow: one segment per append (no roll-up below 4 of a tier)
+        w.append_groups(groups[i * 4 // appends : (i + 1) * 4 // appends])
+    w.close()
     r = open_reader(where)
     b = r.read_columns(1, 3)
     want = [s for g in groups[1:3] for s in g]
@@ -83,8 +87,15 @@ def test_read_columns_matches_samples(where, backend):
         per = b.ragged(name)
         for arr, s in zip(per, want, strict=True):
             np.testing.assert_array_equal(arr, np.asarray(getattr(s, name), arr.dtype))
+    # the flat form (joined on first use when the rows span segments) agrees with ragged
+    for name in ("completion_ids", "behaviour_logprobs"):
+        flat, offs = b.values[name], b.offsets[name]
+        assert offs[0] == 0 and offs[-1] == len(flat) and len(offs) == 7
+        np.testing.assert_array_equal(flat, np.concatenate(b.ragged(name)))
     assert b.values["completion_ids"].dtype == np.int32
     assert b.values["behaviour_logprobs"].dtype == np.float32
+    assert sorted(b.values) == sorted(b.offsets) == ["behaviour_logprobs", "completion_ids",
+                                                     "prompt_ids"]  # fmt: skip
 
 
 def test_new_writer_continues_numbering(where, backend):

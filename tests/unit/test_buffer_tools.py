@@ -125,7 +125,7 @@ def test_convert_round_trip(tmp_path, to, capsys):
 
 def test_compact_cli(tmp_path, capsys):
     path = tmp_path / "buf"
-    _arrow_store(path, n=8)
+    _arrow_store(path, n=8, rollup_segments=None)  # four 2-group segments
     assert run_cli(["compact", str(path), "--keep-groups", "3"]) == 0
     assert "deleted 2 segment(s)" in capsys.readouterr().out
     r = open_reader(str(path))
