@@ -177,8 +177,8 @@ class BufferConfig(_Section):
     backend: Literal["arrow", "zarr"] = "arrow"
     on_corrupt: Literal["skip", "error"] = "skip"
     fsync: bool = True  # fsync each published segment/chunk (off: faster, not power-safe)
-    # retention (arrow only): delete whole old segments beyond these limits; group ids stay
-    # global, and a cursor behind the oldest kept group skips forward and counts the loss
+    # retention: delete whole old segments (arrow) / chunks (zarr) beyond these limits; group
+    # ids stay global, and a cursor behind the oldest kept group skips forward, counting it
     max_groups: int | None = Field(None, ge=1)
     max_age_s: float | None = Field(None, gt=0)
     poll_s: float = Field(0.02, gt=0)  # learner's tail-follow poll interval

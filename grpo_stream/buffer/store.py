@@ -68,7 +68,7 @@ def detect_backend(path: str) -> str:
 
 def open_writer(path: str, backend: str = "arrow", run_id: str = "", **opts) -> RolloutWriter:
     """The store's single writer. opts: fsync=True, max_groups=None (retention),
-    max_age_s=None (arrow only); zarr also chunk sizes (see zarr_store).
+    max_age_s=None; arrow also roll-up, zarr chunk sizes (see their modules).
 
     On local disk it holds STORE/writer.lock until `close()` (or its process ends): a
     second writer is refused with `WriterLockedError` naming the holder."""

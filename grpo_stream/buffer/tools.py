@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from grpo_stream.buffer.fsutil import resolve_store_path
+from grpo_stream.buffer.fsutil import WriterLockedError, resolve_store_path
 from grpo_stream.buffer.store import CorruptSegmentError, detect_backend, open_reader, open_writer
 
 BLOCK = 1024  # groups per read while scanning a whole store
@@ -179,16 +179,19 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_compact(args) -> int:
-    if detect_backend(args.path) != "arrow":
-        print(
-            "error: compact works on arrow stores (zarr arrays are contiguous); "
-            "use `convert` to rewrite a zarr store",
-            file=sys.stderr,
-        )
-        return 2
     if args.keep_groups is None and args.max_age_s is None:
         print("error: give --keep-groups and/or --max-age-s", file=sys.stderr)
         return 2
+    if detect_backend(args.path) == "zarr":  # as the store's writer: refused while one runs
+        from grpo_stream.buffer.zarr_store import ZarrWriter
+
+        w = ZarrWriter(args.path, max_groups=args.keep_groups, max_age_s=args.max_age_s)
+        try:
+            deleted = w.retain()
+        finally:
+            w.close()
+        print(f"deleted {len(deleted)} chunk(s); oldest group kept {w.commit['first_group']}")
+        return 0
     from grpo_stream.buffer.arrow_store import compact
 
     deleted = compact(args.path, keep_groups=args.keep_groups, max_age_s=args.max_age_s)
@@ -212,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", choices=["arrow", "zarr"], required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--groups-per-write", type=int, default=256)
-    s = sub.add_parser("compact", help="delete old segments (arrow)")
+    s = sub.add_parser("compact", help="delete old groups (arrow: segments, zarr: chunks)")
     s.add_argument("--keep-groups", type=int, default=None)
     s.add_argument("--max-age-s", type=float, default=None)
     for sp in sub.choices.values():
@@ -234,7 +237,7 @@ def run_cli(argv: list[str]) -> int:
     args.path = resolve_store_path(args.path)
     try:
         return COMMANDS[args.cmd](args)
-    except (FileNotFoundError, ValueError, CorruptSegmentError) as e:
+    except (FileNotFoundError, ValueError, CorruptSegmentError, WriterLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

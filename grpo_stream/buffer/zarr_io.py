@@ -119,7 +119,7 @@ def remove_stray_tmp(sfs: StoreFS) -> list[str]:
     return removed
 
 
-def _chunk_key(name: str, k: int, ndim: int) -> str:
+def chunk_key(name: str, k: int, ndim: int) -> str:
     return f"{name}/c/{k}" + "/0" * (ndim - 1)
 
 
@@ -136,7 +136,7 @@ def read_slice(sfs: StoreFS, name: str, arr, lo: int, hi: int) -> np.ndarray:
     ks = chunk_ranges_for(arr, lo, hi)
     missing = {}
     for k in ks:
-        path = sfs.join(_chunk_key(name, k, arr.ndim))
+        path = sfs.join(chunk_key(name, k, arr.ndim))
         found = os.path.isfile(path) if sfs.local else sfs.fs.exists(path)
         if not found:
             missing[path] = "chunk file is missing"
@@ -158,5 +158,5 @@ def _probe_chunks(sfs: StoreFS, name: str, arr, ks: list[int]) -> dict[str, str]
         try:
             arr[k * c : min((k + 1) * c, n)]
         except Exception as e:  # noqa: BLE001
-            bad[sfs.join(_chunk_key(name, k, arr.ndim))] = f"{type(e).__name__}: {e}"
+            bad[sfs.join(chunk_key(name, k, arr.ndim))] = f"{type(e).__name__}: {e}"
     return bad

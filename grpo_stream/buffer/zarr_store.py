@@ -15,8 +15,14 @@ is ~15x faster to encode than zstd level 1 (which stores made before used; their
 arrays keep their own codecs) while compressing token ids better (shuffled, their
 high bytes are mostly zero).
 
-No consolidated metadata: the store is live. Retention is not supported here (arrays
-are contiguous); use the Arrow backend for long runs, or `buffer convert`.
+No consolidated metadata: the store is live.
+
+Retention (`max_groups`, `max_age_s`): group ids never change; the writer moves the
+root attribute `first_group` forward, then deletes every chunk that lies wholly before
+what the groups from `first_group` on need (the chunk holding the boundary stays), so
+the disk holds at most one chunk per array beyond the limit. Readers asking for groups
+before `first_group` get `GroupsDeletedError`; one whose chunk vanished under it
+re-reads the root and gets the same error instead of a corruption report.
 
     w = ZarrWriter("memory://buf", run_id="r1"); w.append_groups(groups)
     r = ZarrReader("memory://buf"); r.refresh(); r.read_groups(0, r.num_groups())
@@ -25,6 +31,8 @@ are contiguous); use the Arrow backend for long runs, or `buffer convert`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,9 +52,10 @@ from grpo_stream.buffer.columns import (
 )
 from grpo_stream.buffer.fsutil import StoreFS, WriterLock, open_or_create_meta, read_meta
 from grpo_stream.buffer.schema import ARROW_SCHEMA, SCHEMA_VERSION, Group, check_schema_version
-from grpo_stream.buffer.store import CorruptSegmentError
+from grpo_stream.buffer.store import CorruptSegmentError, GroupsDeletedError
 from grpo_stream.buffer.zarr_io import (
     ChunkError,
+    chunk_key,
     open_zarr_store,
     read_slice,
     remove_stray_tmp,
@@ -65,9 +74,13 @@ _INITIAL_CHUNKS = 16  # a new array's capacity, in chunks: each doubling rewrite
 
 
 def _commit(attrs: dict) -> dict[str, int]:
-    """The commit pointer: groups, rows and each values array's length."""
-    keys = ["num_groups", "num_rows", *(f"len_{n}" for n in VALUE_ARRAYS)]
+    """The commit pointer: groups, rows and each values array's length, and the oldest
+    group retention kept."""
+    keys = ["num_groups", "num_rows", "first_group", *(f"len_{n}" for n in VALUE_ARRAYS)]
     return {k: int(attrs.get(k, 0)) for k in keys}
+
+
+_CREATED_AT = FLOAT_COLUMNS.index("created_at")
 
 
 class ZarrWriter:
@@ -83,11 +96,11 @@ class ZarrWriter:
         max_groups: int | None = None,
         max_age_s: float | None = None,
     ) -> None:
-        if max_groups is not None or max_age_s is not None:
-            raise ValueError(
-                "buffer.max_groups/max_age_s: retention is implemented for the arrow backend "
-                "only (zarr arrays are contiguous); use backend='arrow' for long runs"
-            )
+        if max_groups is not None and max_groups < 1:
+            raise ValueError("buffer.max_groups: must be >= 1 (or unset)")
+        if max_age_s is not None and not max_age_s > 0:
+            raise ValueError("buffer.max_age_s: must be > 0 (or unset)")
+        self.max_groups, self.max_age_s = max_groups, max_age_s
         self.sfs = StoreFS.open(path)
         self._lock = WriterLock(self.sfs)  # before touching anything: one writer per store
         self.meta = open_or_create_meta(self.sfs, "zarr", run_id)
@@ -146,11 +159,77 @@ class ZarrWriter:
         self._write_tails([(self.arrays[n], lengths[n], d) for n, d in parts.items()])
         new = {"num_groups": first + len(groups), "num_rows": row}
         new.update({f"len_{n}": base[n] + len(parts[n]) for n in VALUE_ARRAYS})
+        new["first_group"] = self.commit["first_group"]
         self._sync()  # data durable before the pointer that publishes it
         self.root.update_attributes(new)  # the commit: readers see the append from here on
         self._sync()
         self.commit = new
+        if self.max_groups is not None or self.max_age_s is not None:
+            self.retain()
         return first, first + len(groups)
+
+    def retain(self, now: float | None = None) -> list[str]:
+        """Apply max_groups / max_age_s (the newest group always stays): move
+        `first_group` forward, then delete the chunks nothing kept needs. Returns them."""
+        n, keep = self.commit["num_groups"], self.commit["first_group"]
+        if self.max_groups is not None:
+            keep = max(keep, n - self.max_groups)
+        if self.max_age_s is not None and n > keep:
+            keep = self._first_young_group(keep, n, now)
+        keep = min(keep, n - 1) if n else 0
+        if keep <= self.commit["first_group"]:
+            return []
+        self.root.update_attributes({"first_group": keep})  # readers stop here first
+        self._sync()
+        self.commit = {**self.commit, "first_group": keep}
+        return self._delete_chunks_before(self._needed_from(keep))
+
+    def _read(self, name: str, lo: int, hi: int) -> np.ndarray:
+        return read_slice(self.sfs, name, self.arrays[name], lo, hi)
+
+    def _group_start_row(self, g: int) -> int:
+        return int(self._read("group_rows", g - 1, g)[0]) if g > 0 else 0
+
+    def _first_young_group(self, lo: int, hi: int, now: float | None) -> int:
+        """The oldest group in [lo, hi) created less than max_age_s ago (groups are
+        appended in time order), by bisection over each group's first row."""
+        import time
+
+        cutoff = (time.time() if now is None else now) - self.max_age_s
+        while lo < hi:
+            mid = (lo + hi) // 2
+            r = self._group_start_row(mid)
+            if self._read("floats", r, r + 1)[0, _CREATED_AT] < cutoff:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def _needed_from(self, g: int) -> dict[str, int]:
+        """The first index of every array that reading groups >= g touches."""
+        r0 = self._group_start_row(g)
+        need = {"group_rows": max(g - 1, 0), "ints": r0, "floats": r0}
+        need["list_ends"] = need["text_ends"] = max(r0 - 1, 0)
+        ends = self._read("list_ends", r0 - 1, r0)[0] if r0 > 0 else None
+        text = self._read("text_ends", r0 - 1, r0)[0, -1] if r0 > 0 else 0
+        for j, name in enumerate(LIST_COLUMNS):
+            need[name] = int(ends[j]) if ends is not None else 0
+        need["text"] = int(text)
+        return need
+
+    def _delete_chunks_before(self, need: dict[str, int]) -> list[str]:
+        deleted = []
+        for name, first in need.items():
+            arr = self.arrays[name]
+            for k in range(first // arr.chunks[0]):  # chunks wholly before `first`
+                key = chunk_key(name, k, arr.ndim)
+                if self.sfs.exists(key):
+                    self.sfs.remove(key)
+                    deleted.append(key)
+                    if arr.ndim > 1 and self.sfs.local:  # NAME/c/K/0: drop the empty NAME/c/K
+                        with contextlib.suppress(OSError):
+                            os.rmdir(os.path.dirname(self.sfs.join(key)))
+        return deleted
 
     @staticmethod
     def _write_tails(jobs: list[tuple[zarr.Array, int, np.ndarray]]) -> None:
@@ -217,7 +296,15 @@ class ZarrReader:
         return self.commit["num_groups"]
 
     def first_group(self) -> int:
-        return 0
+        """Oldest group still stored (> 0 once retention deleted older ones)."""
+        return self.commit["first_group"]
+
+    def _check_kept(self, start: int, stop: int) -> None:
+        if start < stop and start < self.first_group():
+            raise GroupsDeletedError(
+                f"{self.sfs.url}: groups [{start}, {self.first_group()}) were deleted by "
+                f"retention; the oldest group on disk is {self.first_group()}"
+            )
 
     def corrupt(self) -> list[str]:
         return sorted(self._corrupt)
@@ -260,6 +347,7 @@ class ZarrReader:
         stop = min(stop, self.num_groups())
         if start < 0 or start > stop:
             raise ValueError(f"read_groups: bad range [{start}, {stop})")
+        self._check_kept(start, stop)
         cols = list(columns) if columns else ARROW_SCHEMA.names
         if "group_id" not in cols:
             cols.append("group_id")
@@ -285,6 +373,8 @@ class ZarrReader:
         try:
             return self._rows_table(start, stop, cols)
         except ChunkError as e:
+            self.refresh()  # retention may have deleted the chunks under this reader
+            self._check_kept(start, stop)
             if stop - start > 1:
                 mid = (start + stop) // 2
                 parts = [self._read_robust(start, mid, cols), self._read_robust(mid, stop, cols)]

@@ -54,9 +54,63 @@ def test_buffer_config_writer_opts():
         BufferConfig(max_groups=0)
 
 
-def test_zarr_refuses_retention(tmp_path):
-    with pytest.raises(ValueError, match="arrow backend only"):
-        open_writer(str(tmp_path / "z"), backend="zarr", max_groups=10)
+def _chunk_files(path, name):
+    d = path / name / "c"
+    return sorted(int(p.name) for p in d.iterdir()) if d.is_dir() else []
+
+
+def _zarr_small(path, **opts):
+    # 4 groups of 4 rows per row chunk, ~4 completions per value chunk: retention bites
+    return open_writer(str(path), backend="zarr", row_chunk=16, value_chunk=128, **opts)
+
+
+def test_zarr_retention_by_group_count(tmp_path):
+    path = tmp_path / "z"
+    w = _zarr_small(path, max_groups=5)
+    w.append_groups(make_groups(4))
+    r_old = open_reader(str(path), on_corrupt="error")  # saw groups 0..3, before retention
+    for i in range(4, 20, 2):
+        w.append_groups(make_groups(2, start=i))
+    r = open_reader(str(path), on_corrupt="error")
+    assert r.num_groups() == 20 and r.first_group() == 15  # ids stay global
+    got = r.read_groups(15, 20)
+    assert [[s.completion_ids for s in g] for g in got] == [
+        [s.completion_ids for s in g] for g in make_groups(5, start=15)
+    ]
+    with pytest.raises(GroupsDeletedError, match=r"groups \[0, 15\) were deleted"):
+        r.read_groups(0, 16)
+    # what groups >= 15 need stays on disk; everything wholly before it is gone
+    assert _chunk_files(path, "ints") == [3, 4]  # rows 60..79: chunks 3 and 4 (16 rows each)
+    assert _chunk_files(path, "group_rows") == [0, 1]  # group 14 (chunk 0) holds 15's start
+    kept = _chunk_files(path, "completion_ids")
+    assert kept and kept[0] > 0 and kept == list(range(kept[0], kept[-1] + 1))
+    # a reader that had not seen the retention gets the same clear error, not "corrupt"
+    with pytest.raises(GroupsDeletedError):
+        r_old.read_groups(0, 4)
+    assert r_old.corrupt() == []
+
+
+def test_zarr_retention_by_age_and_compact_cli(tmp_path, capsys):
+    path = tmp_path / "z"
+    w = _zarr_small(path)
+    for i in range(12):
+        g = make_group(i)
+        for s in g:
+            s.created_at = 1000.0 + i  # group i created at t = 1000 + i
+        w.append_groups([g])
+    assert run_cli(["compact", str(path), "--max-age-s", "3.5"]) == 2  # the writer is live
+    assert "another writer" in capsys.readouterr().err
+    w.max_age_s = 3.5
+    w.retain(now=1011.0)  # groups created before t = 1007.5 go: 0..7
+    assert open_reader(str(path)).first_group() == 8
+    w.close()
+    assert run_cli(["compact", str(path), "--keep-groups", "2"]) == 0
+    assert "oldest group kept 10" in capsys.readouterr().out
+    r = open_reader(str(path), on_corrupt="error")
+    assert [g[0].group_id for g in r.read_groups(10, 12)] == [10, 11]
+    cur = GroupCursor(r)
+    groups, _ = cur.next_groups(1, timeout_s=5)  # a new cursor starts at group 0: skips
+    assert groups[0][0].group_id == 10 and cur.state()["skipped_deleted"] == 10
 
 
 def test_stats_json(tmp_path, capsys):
@@ -137,6 +191,5 @@ def test_compact_cli(tmp_path, capsys):
 def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert run_cli(["stats", str(tmp_path / "nothing")]) == 2
     assert "missing meta.json" in capsys.readouterr().err
-    open_writer(str(tmp_path / "z"), backend="zarr").append_groups(make_groups(1))
-    assert run_cli(["compact", str(tmp_path / "z"), "--keep-groups", "1"]) == 2
-    assert "compact works on arrow stores" in capsys.readouterr().err
+    assert run_cli(["compact", str(tmp_path / "nothing")]) == 2
+    assert "give --keep-groups and/or --max-age-s" in capsys.readouterr().err
