@@ -40,12 +40,11 @@ from collections.abc import Callable
 import torch
 
 from grpo_stream.algo.logprobs import (
-    _check_chunk,
-    _check_ids,
     _chunk_logits,
     _compute_dtype,
     _rowdot,
     _workspace,
+    check_hidden_args,
 )
 
 # loss_fn(rows, logprobs [b, T] float32 with grad, entropy [b, T] or None) -> scalar
@@ -158,14 +157,7 @@ def fused_loss_from_hidden(
     loss carries gradient; log-probs and entropy are detached, for metrics. Chunks hold
     max(1, chunk_size // T) whole sequences.
     """
-    _check_chunk(chunk_size, temperature)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden: expected [B, T, H], got shape {tuple(hidden.shape)}")
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"lm_head_weight: expected [V, {hidden.shape[-1]}], got {tuple(lm_head_weight.shape)}"
-        )
-    _check_ids("hidden[..., 0]", hidden.shape[:2], ids)
+    check_hidden_args(hidden, lm_head_weight, ids, chunk_size, temperature)
     rows = max(1, chunk_size // max(hidden.shape[1], 1))
     cdtype = _compute_dtype(hidden, lm_head_weight)
     loss, lp, ent = _FusedLoss.apply(

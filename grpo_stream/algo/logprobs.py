@@ -212,6 +212,18 @@ class _HiddenLogprobs(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
+def check_hidden_args(hidden, lm_head_weight, ids, chunk_size: int, temperature: float) -> None:
+    """ValueError naming the argument unless hidden [B, T, H], weight [V, H], ids [B, T]."""
+    _check_chunk(chunk_size, temperature)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden: expected [B, T, H], got shape {tuple(hidden.shape)}")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight: expected [V, {hidden.shape[-1]}], got {tuple(lm_head_weight.shape)}"
+        )
+    _check_ids("hidden[..., 0]", hidden.shape[:2], ids)
+
+
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -232,14 +244,7 @@ def token_logprobs_from_hidden(
     hidden [B, T, H], lm_head_weight [V, H], ids [B, T]. Outputs are float32 and carry
     gradients to `hidden` and `lm_head_weight`; `chunk_size` tokens are processed at once.
     """
-    _check_chunk(chunk_size, temperature)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden: expected [B, T, H], got shape {tuple(hidden.shape)}")
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"lm_head_weight: expected [V, {hidden.shape[-1]}], got {tuple(lm_head_weight.shape)}"
-        )
-    _check_ids("hidden[..., 0]", hidden.shape[:2], ids)
+    check_hidden_args(hidden, lm_head_weight, ids, chunk_size, temperature)
     flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     flat_ids = ids.reshape(-1).long()  # [N]
     cdtype = _compute_dtype(hidden, lm_head_weight)
