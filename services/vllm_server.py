@@ -317,11 +317,7 @@ def stop_servers(servers: list[VLLMServer]) -> None:
         s.stop()
 
 
-def post_json(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, object]:
-    """POST JSON (or nothing) and return (status, parsed body or text). For tools and tests."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST")
-    req.add_header("Content-Type", "application/json")
+def _request_json(req: urllib.request.Request, timeout: float) -> tuple[int, object]:
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
             status, raw = resp.status, resp.read()
@@ -331,3 +327,16 @@ def post_json(url: str, body: dict | None = None, timeout: float = 60.0) -> tupl
         return status, json.loads(raw) if raw else None
     except json.JSONDecodeError:
         return status, raw.decode(errors="replace")
+
+
+def post_json(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, object]:
+    """POST JSON (or nothing) and return (status, parsed body or text). For tools and tests."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST")
+    req.add_header("Content-Type", "application/json")
+    return _request_json(req, timeout)
+
+
+def get_json(url: str, timeout: float = 30.0) -> tuple[int, object]:
+    """GET and return (status, parsed body or text). For tools and tests."""
+    return _request_json(urllib.request.Request(url), timeout)

@@ -5,7 +5,7 @@
     cur = GroupCursor(open_reader(path))
     groups, n_stale = cur.next_groups(8, timeout_s=60, max_staleness=2, current_version=3)
 
-See store.py (the contract), arrow_store.py / zarr_store.py (backends), cursor.py
+See store.py (the contract), arrow_store.py / zarr_store.py + zarr_reader.py (backends), cursor.py
 (tail-follow and resume), columns.py (numpy fast path), tools.py (the CLI).
 """
 

@@ -91,7 +91,7 @@ def open_reader(path: str, on_corrupt: str = "skip") -> RolloutReader:
 
         return ArrowReader(path, on_corrupt=on_corrupt)
     if backend == "zarr":
-        from grpo_stream.buffer.zarr_store import ZarrReader
+        from grpo_stream.buffer.zarr_reader import ZarrReader
 
         return ZarrReader(path, on_corrupt=on_corrupt)
     raise ValueError(f"{path}/meta.json: unknown backend {backend!r}")

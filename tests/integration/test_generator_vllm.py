@@ -36,7 +36,7 @@ from grpo_stream.generator.loop import Generator
 from grpo_stream.progress import LearnerProgress, write_progress
 from grpo_stream.tasks import make_prompt_source, render_prompt
 from services.model import build_tiny_model, resolve_model_path
-from services.vllm_server import VLLMServer, post_json
+from services.vllm_server import VLLMServer, get_json, post_json
 
 pytestmark = pytest.mark.slow
 
@@ -213,24 +213,17 @@ def test_pause_during_generation_is_survived(server, tiny, tokenizer, tmp_path) 
         try:
             status, body = await asyncio.to_thread(post_json, f"{server.url}/pause?mode=wait")
             seen["pause"] = (status, body)
-            seen["paused"] = await asyncio.to_thread(_get_json, f"{server.url}/is_paused")
+            seen["paused"] = await asyncio.to_thread(get_json, f"{server.url}/is_paused")
             await asyncio.sleep(2.0)
         finally:
             seen["resume"] = await asyncio.to_thread(post_json, f"{server.url}/resume")
 
     gen, written = run_generator(cfg, tiny, pause_resume)
-    assert seen["pause"][0] == 200 and seen["paused"] == {"is_paused": True}
+    assert seen["pause"][0] == 200 and seen["paused"] == (200, {"is_paused": True})
     assert seen["resume"][0] == 200
     assert seen["written_before"] < n  # the pause landed while prompts were still open
     assert written == n and gen.failed_prompts == 0
     check_groups(read_all(cfg), cfg, tokenizer, n)
-
-
-def _get_json(url: str) -> object:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 (our own server)
-        return json.loads(resp.read())
 
 
 def _user_rewards(tmp_path: Path) -> Path:

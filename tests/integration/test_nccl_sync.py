@@ -13,8 +13,6 @@ their receive buffers from) agrees with its iteration, under Hugging Face names.
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,18 +22,13 @@ from conftest import free_port
 from grpo_stream.config import ModelConfig, ServerConfig, SyncConfig
 from grpo_stream.sync.nccl import NCCLSync, local_address_for
 from services.model import build_tiny_model, resolve_model_path
-from services.vllm_server import VLLMServer, post_json
+from services.vllm_server import VLLMServer, get_json, post_json
 
 PROMPT = [1, 9690, 198, 2683, 314, 260, 2023, 282]
 NEEDS_TWO_GPUS = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
     reason="NCCL weight sync needs CUDA and 2 GPUs (trainer and server on distinct devices)",
 )
-
-
-def _get_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        return json.loads(resp.read())
 
 
 def _greedy(url: str) -> tuple[list[int], list[float]]:
@@ -111,7 +104,7 @@ def test_nccl_push_changes_served_weights(tiny: Path, gpu1_server: VLLMServer) -
     sync = NCCLSync(SyncConfig(transport="nccl", timeout_s=300), [url])
     try:
         m = sync.push(model, 1)
-        assert _get_json(f"{url}/weight_info") == {"weight_version": "1"}
+        assert get_json(f"{url}/weight_info") == (200, {"weight_version": "1"})
         assert m["sync_pause_s"] >= m["sync_transfer_s"] > 0
         tokens1, lp1 = _greedy(url)
         hf1 = _hf_logprobs(model, tokens1)
@@ -121,7 +114,7 @@ def test_nccl_push_changes_served_weights(tiny: Path, gpu1_server: VLLMServer) -
         with torch.no_grad():
             model.lm_head.weight.mul_(1.1)
         sync.push(model, 2)  # the NCCL group is reused
-        assert _get_json(f"{url}/weight_info") == {"weight_version": "2"}
+        assert get_json(f"{url}/weight_info") == (200, {"weight_version": "2"})
         tokens2, lp2 = _greedy(url)
         assert torch.allclose(torch.tensor(lp2), _hf_logprobs(model, tokens2), atol=1e-2)
     finally:

@@ -16,31 +16,18 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from grpo_stream.buffer.store import open_reader
+from services.vllm_server import get_json, post_json
 
 pytestmark = pytest.mark.slow
 
 G = 4
 PROBE = [1, 9690, 198, 2683, 314, 216, 34, 45, 36, 47]  # fixed token ids for before/after
-
-
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
-
-
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def greedy(url: str) -> tuple[list[int], list[float]]:
@@ -53,7 +40,9 @@ def greedy(url: str) -> tuple[list[int], list[float]]:
         "return_token_ids": True,
         "ignore_eos": True,
     }
-    c = _post(f"{url}/v1/completions", body)["choices"][0]
+    status, out = post_json(f"{url}/v1/completions", body, timeout=120)
+    assert status == 200, out
+    c = out["choices"][0]
     return c["token_ids"], c["logprobs"]["token_logprobs"]
 
 
@@ -164,7 +153,7 @@ def test_behaviour_logprobs_match_transformers_recompute(pipeline, tiny_model_di
 
 
 def test_weight_version_advanced_and_new_samples_carry_it(pipeline):
-    assert _get(f"{pipeline['url']}/weight_info")["weight_version"] == "2"
+    assert get_json(f"{pipeline['url']}/weight_info") == (200, {"weight_version": "2"})
     r = open_reader(str(pipeline["run_dir"] / "buffer"))
     versions = {s.policy_version for g in r.read_groups(0, r.num_groups()) for s in g}
     assert 0 in versions and max(versions) >= 1

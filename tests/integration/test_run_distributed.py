@@ -7,25 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from services.vllm_server import get_json, post_json
+
 pytestmark = pytest.mark.slow
-
-
-def _post(url: str, body: dict) -> None:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        r.read()
-
-
-def _weight_version(url: str) -> str:
-    with urllib.request.urlopen(f"{url}/weight_info", timeout=30) as r:
-        return str(json.loads(r.read())["weight_version"])
 
 
 def test_run_with_a_two_process_learner(tmp_path, tiny_model_dir, tiny_server):
@@ -40,10 +28,12 @@ def test_run_with_a_two_process_learner(tmp_path, tiny_model_dir, tiny_server):
             capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert _weight_version(url) == "2"  # rank 0 pushed the gathered weights twice
+        # rank 0 pushed the gathered weights twice
+        assert get_json(f"{url}/weight_info") == (200, {"weight_version": "2"})
     finally:  # later tests expect the server on the tiny model's own weights
-        _post(f"{url}/collective_rpc", {"method": "reload_weights",
-                                        "kwargs": {"weights_path": str(tiny_model_dir)}})  # fmt: skip
+        rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(tiny_model_dir)}}
+        restored = post_json(f"{url}/collective_rpc", rpc, timeout=120)
+    assert restored == (200, {"results": [None]})
     run_dir = Path(out.stdout.strip().splitlines()[-1])
     log = (run_dir / "logs" / "learner.log").read_text()
     assert "FSDP2 over 2 processes on cpu" in log

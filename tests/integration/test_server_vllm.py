@@ -13,39 +13,35 @@ import math
 import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import free_port
 
-from grpo_stream.config import ModelConfig, ServerConfig
-from services.model import SMOLLM2_VOCAB, build_tiny_model, resolve_model_path
-from services.vllm_server import VLLMServer, post_json
+from grpo_stream.config import ServerConfig
+from services.model import SMOLLM2_VOCAB, build_tiny_model
+from services.vllm_server import VLLMServer, get_json, post_json
 
 pytestmark = pytest.mark.slow
 
 
-def _get_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        return json.loads(resp.read())
+@pytest.fixture
+def smollm2(smollm2_dir: Path) -> Path:
+    return smollm2_dir  # conftest: prepared once into cache_dir()
+
+
+@pytest.fixture
+def tiny(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # conftest's tiny Llama (these tests never write into it)
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> Path:
-    return resolve_model_path(ModelConfig())  # prepares it once into cache_dir()
-
-
-@pytest.fixture(scope="module")
-def tiny(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", smollm2)
-
-
-@pytest.fixture(scope="module")
-def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory):
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """This module's own server, not conftest's shared one: the reload test needs a
+    server still at weight version "default", and its stop test kills it."""
     cfg = ServerConfig(max_model_len=256, startup_timeout_s=600)
     log = tmp_path_factory.mktemp("logs") / "vllm.log"
-    srv = VLLMServer(tiny, "policy", free_port(), cfg, log)
+    srv = VLLMServer(tiny_model_dir, "policy", free_port(), cfg, log)
     with srv:
         srv.wait_healthy()
         yield srv
@@ -146,15 +142,15 @@ def test_disk_reload_serves_the_new_weights(
     assert max(abs(a - b) for a, b in zip(lps, before, strict=True)) < 1e-3
 
     new = build_tiny_model(tmp_path / "tiny-seed1", smollm2, seed=1)
-    assert _get_json(server.url + "/weight_info") == {"weight_version": "default"}
+    assert get_json(server.url + "/weight_info") == (200, {"weight_version": "default"})
     assert post_json(server.url + "/pause?mode=wait")[0] == 200
-    assert _get_json(server.url + "/is_paused") == {"is_paused": True}
+    assert get_json(server.url + "/is_paused") == (200, {"is_paused": True})
     rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(new)}}
     assert post_json(server.url + "/collective_rpc", rpc, timeout=120) == (200, {"results": [None]})
     status, resp = post_json(server.url + "/update_weight_version", {"new_version": "1"})
     assert (status, resp) == (200, {"success": True, "new_version": "1"})
     assert post_json(server.url + "/resume") == (200, {"status": "resumed"})
-    assert _get_json(server.url + "/weight_info") == {"weight_version": "1"}
+    assert get_json(server.url + "/weight_info") == (200, {"weight_version": "1"})
 
     gen, lps = _sample(server, prompt)
     after = _hf_logprobs(new, prompt, gen)
@@ -198,7 +194,10 @@ def test_serve_cli_prints_urls_and_stops_cleanly(tiny: Path, tmp_path: Path) -> 
                 break
         assert lines and lines[-1].strip() == f"URL http://127.0.0.1:{port}", "".join(lines)
         family = psutil.Process(proc.pid).children(recursive=True)
-        assert _get_json(f"http://127.0.0.1:{port}/weight_info") == {"weight_version": "default"}
+        assert get_json(f"http://127.0.0.1:{port}/weight_info") == (
+            200,
+            {"weight_version": "default"},
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     finally:
