@@ -338,8 +338,9 @@ def test_health_and_http_errors() -> None:
 
 
 def test_retry_budget_outlasts_a_long_pause() -> None:
-    """Seven 503s (a long weight sync) exhaust max_retries=1 but not a 30 s time budget (they take ~2 s);
-    with no time budget the same server fails the prompt after 2 attempts."""
+    """Seven 503s (a long weight sync) exhaust max_retries=1 but not a 30 s time budget
+    (they take ~2 s); with no time budget the same server fails the prompt after 2
+    attempts."""
 
     async def main(budget: float):
         async with CannedServer() as srv:
