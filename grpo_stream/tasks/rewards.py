@@ -17,6 +17,9 @@ they run inline in a thread (user functions run in a worker process):
   equals the target; `format_score` if it uses the numbers but misses. Parsed with `ast`
   against a whitelist, never `eval`.
 
+- `math_verify`, `boxed_format`: math answers checked by Hugging Face's math-verify
+  (time-limited, in a worker process) and the `\\boxed{}` format (`math_verify.py`).
+
 Numeric answers may be "19", "-2", "1,000", "0.5" or GSM8K-style "... #### 19"; an
 answer that is not a number raises (recorded as a failed reward, never a silent 0).
 """
@@ -153,3 +156,7 @@ def countdown(completion: str, prompt: Prompt, *, format_score: float = 0.1) -> 
     if not used:
         return 0.0
     return 1.0 if used[-1].value == target else format_score
+
+
+# registered here so that every user of the built-ins sees them (math-verify loads lazily)
+from grpo_stream.tasks import math_verify as _math_verify  # noqa: E402, F401
