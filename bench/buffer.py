@@ -7,10 +7,10 @@ side in one run, best of `--repeats`:
 - write: Sample groups -> storage, appended `--per-append` groups at a time (JSONL: one
   JSON object per sample with lists, as PipelineRL does; raw IPC: one table, one file).
   The Arrow writer uses its default settings, segment roll-up included, as a generator.
-- read: storage -> the learner's usable form, i.e. per-sample token id / log-prob
-  arrays (or lists, for JSONL) plus rewards and versions. The backends use their
-  columnar `read_columns` path; raw IPC memory-maps the one file and goes through the
-  same numpy conversion.
+- read: storage -> what the learner collates: groups of `Sample`s with per-sample
+  token id / log-prob lists, rewards and versions. The backends use `read_groups`, the
+  learner's own path (via the cursor); raw IPC memory-maps the one file and goes
+  through the same table -> groups conversion; JSONL parses each line into a Sample.
 
     python -m bench.buffer            # prints a table, writes bench/results/buffer.json
 """
@@ -29,10 +29,10 @@ from pathlib import Path
 import pyarrow as pa
 import zarr
 
-from grpo_stream.buffer.columns import samples_to_table, table_to_batch
-from grpo_stream.buffer.schema import SCHEMA_VERSION
+from bench.synth import make_group
+from grpo_stream.buffer.columns import samples_to_table, table_to_groups
+from grpo_stream.buffer.schema import SCHEMA_VERSION, Sample
 from grpo_stream.buffer.store import open_reader, open_writer
-from grpo_stream.buffer.synth import make_group
 
 RESULTS = Path(__file__).parent / "results" / "buffer.json"
 
@@ -58,9 +58,9 @@ def write_jsonl(path: str, groups, k: int) -> None:
 
 
 def read_jsonl(path: str) -> int:
-    rows = [json.loads(line) for line in open(path)]
-    # usable as is: per-sample lists of token ids / log-probs
-    return sum(len(r["completion_ids"]) for r in rows)
+    with open(path) as f:
+        samples = [Sample(**json.loads(line)) for line in f]
+    return _usable([samples])
 
 
 def write_store(path: str, backend: str, groups, k: int) -> None:
@@ -70,16 +70,19 @@ def write_store(path: str, backend: str, groups, k: int) -> None:
     w.close()
 
 
-def _usable(batch) -> int:
-    per = {n: batch.ragged(n) for n in ("prompt_ids", "completion_ids", "behaviour_logprobs")}
-    rewards, versions = batch.scalars["reward"], batch.scalars["policy_version"]
-    assert len(rewards) == len(versions) == len(per["completion_ids"])
-    return sum(len(a) for a in per["completion_ids"])
+def _usable(groups) -> int:
+    """Completion tokens of every sample read (checks the log-probs came with them)."""
+    n = 0
+    for g in groups:
+        for s in g:
+            assert len(s.completion_ids) == len(s.behaviour_logprobs)
+            n += len(s.completion_ids)
+    return n
 
 
 def read_store(path: str) -> int:
     r = open_reader(path)
-    return _usable(r.read_columns(0, r.num_groups()))
+    return _usable(r.read_groups(0, r.num_groups()))
 
 
 def write_raw(path: str, groups, k: int) -> None:
@@ -90,7 +93,7 @@ def write_raw(path: str, groups, k: int) -> None:
 
 def read_raw(path: str) -> int:
     table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
-    return _usable(table_to_batch(table))
+    return _usable(table_to_groups(table))
 
 
 FORMATS = {

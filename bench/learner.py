@@ -5,7 +5,7 @@
     python -m bench.learner --samples 32      # the batch size (default: 32 on CUDA, 8 on CPU)
 
 (a) tokens_per_s_vs_bare_fwd_bwd (goal >= 0.85). Model: SmolLM2-135M (prepared, float32).
-Batch: synthetic groups of G = 8 completions (grpo_stream.buffer.synth; prompts ~40 and
+Batch: synthetic groups of G = 8 completions (bench.synth; prompts ~40 and
 completions ~24 tokens, random ids), μ = learner.epochs = 2, one optimizer step per epoch,
 micro-batches of `micro_batch_size`. Both variants run the SAME schedule of passes over
 the SAME padded micro-batches:
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from grpo_stream.buffer.synth import make_groups
+from bench.synth import make_groups
 from grpo_stream.config import Config, ModelConfig, ServerConfig, SyncConfig
 from grpo_stream.learner.batch import make_micro_batches
 from grpo_stream.learner.optim import build_optimizer

@@ -9,9 +9,14 @@ locally from it.
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # test support lives in bench/ (bench.synth), run from the root
+    sys.path.insert(0, str(ROOT))
 
 
 def free_port() -> int:

@@ -3,7 +3,7 @@
 A segment is `seg-F-E.arrow` holding groups F..E-1 (12-digit ids, so names sort by
 number); its schema metadata holds the schema version, its group/row range and a
 checksum per column (`seal_table`: CRC-32C, or CRC-32 in version-1 stores).
-arrow_store.py builds the writer and reader on these.
+arrow_store.py (the writer) and arrow_reader.py (the reader) build on these.
 
 The writer publishes one segment per append, so a long run makes thousands of tiny
 files and every read pays a per-file open. A roll-up merges `min_segments` consecutive
@@ -43,10 +43,10 @@ from typing import Protocol, TypeVar
 
 import pyarrow as pa
 
-from grpo_stream.buffer.columns import column_crc, table_crcs
+from grpo_stream.buffer.base import CorruptSegmentError
+from grpo_stream.buffer.checksums import column_crc, table_crcs
 from grpo_stream.buffer.fsutil import StoreFS
 from grpo_stream.buffer.schema import ARROW_SCHEMA, SCHEMA_VERSION, check_schema_version
-from grpo_stream.buffer.store import CorruptSegmentError
 
 
 class _Span(Protocol):

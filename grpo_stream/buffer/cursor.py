@@ -23,11 +23,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-
-from grpo_stream.buffer.columns import RolloutBatch
+from grpo_stream.buffer.base import GroupsDeletedError, RolloutReader
 from grpo_stream.buffer.schema import Group
-from grpo_stream.buffer.store import GroupsDeletedError, RolloutReader
 
 STATE_KEYS = ("position", "skipped_stale", "skipped_deleted", "skipped_corrupt")
 
@@ -82,13 +79,13 @@ class GroupCursor:
                 )
             time.sleep(self.poll_s)
 
-    def _take(self, n: int, read, timeout_s: float):
-        """Wait for n groups, read them with `read(start, stop)`; retry if retention races."""
+    def _take(self, n: int, timeout_s: float) -> tuple[int, list[Group]]:
+        """Wait for n groups and read them: (end position, groups); retry if retention races."""
         while True:
             self.wait_for(n, timeout_s)
             start = self.position
             try:
-                return start + n, read(start, start + n)
+                return start + n, self.reader.read_groups(start, start + n)
             except GroupsDeletedError:
                 continue  # wait_for refreshes and jumps past the deleted groups
 
@@ -102,7 +99,7 @@ class GroupCursor:
         """The next n published groups minus stale ones; returns (groups, skipped_stale)."""
         if n < 1:
             raise ValueError(f"next_groups: n must be >= 1 (got {n})")
-        stop, groups = self._take(n, self.reader.read_groups, timeout_s)
+        stop, groups = self._take(n, timeout_s)
         self.skipped_corrupt += n - len(groups)
         fresh = [
             g
@@ -112,55 +109,3 @@ class GroupCursor:
         self.position = stop
         self.skipped_stale += len(groups) - len(fresh)
         return fresh, len(groups) - len(fresh)
-
-    def next_columns(
-        self,
-        n: int,
-        timeout_s: float,
-        max_staleness: int | None = None,
-        current_version: int | None = None,
-        columns: list[str] | None = None,
-    ) -> tuple[RolloutBatch, int]:
-        """Like next_groups, but columnar (numpy) via the reader's `read_columns`."""
-        if n < 1:
-            raise ValueError(f"next_columns: n must be >= 1 (got {n})")
-        cols = list(columns) if columns else None
-        if cols is not None:
-            cols = list(dict.fromkeys([*cols, "group_id", "policy_version"]))
-        stop, batch = self._take(n, lambda a, b: self.reader.read_columns(a, b, cols), timeout_s)
-        self.skipped_corrupt += n - batch.num_groups
-        batch, stale = _drop_stale(batch, current_version, max_staleness)
-        self.position = stop
-        self.skipped_stale += stale
-        return batch, stale
-
-
-def _drop_stale(
-    batch: RolloutBatch, current_version: int | None, max_staleness: int | None
-) -> tuple[RolloutBatch, int]:
-    if max_staleness is None or current_version is None or batch.num_groups == 0:
-        return batch, 0
-    ver = np.minimum.reduceat(batch.scalars["policy_version"], batch.group_offsets[:-1])
-    keep_g = current_version - ver <= max_staleness  # [groups]
-    if keep_g.all():
-        return batch, 0
-    sizes = np.diff(batch.group_offsets)
-    keep_r = np.repeat(keep_g, sizes)  # [rows]
-    out = RolloutBatch(
-        group_ids=batch.group_ids[keep_g],
-        group_offsets=np.concatenate([[0], np.cumsum(sizes[keep_g])]).astype(np.int64),
-    )
-    out.scalars = {k: v[keep_r] for k, v in batch.scalars.items()}
-    out.strings = {
-        k: [s for s, m in zip(v, keep_r, strict=True) if m] for k, v in batch.strings.items()
-    }
-    for k, vals in batch.values.items():
-        offs = batch.offsets[k]
-        lens = np.diff(offs)
-        keep_v = np.repeat(keep_r, lens)
-        out.values[k] = vals[keep_v]
-        out.offsets[k] = np.concatenate([[0], np.cumsum(lens[keep_r])]).astype(np.int64)
-    return out, int((~keep_g).sum())
-
-
-StoreCursor = GroupCursor

@@ -2,12 +2,15 @@
 
 Every store path is a local path or an fsspec URL. `StoreFS` wraps the fsspec filesystem
 and the root path inside it, and knows how to publish a file atomically: on local disk
-by writing a temporary name, fsync, and `os.replace`; elsewhere by writing the
-temporary name and renaming it (atomic on `memory://`, best effort on object stores).
+with `grpo_stream.atomic` (a temporary name, fsync, `os.replace`); elsewhere by writing
+the temporary name and renaming it (atomic on `memory://`, best effort on object stores).
+`open_store_writer` / `open_store_reader` do what every backend's writer and reader do
+first: take the writer lock and create or check meta.json.
 
     sfs = StoreFS.open("memory://runs/r1/buffer")
     sfs.write_atomic("meta.json", b"{...}")
     meta = read_meta(sfs)
+    handle = open_store_writer(path, "arrow", run_id="r1")   # .sfs .lock .meta .run_id
 """
 
 from __future__ import annotations
@@ -23,14 +26,12 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from grpo_stream.atomic import write_file_atomic
+from grpo_stream.buffer.base import StoreFormatError, StoreNotFoundError, WriterLockedError
 from grpo_stream.buffer.schema import SCHEMA_VERSION, check_schema_version
 
 META_NAME = "meta.json"
 LOCK_NAME = "writer.lock"
-
-
-class WriterLockedError(RuntimeError):
-    """Another live process already writes this store (a store has one writer)."""
 
 
 @dataclass
@@ -78,7 +79,7 @@ class StoreFS:
         """Publish `data` under `name` so a reader sees the old file or the whole new one."""
         final, tmp = self.join(name), self.join(f".{name}.tmp")
         if self.local:
-            write_local_atomic(tmp, final, data, fsync)
+            write_file_atomic(tmp, final, data, fsync)
             return
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
@@ -127,31 +128,6 @@ class WriterLock:
             self._file = None
 
 
-def write_local_atomic(tmp: str, final: str, data: bytes | memoryview, fsync: bool = True) -> None:
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, final)
-    if fsync:
-        fsync_dir(os.path.dirname(final))
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename durable: fsync the directory that holds it (POSIX)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def resolve_store_path(path: str) -> str:
     """A store root, or a run dir holding one in `buffer/` (used by the CLI)."""
     sfs = StoreFS.open(path)
@@ -179,14 +155,14 @@ def read_meta(sfs: StoreFS, expect_backend: str | None = None) -> dict:
     try:
         meta = json.loads(sfs.read_bytes(META_NAME))
     except FileNotFoundError:
-        raise FileNotFoundError(f"no rollout store at {sfs.url} (missing {META_NAME})") from None
+        raise StoreNotFoundError(f"no rollout store at {sfs.url} (missing {META_NAME})") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
+        raise StoreFormatError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "backend" not in meta:
-        raise ValueError(f"{where}: missing field 'backend'")
+        raise StoreFormatError(f"{where}: missing field 'backend'")
     check_schema_version(meta.get("schema_version"), where)
     if expect_backend is not None and meta["backend"] != expect_backend:
-        raise ValueError(
+        raise StoreFormatError(
             f"{where}: store backend is {meta['backend']!r}, cannot open it as {expect_backend!r}"
         )
     return meta
@@ -197,3 +173,28 @@ def open_or_create_meta(sfs: StoreFS, backend: str, run_id: str) -> dict:
     if sfs.exists(META_NAME):
         return read_meta(sfs, expect_backend=backend)
     return write_meta(sfs, backend, run_id)
+
+
+@dataclass
+class WriterHandle:
+    """What a backend's writer holds: the store, its lock (until `close`), its meta."""
+
+    sfs: StoreFS
+    lock: WriterLock
+    meta: dict
+    run_id: str
+
+
+def open_store_writer(path: str, backend: str, run_id: str) -> WriterHandle:
+    """Take the store's writer lock (before touching anything: one writer per store),
+    then reuse or create its meta.json. An empty `run_id` keeps the store's own."""
+    sfs = StoreFS.open(path)
+    lock = WriterLock(sfs)
+    meta = open_or_create_meta(sfs, backend, run_id)
+    return WriterHandle(sfs, lock, meta, run_id or meta.get("run_id", ""))
+
+
+def open_store_reader(path: str, backend: str) -> tuple[StoreFS, dict]:
+    """The store at `path` and its meta.json, checked to be a `backend` store."""
+    sfs = StoreFS.open(path)
+    return sfs, read_meta(sfs, expect_backend=backend)

@@ -1,9 +1,9 @@
 """The rollout record: one row per sampled completion, typed on every boundary.
 
 `Sample` is the Python record the generator builds and the learner reads; the Arrow
-schema is generated from its fields (`ARROW_SCHEMA`) so the two never drift. Samples
-travel in groups (`list[Sample]`, the G completions of one prompt): the buffer only
-ever publishes and serves whole groups. `SCHEMA_VERSION` is stored with the data;
+schema is generated from its fields (`ARROW_SCHEMA`) so the two never drift (columns.py
+converts between them). Samples travel in groups (`list[Sample]`, the G completions of
+one prompt): the buffer only ever publishes and serves whole groups. `SCHEMA_VERSION` is stored with the data;
 readers refuse versions they do not know.
 
 Versions (the rows are the same in both; the version is the store format's):
@@ -15,11 +15,11 @@ A writer appending to an existing store keeps that store's version.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow as pa
+
+from grpo_stream.errors import UserError
 
 SCHEMA_VERSION = 2  # what new stores are written as
 KNOWN_SCHEMA_VERSIONS = (1, 2)  # what this code reads (and appends to)
@@ -49,18 +49,6 @@ class Sample:
     gen_latency_s: float = 0.0
     server_url: str = ""
     created_at: float = 0.0
-
-    def to_row(self) -> dict[str, Any]:
-        row = dataclasses.asdict(self)
-        row["reward_components"] = json.dumps(self.reward_components, sort_keys=True)
-        return row
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Sample:
-        row = dict(row)
-        rc = row.get("reward_components") or "{}"
-        row["reward_components"] = json.loads(rc) if isinstance(rc, str) else dict(rc)
-        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
 
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
@@ -94,8 +82,8 @@ ARROW_SCHEMA = pa.schema(
 )
 
 
-class SchemaVersionError(ValueError):
-    """Data written by an unknown (newer) schema version."""
+class SchemaVersionError(UserError, ValueError):
+    """Data written by an unknown (newer) schema version; the message names the file."""
 
 
 def check_schema_version(version: int | str | bytes | None, where: str) -> int:
@@ -110,23 +98,3 @@ def check_schema_version(version: int | str | bytes | None, where: str) -> int:
             f"(knows {known}); upgrade grpo-stream to read it"
         )
     return v
-
-
-def groups_to_table(groups: list[Group]) -> pa.Table:
-    rows = [s.to_row() for g in groups for s in g]
-    return pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
-
-
-def table_to_groups(table: pa.Table) -> list[Group]:
-    """Rows (ordered by row_id) back to groups, split on group_id."""
-    groups: list[Group] = []
-    current: Group = []
-    for row in table.to_pylist():
-        s = Sample.from_row(row)
-        if current and current[-1].group_id != s.group_id:
-            groups.append(current)
-            current = []
-        current.append(s)
-    if current:
-        groups.append(current)
-    return groups

@@ -1,97 +1,63 @@
-"""The RolloutStore protocol: the contract between generator and learner.
-
-One writer appends whole groups; any number of readers see only published groups.
-Groups are numbered 0, 1, 2, ... in publication order (`group_id`), so a reader's
-cursor is one integer: the number of groups it has consumed.
+"""Open a rollout store: choose its backend. The contract itself is in base.py.
 
     writer = open_writer(path, backend="arrow", run_id="r1")
     writer.append_groups([group])          # atomically published when this returns
-    reader = open_reader(path)
+    reader = open_reader(path)             # the backend comes from the store's meta.json
     reader.refresh(); n = reader.num_groups()
     groups = reader.read_groups(0, n)      # list[list[Sample]]
 
-`path` is a local path or any fsspec URL (`memory://`, `s3://`). The backend is
-recorded in the store's `meta.json`, so readers need only the path.
+`path` is a local path or any fsspec URL (`memory://`, `s3://`). The backends
+(arrow_store.py + arrow_reader.py, zarr_store.py + zarr_reader.py) import base.py and
+never this module; the names of base.py are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+import importlib
 
-from grpo_stream.buffer.schema import Group
+from grpo_stream.buffer.base import (  # noqa: F401  (re-exported)
+    BufferOptionError,
+    CorruptSegmentError,
+    GroupsDeletedError,
+    RolloutReader,
+    RolloutWriter,
+    StoreFormatError,
+    WriterLockedError,
+)
+from grpo_stream.buffer.fsutil import StoreFS, read_meta
 
-
-class CorruptSegmentError(RuntimeError):
-    """A segment/chunk of the store could not be read; the message names it."""
-
-
-class GroupsDeletedError(LookupError):
-    """The requested groups were deleted by retention/compaction (ids stay global)."""
-
-
-@runtime_checkable
-class RolloutWriter(Protocol):
-    def append_groups(self, groups: Sequence[Group]) -> tuple[int, int]:
-        """Publish groups atomically; assigns group_id/row_id; returns [first, end) group ids."""
-
-    def num_groups(self) -> int: ...
-
-    def close(self) -> None: ...
+# backend -> (writer, reader), as "module:class"; imported on use (zarr only when used)
+BACKENDS = {
+    "arrow": ("arrow_store:ArrowWriter", "arrow_reader:ArrowReader"),
+    "zarr": ("zarr_store:ZarrWriter", "zarr_reader:ZarrReader"),
+}
 
 
-@runtime_checkable
-class RolloutReader(Protocol):
-    def refresh(self) -> int:
-        """Re-scan published data; returns the number of groups now visible."""
-
-    def num_groups(self) -> int: ...
-
-    def read_groups(self, start: int, stop: int) -> list[Group]:
-        """Groups with start <= group_id < stop, each a list of Samples in sample order."""
-
-    def corrupt(self) -> list[str]:
-        """Names of segments/chunks skipped as unreadable (on_corrupt='skip')."""
-
-    def first_group(self) -> int:
-        """Oldest group id still stored (> 0 once retention deleted old groups)."""
-
-    def close(self) -> None: ...
+def _load(ref: str) -> type:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(f"grpo_stream.buffer.{module}"), name)
 
 
 def detect_backend(path: str) -> str:
     """The backend recorded in PATH/meta.json (schema version checked)."""
-    from grpo_stream.buffer.fsutil import StoreFS, read_meta
-
     return read_meta(StoreFS.open(path))["backend"]
 
 
 def open_writer(path: str, backend: str = "arrow", run_id: str = "", **opts) -> RolloutWriter:
-    """The store's single writer. opts: fsync=True, max_groups=None (retention),
-    max_age_s=None; arrow also roll-up, zarr chunk sizes (see their modules).
+    """The store's single writer. opts: fsync=True, max_groups=None, max_age_s=None
+    (retention); arrow also rollup_segments and rollup_target_groups, zarr chunk sizes
+    (see their modules).
 
     On local disk it holds STORE/writer.lock until `close()` (or its process ends): a
     second writer is refused with `WriterLockedError` naming the holder."""
-    if backend == "arrow":
-        from grpo_stream.buffer.arrow_store import ArrowWriter
-
-        return ArrowWriter(path, run_id=run_id, **opts)
-    if backend == "zarr":
-        from grpo_stream.buffer.zarr_store import ZarrWriter
-
-        return ZarrWriter(path, run_id=run_id, **opts)
-    raise ValueError(f"buffer.backend: unknown backend {backend!r} (arrow | zarr)")
+    if backend not in BACKENDS:
+        raise BufferOptionError(f"buffer.backend: unknown backend {backend!r} (arrow | zarr)")
+    return _load(BACKENDS[backend][0])(path, run_id=run_id, **opts)
 
 
 def open_reader(path: str, on_corrupt: str = "skip") -> RolloutReader:
     """A reader for the store at `path`; the backend comes from its meta.json."""
     backend = detect_backend(path)
-    if backend == "arrow":
-        from grpo_stream.buffer.arrow_store import ArrowReader
-
-        return ArrowReader(path, on_corrupt=on_corrupt)
-    if backend == "zarr":
-        from grpo_stream.buffer.zarr_reader import ZarrReader
-
-        return ZarrReader(path, on_corrupt=on_corrupt)
-    raise ValueError(f"{path}/meta.json: unknown backend {backend!r}")
+    if backend not in BACKENDS:
+        raise StoreFormatError(f"{path}/meta.json: unknown backend {backend!r}")
+    return _load(BACKENDS[backend][1])(path, on_corrupt=on_corrupt)

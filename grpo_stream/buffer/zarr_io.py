@@ -3,7 +3,7 @@
 `AtomicLocalStore` writes every key (chunk or zarr.json) to a temporary name, fsyncs,
 and renames it, so a concurrent reader or a killed writer never leaves a torn chunk.
 `read_slice` reads rows [lo, hi) of one array and turns a missing or undecodable chunk
-into `ChunkError`, which names the chunk file(s).
+into `base.ChunkError`, which names the chunk file(s).
 
     store = open_zarr_store(StoreFS.open(path), read_only=True)
     rows = read_slice(sfs, "ints", array, 0, 100)
@@ -20,35 +20,16 @@ from pathlib import Path
 import numpy as np
 from zarr.storage import FsspecStore, LocalStore
 
-from grpo_stream.buffer.fsutil import StoreFS, fsync_dir
-
-
-class ChunkError(RuntimeError):
-    """One or more chunks could not be read; `chunks` maps chunk path -> reason."""
-
-    def __init__(self, chunks: dict[str, str]) -> None:
-        self.chunks = chunks
-        super().__init__("; ".join(f"corrupt chunk {k}: {v}" for k, v in chunks.items()))
+from grpo_stream.atomic import fsync_dir, fsync_path, write_file_atomic
+from grpo_stream.buffer.base import ChunkError
+from grpo_stream.buffer.fsutil import StoreFS
 
 
 def _put_atomic(path: Path, data: memoryview) -> None:
+    """Write one key atomically; fsync comes later, batched (AtomicLocalStore.sync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_file_atomic(tmp, path, data, fsync=False)
 
 
 class AtomicLocalStore(LocalStore):
@@ -93,7 +74,7 @@ class AtomicLocalStore(LocalStore):
         dirs = {str(p.parent) for p in self._pending}
         self._pending = []
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(_fsync_path, sorted(files)))
+            list(pool.map(fsync_path, sorted(files)))
             list(pool.map(fsync_dir, sorted(dirs)))
 
 

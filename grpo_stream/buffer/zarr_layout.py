@@ -13,6 +13,9 @@ metadata write and a tail-chunk rewrite, so columns are packed by kind into few 
     text_ends      int64   [rows, 7]       end offsets into `text`, row-major over STRING_COLUMNS
     text           uint8   [bytes]         UTF-8 of all string columns
 
+The root group's attributes hold the schema version (`VERSION_ATTR`) and the commit
+pointer (`commit_pointer`): what the writer has published, and the oldest group kept.
+
 `table_to_arrays` packs one append's Arrow table; `arrays_to_table` rebuilds the exact
 Arrow table (ARROW_SCHEMA) from slices, so both backends read back identically.
 """
@@ -35,6 +38,14 @@ INT_COLUMNS = [n for n, t in _ARROW_TYPES.items() if pa.types.is_integer(t)]
 FLOAT_COLUMNS = [n for n, t in _ARROW_TYPES.items() if pa.types.is_floating(t)]
 ROW_ARRAYS = ["ints", "floats", "list_ends", "text_ends"]
 VALUE_ARRAYS = [*LIST_COLUMNS, "text"]
+VERSION_ATTR = "grpo_stream_schema_version"
+
+
+def commit_pointer(attrs: dict) -> dict[str, int]:
+    """The commit pointer in the root's attributes: groups, rows and each values
+    array's length, and the oldest group retention kept (0 for each one missing)."""
+    keys = ["num_groups", "num_rows", "first_group", *(f"len_{n}" for n in VALUE_ARRAYS)]
+    return {k: int(attrs.get(k, 0)) for k in keys}
 
 
 def array_specs(row_chunk: int, value_chunk: int) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -16,34 +16,29 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from grpo_stream.buffer.columns import (
-    LEARNER_COLUMNS,
-    LIST_COLUMNS,
-    STRING_COLUMNS,
-    RolloutBatch,
-    table_to_batch,
-    table_to_groups_fast,
-)
-from grpo_stream.buffer.fsutil import StoreFS, read_meta
+from grpo_stream.buffer.base import ChunkError, CorruptSegmentError, ReaderBase, StoreNotFoundError
+from grpo_stream.buffer.columns import LIST_COLUMNS, STRING_COLUMNS, table_to_groups
+from grpo_stream.buffer.fsutil import open_store_reader
 from grpo_stream.buffer.schema import ARROW_SCHEMA, Group, check_schema_version
-from grpo_stream.buffer.store import CorruptSegmentError, GroupsDeletedError
-from grpo_stream.buffer.zarr_io import ChunkError, open_zarr_store, read_slice
-from grpo_stream.buffer.zarr_layout import FLOAT_COLUMNS, array_specs, arrays_to_table
-from grpo_stream.buffer.zarr_store import VERSION_ATTR, commit_pointer
+from grpo_stream.buffer.zarr_io import open_zarr_store, read_slice
+from grpo_stream.buffer.zarr_layout import (
+    FLOAT_COLUMNS,
+    VERSION_ATTR,
+    array_specs,
+    arrays_to_table,
+    commit_pointer,
+)
 
 
-class ZarrReader:
+class ZarrReader(ReaderBase):
     """Reads up to the commit pointer; corrupt chunks are named and their groups skipped."""
 
     def __init__(self, path: str, on_corrupt: str = "skip") -> None:
-        if on_corrupt not in ("skip", "error"):
-            raise ValueError(f"buffer.on_corrupt: {on_corrupt!r} is not 'skip' or 'error'")
-        self.sfs = StoreFS.open(path)
-        self.meta = read_meta(self.sfs, expect_backend="zarr")
-        self.on_corrupt = on_corrupt
+        self._init_corrupt(on_corrupt)  # names: chunk paths
+        self.sfs, self.meta = open_store_reader(path, "zarr")
+        self.url = self.sfs.url
         self.store = open_zarr_store(self.sfs, read_only=True)
         self.commit = commit_pointer({})
-        self._corrupt: dict[str, str] = {}  # chunk path -> reason
         self._bad_groups: set[int] = set()
         self.arrays: dict = {}
         self.refresh()
@@ -53,7 +48,7 @@ class ZarrReader:
         try:
             root = zarr.open_group(self.store, mode="r", use_consolidated=False)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{where}: zarr root missing") from None
+            raise StoreNotFoundError(f"{where}: zarr root missing") from None
         except Exception as e:  # noqa: BLE001 - any decode failure of the root is corruption
             raise CorruptSegmentError(f"corrupt store root {where}: {e}") from None
         check_schema_version(root.attrs.get(VERSION_ATTR), where)
@@ -69,19 +64,6 @@ class ZarrReader:
     def first_group(self) -> int:
         """Oldest group still stored (> 0 once retention deleted older ones)."""
         return self.commit["first_group"]
-
-    def _check_kept(self, start: int, stop: int) -> None:
-        if start < stop and start < self.first_group():
-            raise GroupsDeletedError(
-                f"{self.sfs.url}: groups [{start}, {self.first_group()}) were deleted by "
-                f"retention; the oldest group on disk is {self.first_group()}"
-            )
-
-    def corrupt(self) -> list[str]:
-        return sorted(self._corrupt)
-
-    def corrupt_reasons(self) -> dict[str, str]:
-        return dict(self._corrupt)
 
     def _read(self, name: str, lo: int, hi: int) -> np.ndarray:
         return read_slice(self.sfs, name, self.arrays[name], lo, hi)
@@ -115,10 +97,7 @@ class ZarrReader:
 
     def read_table(self, start: int, stop: int, columns: Sequence[str] | None = None) -> pa.Table:
         """Rows of groups [start, stop); groups touching corrupt chunks are skipped (or raise)."""
-        stop = min(stop, self.num_groups())
-        if start < 0 or start > stop:
-            raise ValueError(f"read_groups: bad range [{start}, {stop})")
-        self._check_kept(start, stop)
+        start, stop = self._check_range(start, stop)
         cols = list(columns) if columns else ARROW_SCHEMA.names
         if "group_id" not in cols:
             cols.append("group_id")
@@ -151,21 +130,12 @@ class ZarrReader:
                 parts = [self._read_robust(start, mid, cols), self._read_robust(mid, stop, cols)]
                 parts = [p for p in parts if p is not None and p.num_rows]
                 return pa.concat_tables(parts) if parts else None
-            for name, reason in e.chunks.items():
-                self._corrupt[name] = reason
             self._bad_groups.add(start)
-            if self.on_corrupt == "error":
-                raise CorruptSegmentError(str(e)) from None
+            self._mark_corrupt(e.chunks, str(e))
             return None
 
     def read_groups(self, start: int, stop: int) -> list[Group]:
-        return table_to_groups_fast(self.read_table(start, stop))
-
-    def read_columns(
-        self, start: int, stop: int, columns: Sequence[str] | None = None
-    ) -> RolloutBatch:
-        cols = list(columns) if columns else None
-        return table_to_batch(self.read_table(start, stop, cols or list(LEARNER_COLUMNS)), cols)
+        return table_to_groups(self.read_table(start, stop))
 
     def close(self) -> None:
         pass

@@ -36,23 +36,22 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync as zarr_sync
 
+from grpo_stream.buffer.base import check_writer_options, number_groups
 from grpo_stream.buffer.columns import samples_to_table
-from grpo_stream.buffer.fsutil import StoreFS, WriterLock, open_or_create_meta
+from grpo_stream.buffer.fsutil import open_store_writer
 from grpo_stream.buffer.schema import SCHEMA_VERSION, Group, check_schema_version
 from grpo_stream.buffer.zarr_io import open_zarr_store, read_slice, remove_stray_tmp
-from grpo_stream.buffer.zarr_layout import VALUE_ARRAYS, array_specs, table_to_arrays
+from grpo_stream.buffer.zarr_layout import (
+    VALUE_ARRAYS,
+    VERSION_ATTR,
+    array_specs,
+    commit_pointer,
+    table_to_arrays,
+)
 from grpo_stream.buffer.zarr_retention import ChunkSweeper, first_kept_group, needed_from
 
-VERSION_ATTR = "grpo_stream_schema_version"
 CHUNK_CODECS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec())
 _INITIAL_CHUNKS = 16  # a new array's capacity, in chunks: each doubling rewrites its zarr.json
-
-
-def commit_pointer(attrs: dict) -> dict[str, int]:
-    """The commit pointer: groups, rows and each values array's length, and the oldest
-    group retention kept."""
-    keys = ["num_groups", "num_rows", "first_group", *(f"len_{n}" for n in VALUE_ARRAYS)]
-    return {k: int(attrs.get(k, 0)) for k in keys}
 
 
 class ZarrWriter:
@@ -68,15 +67,10 @@ class ZarrWriter:
         max_groups: int | None = None,
         max_age_s: float | None = None,
     ) -> None:
-        if max_groups is not None and max_groups < 1:
-            raise ValueError("buffer.max_groups: must be >= 1 (or unset)")
-        if max_age_s is not None and not max_age_s > 0:
-            raise ValueError("buffer.max_age_s: must be > 0 (or unset)")
+        check_writer_options(max_groups, max_age_s)
         self.max_groups, self.max_age_s = max_groups, max_age_s
-        self.sfs = StoreFS.open(path)
-        self._lock = WriterLock(self.sfs)  # before touching anything: one writer per store
-        self.meta = open_or_create_meta(self.sfs, "zarr", run_id)
-        self.run_id = run_id or self.meta.get("run_id", "")
+        h = open_store_writer(path, "zarr", run_id)  # the lock first: one writer per store
+        self.sfs, self._lock, self.meta, self.run_id = h.sfs, h.lock, h.meta, h.run_id
         remove_stray_tmp(self.sfs)
         self.store = open_zarr_store(self.sfs, read_only=False, fsync=fsync)
         self.root = self._open_root(row_chunk, value_chunk)
@@ -116,14 +110,7 @@ class ZarrWriter:
         first = self.commit["num_groups"]
         if not groups:
             return first, first
-        row = self.commit["num_rows"]
-        empty = [gi for gi, group in enumerate(groups) if not group]
-        if empty:
-            raise ValueError(f"append_groups: group {empty[0]} is empty")
-        for gi, group in enumerate(groups):
-            for s in group:
-                s.group_id, s.row_id = first + gi, row
-                row += 1
+        row = number_groups(groups, first, self.commit["num_rows"])
         table = samples_to_table(groups)
         base = {"rows": self.commit["num_rows"]}
         base.update({n: self.commit[f"len_{n}"] for n in VALUE_ARRAYS})
@@ -190,4 +177,4 @@ class ZarrWriter:
         self._lock.release()
 
 
-__all__ = ["CHUNK_CODECS", "VERSION_ATTR", "ZarrWriter", "commit_pointer"]
+__all__ = ["CHUNK_CODECS", "ZarrWriter"]

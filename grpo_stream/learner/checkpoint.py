@@ -10,7 +10,6 @@ the newest whole one for `--resume`.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -18,12 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
+from grpo_stream.atomic import fresh_dir, publish_dir
 
 
 def rng_state() -> dict:
@@ -61,9 +55,7 @@ def save_checkpoint(
     model's and optimizer's own state dicts are written."""
     root = Path(run_dir) / "checkpoints"
     out = root / f"step-{step}"
-    tmp = root / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(root / f"step-{step}.tmp")
     model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     torch.save(
         {
@@ -75,10 +67,7 @@ def save_checkpoint(
         tmp / "trainer.pt",
     )
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    _fsync_tree(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_dir(tmp, out)  # fsync every file, then rename over any old step-N
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return out

@@ -15,8 +15,8 @@ import torch
 from conftest import free_port
 from safetensors.torch import load_file
 
+from bench.synth import make_groups
 from grpo_stream.buffer.store import open_writer
-from grpo_stream.buffer.synth import make_groups
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.synth import make_groups
 from grpo_stream.buffer.store import open_writer
-from grpo_stream.buffer.synth import make_groups
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
+from bench.synth import make_group, make_groups
 from grpo_stream.buffer import (
     SCHEMA_VERSION,
     GroupCursor,
@@ -15,7 +16,6 @@ from grpo_stream.buffer import (
     open_reader,
     open_writer,
 )
-from grpo_stream.buffer.synth import make_group, make_groups
 
 BACKENDS = ["arrow", "zarr"]
 
@@ -69,33 +69,27 @@ def test_meta_json_records_the_store(where, backend):
 
 
 @pytest.mark.parametrize("appends", [1, 4], ids=["one_append", "four_appends"])
-def test_read_columns_matches_samples(where, backend, appends):
+def test_read_table_matches_samples(where, backend, appends):
     groups = make_groups(4, group_size=3)
     w = open_writer(where, backend=backend)
     for i in range(appends):  # arrow: one segment per append (no roll-up below 4 of a tier)
         w.append_groups(groups[i * 4 // appends : (i + 1) * 4 // appends])
     w.close()
     r = open_reader(where)
-    b = r.read_columns(1, 3)
+    cols = ["group_id", "row_id", "reward", "prompt_ids", "completion_ids", "behaviour_logprobs"]
+    t = r.read_table(1, 3, cols)
     want = [s for g in groups[1:3] for s in g]
-    assert b.num_groups == 2 and b.num_rows == 6
-    np.testing.assert_array_equal(b.group_ids, [1, 2])
-    np.testing.assert_array_equal(b.group_offsets, [0, 3, 6])
-    np.testing.assert_array_equal(b.scalars["row_id"], [s.row_id for s in want])
-    np.testing.assert_array_equal(b.scalars["reward"], np.float32([s.reward for s in want]))
+    assert t.column_names == cols and t.num_rows == 6
+    np.testing.assert_array_equal(t.column("group_id").to_numpy(), [1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(t.column("row_id").to_numpy(), [s.row_id for s in want])
+    np.testing.assert_array_equal(
+        t.column("reward").to_numpy(), np.float32([s.reward for s in want])
+    )
     for name in ("prompt_ids", "completion_ids", "behaviour_logprobs"):
-        per = b.ragged(name)
-        for arr, s in zip(per, want, strict=True):
-            np.testing.assert_array_equal(arr, np.asarray(getattr(s, name), arr.dtype))
-    # the flat form (joined on first use when the rows span segments) agrees with ragged
-    for name in ("completion_ids", "behaviour_logprobs"):
-        flat, offs = b.values[name], b.offsets[name]
-        assert offs[0] == 0 and offs[-1] == len(flat) and len(offs) == 7
-        np.testing.assert_array_equal(flat, np.concatenate(b.ragged(name)))
-    assert b.values["completion_ids"].dtype == np.int32
-    assert b.values["behaviour_logprobs"].dtype == np.float32
-    assert sorted(b.values) == sorted(b.offsets) == ["behaviour_logprobs", "completion_ids",
-                                                     "prompt_ids"]  # fmt: skip
+        assert t.column(name).to_pylist() == [getattr(s, name) for s in want], name
+    assert str(t.schema.field("completion_ids").type.value_type) == "int32"
+    assert str(t.schema.field("behaviour_logprobs").type.value_type) == "float"
+    _assert_groups_equal(r.read_groups(1, 3), groups[1:3])  # the learner's path, same rows
 
 
 def test_new_writer_continues_numbering(where, backend):
@@ -154,7 +148,7 @@ def test_unknown_schema_version_in_the_data(tmp_path, backend):
         return
     import pyarrow as pa
 
-    from grpo_stream.buffer.arrow_store import SEG_META_KEY, list_segments
+    from grpo_stream.buffer.arrow_rollup import SEG_META_KEY, list_segments
 
     r = open_reader(path)
     seg = list_segments(r.sfs)[0]
@@ -200,20 +194,6 @@ def test_cursor_filters_stale_groups(where, backend):
     }
 
 
-def test_cursor_columns_filter_stale(where, backend):
-    groups = [make_group(i, group_size=2, version=i) for i in range(4)]
-    open_writer(where, backend=backend).append_groups(groups)
-    cur = GroupCursor(open_reader(where))
-    batch, stale = cur.next_columns(4, timeout_s=5, max_staleness=1, current_version=3)
-    assert stale == 2
-    np.testing.assert_array_equal(batch.group_ids, [2, 3])
-    np.testing.assert_array_equal(batch.group_offsets, [0, 2, 4])
-    want = [s for g in groups[2:] for s in g]
-    for arr, s in zip(batch.ragged("completion_ids"), want, strict=True):
-        np.testing.assert_array_equal(arr, s.completion_ids)
-    np.testing.assert_array_equal(batch.scalars["policy_version"], [2, 2, 3, 3])
-
-
 def test_cursor_times_out_with_a_clear_error(where, backend):
     open_writer(where, backend=backend).append_groups(make_groups(2))
     cur = GroupCursor(open_reader(where), poll_s=0.001)
@@ -233,7 +213,7 @@ def test_second_writer_is_refused_until_the_first_closes(tmp_path, backend):
     import subprocess
     import sys
 
-    from grpo_stream.buffer.fsutil import WriterLockedError
+    from grpo_stream.buffer import WriterLockedError
 
     path = str(tmp_path / "buf")
     w = open_writer(path, backend=backend)
@@ -253,3 +233,20 @@ def test_second_writer_is_refused_until_the_first_closes(tmp_path, backend):
     assert w2.append_groups(make_groups(1, start=2)) == (2, 3)
     w2.close()
     assert open_reader(path).num_groups() == 3
+
+
+def test_user_fixable_errors_are_user_errors_naming_the_field(tmp_path, backend):
+    from grpo_stream.buffer import CorruptSegmentError, GroupsDeletedError, WriterLockedError
+    from grpo_stream.errors import UserError
+
+    path = str(tmp_path / "buf")
+    with pytest.raises(UserError, match=r"no rollout store at .*buf \(missing meta\.json\)"):
+        open_reader(path)
+    for opts, field in [({"max_groups": 0}, "max_groups"), ({"max_age_s": 0.0}, "max_age_s")]:
+        with pytest.raises(UserError, match=rf"buffer\.{field}: must be"):
+            open_writer(path, backend=backend, **opts)
+    open_writer(path, backend=backend).append_groups(make_groups(1))
+    with pytest.raises(UserError, match=r"buffer\.on_corrupt: 'ignore' is not"):
+        open_reader(path, on_corrupt="ignore")
+    errors = (CorruptSegmentError, GroupsDeletedError, WriterLockedError, SchemaVersionError)
+    assert all(issubclass(e, UserError) for e in errors)

@@ -10,14 +10,14 @@ import time
 import numpy as np
 import pytest
 
-from grpo_stream.buffer import CorruptSegmentError, open_reader, open_writer
-from grpo_stream.buffer.synth import (
+from bench.synth import (
     crash_writer_worker,
     make_group,
     make_groups,
     reader_worker,
     writer_worker,
 )
+from grpo_stream.buffer import CorruptSegmentError, open_reader, open_writer
 
 BACKENDS = ["arrow", "zarr"]
 CTX = mp.get_context("spawn")
@@ -120,7 +120,7 @@ def test_arrow_garbage_bytes_fail_the_checksum(tmp_path):
     assert r.corrupt() == [os.path.basename(seg)]
     assert "CRC-32" in r.corrupt_reasons()[os.path.basename(seg)]
     with pytest.raises(CorruptSegmentError, match=f"{os.path.basename(seg)}.*completion_ids"):
-        open_reader(path, on_corrupt="error").read_columns(4, 6)
+        open_reader(path, on_corrupt="error").read_groups(4, 6)
 
 
 def test_arrow_stray_tmp_is_ignored_by_readers(tmp_path):

@@ -9,10 +9,11 @@ import shutil
 import pyarrow as pa
 import pytest
 
+from bench.synth import make_group, reader_worker
 from grpo_stream.buffer import GroupsDeletedError, open_reader
-from grpo_stream.buffer.arrow_rollup import Segment, plan_rollup, resolve_covering
-from grpo_stream.buffer.arrow_store import ArrowReader, ArrowWriter, segment_name
-from grpo_stream.buffer.synth import make_group, reader_worker
+from grpo_stream.buffer.arrow_reader import ArrowReader
+from grpo_stream.buffer.arrow_rollup import Segment, plan_rollup, resolve_covering, segment_name
+from grpo_stream.buffer.arrow_store import ArrowWriter
 
 CTX = mp.get_context("spawn")
 ROLLUP = {"rollup_segments": 4, "rollup_target_groups": 16}  # tiers: 1-3, 4-15, >= 16

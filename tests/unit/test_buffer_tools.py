@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from bench.synth import make_group, make_groups
 from grpo_stream.buffer import GroupCursor, GroupsDeletedError, open_reader, open_writer
-from grpo_stream.buffer.synth import make_group, make_groups
 from grpo_stream.buffer.tools import run_cli
 from grpo_stream.config import BufferConfig
 

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from grpo_stream.buffer.synth import make_groups
+from bench.synth import make_groups
 from grpo_stream.config import Config
 from grpo_stream.learner.optim import build_optimizer
 from grpo_stream.learner.policy import load_causal_lm

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.synth import make_groups
 from grpo_stream.buffer.store import open_writer
-from grpo_stream.buffer.synth import make_groups
 from grpo_stream.config import Config, ModelConfig
 from grpo_stream.learner.batch import collate
 from grpo_stream.learner.checkpoint import save_checkpoint

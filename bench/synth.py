@@ -1,11 +1,15 @@
 """Synthetic rollout groups and writer/reader process entry points, for tests and bench.
 
+Test and benchmark support, not part of the package: run from the repository root
+(`python -m bench.buffer`; pytest puts the root on sys.path, see tests/conftest.py).
+
 Groups look like real ones (G samples per prompt, prompt/completion token ids, float32
 behaviour log-probs, text) and are deterministic in their seed, so a test can rebuild
 exactly what a writer process appended and compare. The `*_worker` functions are
 module-level so `multiprocessing` (spawn) can start them.
 
-    groups = make_groups(10, group_size=8, seed=0)
+    from bench.synth import make_groups
+    groups = make_groups(10, group_size=8)
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def _freeze_midway(backend: str, flag_path: str) -> None:
                 f.flush()
             freeze()
 
-        arrow_store.write_local_atomic = half_write
+        arrow_store.write_file_atomic = half_write
     else:
         from grpo_stream.buffer import zarr_io
 

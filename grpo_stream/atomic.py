@@ -1,0 +1,95 @@
+"""Atomic publication of files and folders: write a temporary name, fsync, `os.replace`.
+
+A reader never sees half a segment, checkpoint or weights folder: the writer fills a
+temporary name, fsyncs what it wrote, renames it into place with `os.replace` (atomic
+on POSIX), and fsyncs the parent directory so the rename itself survives a crash. This
+is the one helper for every file and folder the project publishes (buffer segments and
+meta.json, learner checkpoints, disk weight sync, prepared model folders). It imports
+only the standard library, so every layer may use it.
+
+    tmp = fresh_dir(final.with_name(final.name + ".tmp"))   # empty
+    model.save_pretrained(tmp)
+    publish_dir(tmp, final)              # fsync every file; replace an old `final`
+
+    write_file_atomic(tmp_path, final_path, data)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync one file (or directory) by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of a directory (a rename into it) durable. Best effort: some
+    filesystems refuse to open or fsync a directory, and then there is nothing to do."""
+    try:
+        fsync_path(path)
+    except OSError:
+        pass
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file below `folder`, then every directory (deepest first)."""
+    for dirpath, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_dir(dirpath)
+
+
+def fresh_dir(path: str | os.PathLike) -> Path:
+    """`path` as a new empty folder (a leftover from a killed writer is removed)."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Publish the filled folder `tmp` as `final`, atomically, replacing an old `final`.
+
+    The old folder is first renamed aside (not deleted in place), so a reader finds
+    either the old or the new folder at `final`, never a half-deleted one."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_file_atomic(
+    tmp: str | os.PathLike, final: str | os.PathLike, data: bytes | memoryview, fsync: bool = True
+) -> None:
+    """Write `data` to `tmp`, then rename it to `final`; `tmp` never outlives a failure.
+
+    With `fsync=False` the rename is still atomic (readers see the old or the whole new
+    file) but not durable across a power loss; callers that batch their fsyncs use it."""
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(os.path.dirname(os.fspath(final)) or ".")
