@@ -1,14 +1,14 @@
 """Integration: NCCL weight sync into a real vLLM GPU server (needs 2 CUDA devices).
 
 A vLLM server with `--weight-transfer-config '{"backend":"nccl"}'` serves a tiny random
-Llama on GPU 1 (NCCL refuses two ranks of one communicator on the same GPU); the trainer
-holds the same model on GPU 0, perturbs it, and `NCCLSync.push`es it. Checked: the server
-reports the new /weight_info version, greedy log-probs changed, and they now match the
-perturbed model's own log-probs (computed with Hugging Face on GPU 0) on the same tokens.
-A second push reuses the NCCL group. Skipped without CUDA (this CPU box).
-
-The CPU test below checks the weight source alone: its metadata (what the workers size
-their receive buffers from) agrees with its iteration, under Hugging Face names.
+Llama on GPU 0 (`server.gpus = [[0]]`: its CUDA_VISIBLE_DEVICES); the trainer holds the
+same model on GPU 1 (NCCL refuses two ranks of one communicator on the same GPU, so this
+also shows the send thread runs on the trainer's device, not a new thread's device 0),
+perturbs it, and `NCCLSync.push`es it. Checked: the server reports the new /weight_info
+version, greedy log-probs changed, and they now match the perturbed model's own
+log-probs (computed with Hugging Face on GPU 1) on the same tokens. A second push reuses
+the NCCL group. Skipped without 2 GPUs (this CPU box). The weight source itself (vLLM
+0.32 and 0.33 contracts) is tests/unit/test_vllm_api.py.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import torch
 from conftest import free_port
 
 from grpo_stream.config import ModelConfig, ServerConfig, SyncConfig
-from grpo_stream.sync.nccl import NCCLSync, local_address_for
+from grpo_stream.sync.disk import WeightSyncError
+from grpo_stream.sync.nccl import NCCLSync, local_address_for, sender_device
 from services.model import build_tiny_model, resolve_model_path
 from services.vllm_server import VLLMServer, get_json, post_json
 
 PROMPT = [1, 9690, 198, 2683, 314, 260, 2023, 282]
+TRAINER = "cuda:1"  # the server is on GPU 0: a send thread left on device 0 would collide
 NEEDS_TWO_GPUS = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
     reason="NCCL weight sync needs CUDA and 2 GPUs (trainer and server on distinct devices)",
@@ -49,11 +51,11 @@ def _greedy(url: str) -> tuple[list[int], list[float]]:
 
 
 def _hf_logprobs(model, tokens: list[int]) -> torch.Tensor:
-    ids = torch.tensor([PROMPT + tokens], device="cuda:0")  # [1, P+C]
+    ids = torch.tensor([PROMPT + tokens], device=TRAINER)  # [1, P+C]
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(PROMPT) - 1 : -1].float()  # [C, V]
     lp = torch.log_softmax(logits, dim=-1)
-    return lp.gather(1, torch.tensor(tokens, device="cuda:0")[:, None])[:, 0].cpu()  # [C]
+    return lp.gather(1, torch.tensor(tokens, device=TRAINER)[:, None])[:, 0].cpu()  # [C]
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +65,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gpu1_server(tiny: Path, tmp_path_factory: pytest.TempPathFactory):
-    torch.zeros(1, device="cuda:0")  # pin this process's CUDA view before the env changes
+def gpu0_server(tiny: Path, tmp_path_factory: pytest.TempPathFactory):
     cfg = ServerConfig(
         max_model_len=256,
         startup_timeout_s=600,
-        extra_args=[
-            "--weight-transfer-config",
-            '{"backend":"nccl"}',
-            "--gpu-memory-utilization",
-            "0.3",
-        ],
+        weight_transfer_backend="nccl",
+        gpus=[[0]],
+        gpu_memory_utilization=0.3,
     )
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CUDA_VISIBLE_DEVICES", "1")  # only the server's environment sees GPU 1
-    srv = VLLMServer(tiny, "policy", free_port(), cfg, tmp_path_factory.mktemp("logs") / "vllm.log")
-    try:
-        srv.start()
-    finally:
-        mp.undo()
-    with srv:
+    log = tmp_path_factory.mktemp("logs") / "vllm.log"
+    with VLLMServer(tiny, "policy", free_port(), cfg, log, gpus=cfg.gpus[0]) as srv:
         srv.wait_healthy()
         yield srv
 
@@ -90,12 +82,13 @@ def gpu1_server(tiny: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.gpu
 @pytest.mark.slow
 @NEEDS_TWO_GPUS
-def test_nccl_push_changes_served_weights(tiny: Path, gpu1_server: VLLMServer) -> None:
+def test_nccl_push_changes_served_weights(tiny: Path, gpu0_server: VLLMServer) -> None:
     from transformers import AutoModelForCausalLM
 
-    url = gpu1_server.url
+    url = gpu0_server.url
     tokens0, lp0 = _greedy(url)
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).to("cuda:0")
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).to(TRAINER)
+    assert sender_device(model) == torch.device(TRAINER)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -121,37 +114,9 @@ def test_nccl_push_changes_served_weights(tiny: Path, gpu1_server: VLLMServer) -
         sync.close()
 
 
-@pytest.mark.slow  # imports vLLM (~30 s here)
-def test_weight_source_metadata_matches_iteration() -> None:
-    pytest.importorskip("vllm")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from grpo_stream.sync.nccl import _hf_source
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
-    src = _hf_source(model, torch.bfloat16)
-    meta = src.metadata()
-    pairs = list(src)
-    assert (
-        [m.name for m in meta] == [n for n, _ in pairs] == [n for n, _ in model.named_parameters()]
-    )
-    assert "lm_head.weight" in dict(pairs) and "model.layers.1.mlp.up_proj.weight" in dict(pairs)
-    for m, (_, t) in zip(meta, pairs, strict=True):
-        assert (m.dtype, m.shape) == (t.dtype, tuple(t.shape)) == (torch.bfloat16, m.shape)
-    ref = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
-    assert torch.equal(
-        dict(pairs)["model.layers.0.self_attn.q_proj.weight"], ref.detach().bfloat16()
-    )
-    assert [m.dtype for m in _hf_source(model, None).metadata()] == [torch.float32] * len(meta)
+def test_a_cpu_model_is_refused_with_the_field() -> None:
+    with pytest.raises(WeightSyncError, match="learner.device"):
+        sender_device(torch.nn.Linear(2, 2))
 
 
 def test_master_address_is_loopback_for_local_servers() -> None:
