@@ -2,10 +2,11 @@
 
 The file is read with the `datasets` library, offline (HF_DATASETS_OFFLINE=1 is set
 unless already set) and without leaving a cache behind, or with pyarrow/json when
-`datasets` is not installed. Each row
-gives one prompt: `cfg.prompt_column` is the user message (followed by
-`cfg.instruction` if set) and `cfg.answer_column` the reference answer (as a string);
-the other columns go to `meta["fields"]`. Ids are `{file stem}-r{row}-e{epoch}`.
+`datasets` is not installed. Each row gives one prompt: `cfg.prompt_column` is the
+question (followed by `cfg.instruction`, or put into it where it says "{question}") and
+`cfg.answer_column` the reference answer (as a string; GSM8K's "... #### 72" and MATH's
+"... \\boxed{72}" solutions are read by the `math_verify` reward); the other columns go
+to `meta["fields"]`. Ids are `{file stem}-r{row}-e{epoch}`.
 A missing file or column raises `TaskError` naming the file and the column.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_stream.config import TaskConfig
-from grpo_stream.tasks.prompt import Prompt, TaskError
+from grpo_stream.tasks.prompt import Prompt, TaskError, apply_instruction
 
 
 def _read_with_datasets(path: Path, fmt: str) -> list[dict[str, Any]]:
@@ -86,7 +87,7 @@ def _row_prompt(row: dict[str, Any], index: int, epoch: int, path: Path, cfg: Ta
     others = {k: v for k, v in row.items() if k not in (cfg.prompt_column, cfg.answer_column)}
     return Prompt(
         prompt_id=f"{path.stem}-r{index}-e{epoch}",
-        text=f"{text} {cfg.instruction}".strip() if cfg.instruction else text,
+        text=apply_instruction(text, cfg.instruction) if cfg.instruction else text,
         answer="" if answer is None else str(answer),
         meta={"source": path.name, "row": index, "epoch": epoch, "fields": others},
     )
@@ -94,7 +95,7 @@ def _row_prompt(row: dict[str, Any], index: int, epoch: int, path: Path, cfg: Ta
 
 def _epochs(rows: list[dict[str, Any]], path: Path, cfg: TaskConfig) -> Iterator[Prompt]:
     epoch = 0
-    while cfg.epochs is None or epoch < cfg.epochs:
+    while cfg.passes is None or epoch < cfg.passes:
         order = list(range(len(rows)))
         if cfg.shuffle:
             random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)

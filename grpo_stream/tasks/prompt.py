@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_stream.config import TaskConfig
+from grpo_stream.errors import UserError
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A user error in a task's data or settings; the message names the file/field."""
 
 
@@ -25,6 +26,27 @@ class Prompt:
     text: str  # the user message
     answer: str  # reference answer (countdown: JSON with numbers, target, solution)
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+QUESTION = "{question}"  # in task.instruction: where the question goes (else it comes first)
+
+
+def apply_instruction(question: str, instruction: str) -> str:
+    """The user message: `instruction` as a template when it holds "{question}"
+    ("Solve: {question}\nPut your final answer within \\boxed{}."), else appended."""
+    if QUESTION in instruction:
+        return instruction.replace(QUESTION, question)  # not str.format: LaTeX has braces
+    return f"{question} {instruction}".strip()
+
+
+def strip_instruction(text: str, instruction: str) -> str:
+    """The question inside a message made by `apply_instruction` (or `text` unchanged)."""
+    if QUESTION in instruction:
+        head, tail = instruction.split(QUESTION, 1)
+        if text.startswith(head) and text.endswith(tail) and len(text) >= len(head + tail):
+            return text[len(head) : len(text) - len(tail)].strip()
+        return text.strip()
+    return text.removesuffix(instruction).strip() if instruction else text.strip()
 
 
 def chat_messages(prompt: Prompt, cfg: TaskConfig) -> list[dict[str, str]]:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from grpo_stream.config import TaskConfig
 from grpo_stream.tasks import countdown
 from grpo_stream.tasks.dataset_files import dataset_prompts
-from grpo_stream.tasks.prompt import Prompt
+from grpo_stream.tasks.prompt import Prompt, apply_instruction, strip_instruction
 
 _ARITHMETIC_OPS: dict[str, Callable[[int, int], int]] = {
     "+": operator.add,
@@ -32,7 +32,7 @@ _ARITHMETIC_OPS: dict[str, Callable[[int, int], int]] = {
 
 
 def _question(question: str, instruction: str) -> str:
-    return f"{question} {instruction}".strip()
+    return apply_instruction(question, instruction)
 
 
 def arithmetic_prompts(cfg: TaskConfig) -> Iterator[Prompt]:
@@ -83,8 +83,14 @@ PROMPT_SOURCES: dict[str, Callable[[TaskConfig], Iterator[Prompt]]] = {
 }
 
 
-def make_prompt_source(cfg: TaskConfig, start: int = 0) -> Iterator[Prompt]:
-    """The prompts of task `cfg.name`, skipping the first `start`, at most `cfg.num_prompts`."""
+def make_prompt_source(
+    cfg: TaskConfig, start: int = 0, exclude: frozenset[str] = frozenset()
+) -> Iterator[Prompt]:
+    """The prompts of task `cfg.name`, skipping the first `start`, at most `cfg.num_prompts`.
+
+    Prompts whose question (`question_key`) is in `exclude` are left out before counting:
+    the held-out eval prompts (`grpo_stream.tasks.heldout`) never reach training.
+    """
     try:
         factory = PROMPT_SOURCES[cfg.name]
     except KeyError:
@@ -92,4 +98,11 @@ def make_prompt_source(cfg: TaskConfig, start: int = 0) -> Iterator[Prompt]:
             f"task.name: unknown task {cfg.name!r} (choose from {sorted(PROMPT_SOURCES)})"
         ) from None
     source = factory(cfg)
+    if exclude:
+        source = (p for p in source if question_key(p, cfg) not in exclude)
     return itertools.islice(source, start, cfg.num_prompts)
+
+
+def question_key(prompt: Prompt, cfg: TaskConfig) -> str:
+    """The question without the task's instruction: how held-out prompts are compared."""
+    return strip_instruction(prompt.text, cfg.instruction)

@@ -1,0 +1,99 @@
+"""The evaluator process of a training run: held-out accuracy over policy versions.
+
+`grpo-stream run` starts it beside the generator and the learner when `eval.every > 0`
+(`grpo-stream eval --follow --config RUN/config.toml` starts it by hand). It watches the
+servers' /weight_info and the learner's progress file, and evaluates (`evaluate.py`):
+- version 0 and every version that is a multiple of `eval.every` (the learner waits
+  before syncing past such a version until its row is written: `progress.py`);
+- the final version, once the learner says it reached `learner.max_steps`; then it exits.
+Each evaluation appends one row to RUN/eval.jsonl (and TensorBoard) and publishes the
+version to BUFFER/consumers/eval.json. Rows already in RUN/eval.jsonl (a resumed run)
+are not redone. It writes nothing to the buffer, so no eval sample is ever trained on.
+
+    asyncio.run(Follower(cfg, run_dir, model_dir).run())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+
+from grpo_stream.config import Config
+from grpo_stream.eval.evaluate import Evaluator
+from grpo_stream.eval.progress import eval_due, write_eval_progress
+from grpo_stream.eval.record import EvalLog, EvalRow, read_eval_rows
+from grpo_stream.generator.pool import ServerPool
+from grpo_stream.progress import read_progress
+from grpo_stream.tasks.heldout import check_disjoint, heldout_prompts
+from grpo_stream.vllm_client import VLLMClient
+
+POLL_S = 0.25
+
+
+def say(msg: str) -> None:
+    print(f"[eval] {msg}", file=sys.stderr, flush=True)
+
+
+class Follower:
+    def __init__(self, cfg: Config, run_dir: str, model_dir: str):
+        from transformers import AutoTokenizer
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.buffer_path = cfg.buffer_path(run_dir)
+        prompts = heldout_prompts(cfg)
+        check_disjoint(cfg, prompts)  # the generator skips them: verify on its real stream
+        self.evaluator = Evaluator(cfg, AutoTokenizer.from_pretrained(model_dir), prompts)
+        self.done = {r["policy_version"] for r in read_eval_rows(run_dir)}
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _server_version(self, client: VLLMClient, urls: list[str]) -> int | None:
+        """The version every server serves, or None while they disagree (mid-sync)."""
+        versions = set(await asyncio.gather(*(client.weight_version(u) for u in urls)))
+        return versions.pop() if len(versions) == 1 else None
+
+    def _final(self, version: int) -> bool:
+        p = read_progress(self.buffer_path)
+        if p.step < self.cfg.learner.max_steps:
+            return False
+        return version == p.version or self.cfg.sync.transport == "none"
+
+    async def _evaluate(self, pool: ServerPool, log: EvalLog, version: int) -> EvalRow:
+        step = read_progress(self.buffer_path).step
+        row = await self.evaluator.evaluate(pool, step=step)
+        log.write(row)
+        self.done.add(version)
+        await asyncio.to_thread(write_eval_progress, self.buffer_path, version)
+        mixed = f" (versions {row.versions_seen}: marked)" if row.version_mismatch else ""
+        say(
+            f"v{row.policy_version}: pass@1 {row.greedy_pass_at_1} mean@{row.k} {row.mean_at_k} "
+            f"pass@{row.k} {row.pass_at_k} in {row.eval_s:.1f}s{mixed}"
+        )
+        return row
+
+    async def run(self) -> int:
+        urls = self.cfg.server.resolved_urls()
+        log = EvalLog(self.run_dir)
+        async with VLLMClient(self.cfg.generator.request_timeout_s) as client:
+            await client.wait_healthy(urls, self.cfg.server.startup_timeout_s, need="all")
+            pool = ServerPool(urls, client, wait_timeout_s=self.cfg.server.startup_timeout_s)
+            try:
+                while not self._stop.is_set():
+                    version = await self._server_version(client, urls)
+                    if version is not None:
+                        final = await asyncio.to_thread(self._final, version)
+                        due = eval_due(self.cfg.eval.every, version) or final
+                        if due and version not in self.done:
+                            await self._evaluate(pool, log, version)
+                        if final:
+                            break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), POLL_S)
+            finally:
+                await pool.close()
+                await self.evaluator.aclose()
+                log.close()
+        return len(self.done)
