@@ -1,17 +1,22 @@
 """The learner's published progress, read by the generator's staleness gate.
 
 The learner writes `BUFFER/consumers/learner.json` ({"consumed_groups", "version",
-"step", "time"}) atomically after every step. The generator, possibly on another
-machine, reads it to keep the buffer at most `max_ahead_batches` learner batches
-ahead of what the learner has consumed: it pauses rather than produce data the
-learner would discard as stale. Works on any fsspec path.
+"step", "time", "finished", "pid", "host"}) atomically after every step. The generator,
+possibly on another machine, reads it to keep the buffer at most `max_ahead_batches`
+learner batches ahead of what the learner has consumed: it pauses rather than produce
+data the learner would discard as stale. A learner that reaches `learner.max_steps`
+writes `finished = true` last, so a generator started by hand stops instead of waiting
+forever; `pid`/`host` let a generator on the same host notice a learner that died.
+Works on any fsspec path.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import fsspec
 
@@ -22,6 +27,9 @@ class LearnerProgress:
     version: int = 0
     step: int = 0
     time: float = 0.0
+    finished: bool = False  # the learner reached learner.max_steps: no more room will come
+    pid: int = 0  # the writing process (rank 0), stamped by write_progress
+    host: str = ""
 
 
 def _path(buffer_path: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -34,6 +42,7 @@ def write_progress(buffer_path: str, progress: LearnerProgress) -> None:
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = path + ".tmp"
     progress.time = time.time()
+    progress.pid, progress.host = os.getpid(), socket.gethostname()
     with fs.open(tmp, "w") as f:
         json.dump(asdict(progress), f)
     fs.mv(tmp, path)  # a rename on local disk: readers never see half a file
@@ -45,6 +54,8 @@ def read_progress(buffer_path: str) -> LearnerProgress:
         return LearnerProgress()
     try:
         with fs.open(path, "r") as f:
-            return LearnerProgress(**json.load(f))
-    except (json.JSONDecodeError, TypeError) as e:
+            data = json.load(f)
+        known = {fl.name for fl in fields(LearnerProgress)}  # a newer writer may add fields
+        return LearnerProgress(**{k: v for k, v in data.items() if k in known})
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: unreadable learner progress ({e})") from None

@@ -1,0 +1,112 @@
+"""The generator's staleness gate: how far it may run ahead of the learner, and when to stop.
+
+The learner publishes its progress in the buffer (`grpo_stream.progress`). The gate lets
+the generator hold at most `consumed_groups + allowance` groups (allowance =
+`learner.batch_groups * (1 + generator.max_ahead_batches)`), so it pauses rather than
+produce groups the learner would drop as stale. While it waits it watches two more
+things in the same file:
+
+- the learner has **finished** (`finished = true`, written at `learner.max_steps`): no
+  room will ever come, so the gate answers False and the generator stops cleanly. Only a
+  finish written after the generator started counts: a flag left by an earlier learner
+  (a run about to be resumed) does not stop a new generator;
+- the learner **died** (its pid is gone on this host, without `finished`): the gate says
+  so once, and keeps waiting for a restarted learner (`learn --resume`, or `run`'s
+  supervision).
+
+    gate = StalenessGate(buffer_path, allowance)
+    await gate.start()                         # remembers the progress seen at start
+    if not await gate.wait_for_room(reserved, stop_event):
+        ...                                    # learner finished, or stop was requested
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+from typing import Any
+
+from grpo_stream.progress import LearnerProgress, read_progress
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class StalenessGate:
+    """See the module docstring."""
+
+    def __init__(
+        self, buffer_path: str, allowance: int, poll_s: float = 0.5, status: Any = None
+    ) -> None:
+        self.buffer_path, self.allowance, self.poll_s = buffer_path, allowance, poll_s
+        self.initial: LearnerProgress | None = None
+        self._status = status  # an object whose `gated` shows "(waiting for learner)"
+        self.finished_step: int | None = None  # set when the learner's finish stopped us
+        self._said_dead: tuple[str, int] | None = None
+        self.gated = False
+
+    @property
+    def gated(self) -> bool:
+        """Waiting right now."""
+        return self._gated
+
+    @gated.setter
+    def gated(self, value: bool) -> None:
+        self._gated = value
+        if self._status is not None:
+            self._status.gated = value
+
+    async def _read(self) -> LearnerProgress:
+        return await asyncio.to_thread(read_progress, self.buffer_path)
+
+    async def start(self) -> None:
+        """Remember the progress as it is now: a finish already there is not ours."""
+        self.initial = await self._read()
+
+    def learner_finished(self, p: LearnerProgress) -> bool:
+        """A finish written after `start()` (a new record, not the one seen then)."""
+        return p.finished and p != self.initial
+
+    async def wait_for_room(self, reserved: int, stop: asyncio.Event) -> bool:
+        """Wait until `reserved + 1` groups may exist; True then. False when the learner
+        finished (no room will come) or `stop` was set."""
+        if self.initial is None:
+            await self.start()
+        while not stop.is_set():
+            p = await self._read()
+            if reserved < p.consumed_groups + self.allowance:
+                self.gated = False
+                return True
+            if self.learner_finished(p):
+                self.gated, self.finished_step = False, p.step
+                print(f"[generate] the learner finished (step {p.step}, {p.consumed_groups} "
+                      "groups consumed); stopping", file=sys.stderr, flush=True)  # fmt: skip
+                return False
+            self._say_if_dead(p)
+            self.gated = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.poll_s)  # progress is a file
+        self.gated = False
+        return False
+
+    def _say_if_dead(self, p: LearnerProgress) -> None:
+        """One line when the learner that wrote `p` is gone (same host only)."""
+        if p.finished or not p.pid or p.host != socket.gethostname() or pid_alive(p.pid):
+            return
+        if self._said_dead == (p.host, p.pid):
+            return
+        self._said_dead = (p.host, p.pid)
+        print(f"[generate] the learner (pid {p.pid} on {p.host}, step {p.step}) is gone "
+              "without finishing; waiting for a restarted learner (grpo-stream learn "
+              "--resume)", file=sys.stderr, flush=True)  # fmt: skip
