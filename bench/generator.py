@@ -67,7 +67,7 @@ def make_cfg(args: argparse.Namespace, url: str, model_dir: Path, run_dir: str) 
             f"server.urls={json.dumps([url])}",
             f"generator.group_size={args.group_size}",
             f"generator.max_tokens={args.max_tokens}",
-            f"generator.max_groups={args.prompts}",
+            f"generator.stop_after_groups={args.prompts}",
             f"generator.max_in_flight={args.concurrency}",
             "learner.batch_groups=100000",  # no learner here: keep the gate open
         ],

@@ -8,9 +8,15 @@
     grpo-stream buffer   stats|show|export|convert|compact PATH
     grpo-stream model    prepare|tiny
     grpo-stream plot     RUN_DIR
+    grpo-stream eval     [--model RUN|CKPT|DIR ...] [--url U] [--json F]   held-out accuracy
+    grpo-stream doctor   [--config F] [k=v ...]   preflight: one line per check, before a run
+    grpo-stream config   show [--config F] [k=v ...]   the resolved config, described
 
 Configs are parsed and validated before torch or vLLM is imported, so `--help` and
-config errors are instant. A user error exits with status 2 and one clear message.
+config errors are instant. A user error (`grpo_stream.errors.UserError`) exits with
+status 2 and one clear message. `generate` and `learn` write the config they run with
+into the run folder (`config.write_run_config`). Output into a closed pipe
+(`grpo-stream buffer stats RUN | head -1`) ends quietly with status 141, as Unix tools do.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import os
 import signal
 import sys
 
-from grpo_stream.config import Config, ConfigError, load_config
+from grpo_stream.config import Config, ConfigError, load_config, write_run_config
+from grpo_stream.doctor import preflight
+from grpo_stream.errors import UserError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +38,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> Config:
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if key := cfg.server.resolved_api_key():  # every vLLM client here and in children sends it
+        os.environ["VLLM_API_KEY"] = key
+    return cfg
 
 
 def _run_dir(cfg: Config) -> str:
@@ -42,13 +53,25 @@ def _run_dir(cfg: Config) -> str:
     raise ConfigError("run.run_dir is not set: pass run.run_dir=DIR (or buffer.path=...)")
 
 
+def _prepare_run_dir(cfg: Config, role: str) -> str:
+    """The run folder, with the config this process runs with written into it (one
+    writer per role: rank 0 of a torchrun learner)."""
+    run_dir = _run_dir(cfg)
+    if cfg.run.run_dir is None:
+        cfg.run.run_dir = run_dir
+    if os.environ.get("RANK", "0") == "0":
+        write_run_config(cfg, run_dir, role)
+    return run_dir
+
+
 def cmd_generate(args) -> int:
     cfg = _load(args)
-    run_dir = _run_dir(cfg)
+    preflight(cfg, "generate")  # reward imports, buffer path: seconds, before any server wait
+    run_dir = _prepare_run_dir(cfg, "generate")
     from grpo_stream.generator.loop import Generator
     from services.model import resolve_model_path
 
-    gen = Generator(cfg, run_dir, str(resolve_model_path(cfg.model)))
+    gen = Generator(cfg, run_dir, str(resolve_model_path(cfg.model, cfg.sync.transport)))
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -63,12 +86,14 @@ def cmd_generate(args) -> int:
 
 def cmd_learn(args) -> int:
     cfg = _load(args)
-    run_dir = _run_dir(cfg)
+    preflight(cfg, "learn")  # the buffer path, before waiting learner.wait_timeout_s for it
+    run_dir = _prepare_run_dir(cfg, "learn")
     from grpo_stream.learner.distributed import shutdown_distributed
     from grpo_stream.learner.loop import Learner
     from services.model import resolve_model_path
 
-    Learner(cfg, run_dir, str(resolve_model_path(cfg.model)), resume=args.resume).run()
+    model_dir = str(resolve_model_path(cfg.model, cfg.sync.transport))
+    Learner(cfg, run_dir, model_dir, resume=args.resume).run()
     shutdown_distributed()  # only after a clean run: a failed rank must not wait here
     return 0
 
@@ -96,20 +121,11 @@ def _passthrough(module: str, func: str):
     return run
 
 
-def is_user_error(e: BaseException) -> bool:
-    """Errors that are the user's to fix: shown as one message, not a traceback."""
-    if isinstance(e, ConfigError):
-        return True
-    names = {
-        "ServerUnavailable",
-        "ServerStartError",
-        "TaskError",
-        "ModelPrepError",
-        "SchemaVersionError",
-        "NoServerAvailable",
-        "GeneratorError",
-    }
-    return type(e).__name__ in names
+def cmd_config_show(args) -> int:
+    from grpo_stream.config_show import render_config
+
+    sys.stdout.write(render_config(_load(args), args.config or "defaults"))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,17 +153,45 @@ def build_parser() -> argparse.ArgumentParser:
         ("model", "services.model", "model_cli"),
         ("replay", "grpo_stream.learner.replay", "replay_cli"),
         ("plot", "grpo_stream.plot", "plot_cli"),
+        ("doctor", "grpo_stream.doctor", "doctor_cli"),
+        ("eval", "grpo_stream.eval.cli", "eval_cli"),
     ]:
         sp = sub.add_parser(name, help=f"see `grpo-stream {name} --help`", add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(fn=_passthrough(module, func))
+    sp = sub.add_parser("config", help="show the resolved config").add_subparsers(
+        dest="action", required=True
+    )
+    show = sp.add_parser("show", help="print the resolved config as TOML, fields described")
+    _config_args(show)
+    show.set_defaults(fn=cmd_config_show)
     return p
 
 
-PASSTHROUGH = {"buffer", "model", "replay", "plot"}
+PASSTHROUGH = {"buffer", "model", "replay", "plot", "doctor", "eval"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:  # (also on SystemExit after --help) a closed pipe shows here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (captured in tests)
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASSTHROUGH:  # their own argparse sees every flag, --help too
         args = build_parser().parse_args([argv[0]])
@@ -156,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except Exception as e:
-        if not is_user_error(e):
-            raise
+    except UserError as e:  # the user's to fix: one message, no traceback
         print(f"grpo-stream {args.cmd}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

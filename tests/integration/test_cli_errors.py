@@ -53,3 +53,17 @@ def test_server_not_up_gives_clear_error_after_bounded_wait(tmp_path, tiny_model
     assert "did not answer" in out.stderr or "answered /health" in out.stderr
     assert "http://127.0.0.1:9" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_old_names_and_foreign_variant_settings_are_named(tmp_path):
+    out = run_cli("learn", f"run.run_dir={tmp_path}", "task.epochs=2")
+    assert out.returncode == 2 and "task.epochs was renamed to task.passes" in out.stderr
+    cfg = tmp_path / "old.toml"
+    cfg.write_text("[generator]\nmax_groups = 10\n")
+    out = run_cli("generate", "--config", str(cfg), f"run.run_dir={tmp_path}")
+    assert out.returncode == 2
+    assert "generator.max_groups was renamed to generator.stop_after_groups" in out.stderr
+    out = run_cli("learn", f"run.run_dir={tmp_path}", "loss.behaviour_correction=mask",
+                  "loss.tis_cap=3")  # fmt: skip
+    assert out.returncode == 2 and "loss.tis_cap applies only with" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "config.toml").exists()

@@ -81,7 +81,7 @@ def make_cfg(tiny: Path, run_dir: Path, urls: list[str], n: int, *overrides: str
         "server.startup_timeout_s=120",
         f"generator.group_size={G}",
         f"generator.max_tokens={MAX_TOKENS}",
-        f"generator.max_groups={n}",
+        f"generator.stop_after_groups={n}",
         "generator.max_in_flight=4",
         "generator.request_timeout_s=120",
         "reward.num_workers=1",

@@ -51,7 +51,7 @@ def test_jsonl_one_pass(tmp_path):
 def test_parquet_epochs_shuffle_and_instruction(tmp_path):
     path = tmp_path / "math.parquet"
     pq.write_table(pa.Table.from_pylist(ROWS), path)
-    cfg = cfg_for(path, "parquet", epochs=2, shuffle=True, seed=5, instruction="Be brief.")
+    cfg = cfg_for(path, "parquet", passes=2, shuffle=True, seed=5, instruction="Be brief.")
     prompts = list(make_prompt_source(cfg))
     assert len(prompts) == 6
     assert len({p.prompt_id for p in prompts}) == 6
@@ -65,7 +65,7 @@ def test_parquet_epochs_shuffle_and_instruction(tmp_path):
 
 def test_endless_epochs_capped_by_num_prompts(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    prompts = list(make_prompt_source(cfg_for(path, "jsonl", epochs=None, num_prompts=7)))
+    prompts = list(make_prompt_source(cfg_for(path, "jsonl", passes=None, num_prompts=7)))
     assert [p.meta["row"] for p in prompts] == [0, 1, 2, 0, 1, 2, 0]
     assert prompts[-1].prompt_id == "d-r0-e2"
 
