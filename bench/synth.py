@@ -136,7 +136,7 @@ def _freeze_midway(backend: str, flag_path: str) -> None:
             signal.pause()
 
     if backend == "arrow":
-        from grpo_stream.buffer import arrow_store
+        from grpo_stream.buffer import fsutil
 
         def half_write(tmp, final, data, fsync=True):
             with open(tmp, "wb") as f:
@@ -144,7 +144,7 @@ def _freeze_midway(backend: str, flag_path: str) -> None:
                 f.flush()
             freeze()
 
-        arrow_store.write_file_atomic = half_write
+        fsutil.write_file_atomic = half_write  # how StoreFS.write_atomic publishes a segment
     else:
         from grpo_stream.buffer import zarr_io
 

@@ -33,7 +33,6 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from grpo_stream.atomic import write_file_atomic
 from grpo_stream.buffer.arrow_rollup import (
     READ_ERRORS,
     SEG_META_KEY,
@@ -145,11 +144,7 @@ class ArrowWriter:
             made.append(name)
 
     def _publish(self, name: str, data: pa.Buffer) -> None:
-        if self.sfs.local:
-            tmp = self.sfs.join(f".{name}.tmp")
-            write_file_atomic(tmp, self.sfs.join(name), memoryview(data), self.fsync)
-        else:
-            self.sfs.write_atomic(name, data.to_pybytes(), self.fsync)
+        self.sfs.write_atomic(name, memoryview(data), self.fsync)  # no copy on local disk
 
     def close(self) -> None:
         self._lock.release()

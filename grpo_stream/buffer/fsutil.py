@@ -75,7 +75,7 @@ class StoreFS:
         except FileNotFoundError:
             pass
 
-    def write_atomic(self, name: str, data: bytes, fsync: bool = True) -> None:
+    def write_atomic(self, name: str, data: bytes | memoryview, fsync: bool = True) -> None:
         """Publish `data` under `name` so a reader sees the old file or the whole new one."""
         final, tmp = self.join(name), self.join(f".{name}.tmp")
         if self.local:
