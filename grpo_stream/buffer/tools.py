@@ -22,8 +22,9 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from grpo_stream.buffer.fsutil import WriterLockedError, resolve_store_path
-from grpo_stream.buffer.store import CorruptSegmentError, detect_backend, open_reader, open_writer
+from grpo_stream.buffer.fsutil import resolve_store_path
+from grpo_stream.buffer.store import detect_backend, open_reader, open_writer
+from grpo_stream.errors import UserError
 
 BLOCK = 1024  # groups per read while scanning a whole store
 
@@ -237,7 +238,7 @@ def run_cli(argv: list[str]) -> int:
     args.path = resolve_store_path(args.path)
     try:
         return COMMANDS[args.cmd](args)
-    except (FileNotFoundError, ValueError, CorruptSegmentError, WriterLockedError) as e:
+    except (UserError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

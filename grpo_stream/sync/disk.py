@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import struct
 import time
 from pathlib import Path
 
+from grpo_stream.atomic import fresh_dir, publish_dir
 from grpo_stream.config import SyncConfig
 from grpo_stream.generator.client import VLLMClient
 
@@ -30,30 +30,14 @@ class WeightSyncError(RuntimeError):
     pass
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_weights(model, out: Path, state_dict=None) -> Path:
     """Atomically publish `model`'s weights (+config) as a safetensors folder.
 
     `state_dict`: the full weights gathered from FSDP shards (None: the model's own).
     """
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_dir(out.with_name(out.name + ".tmp"))
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    _fsync_tree(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return publish_dir(tmp, out)
 
 
 def validate_weights_dir(folder: Path) -> None:
