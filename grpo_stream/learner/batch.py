@@ -1,15 +1,27 @@
-"""Groups from the buffer → padded tensors the learner trains on.
+"""Groups from the buffer → the tensors the learner trains on, in one of two layouts.
 
-A sequence is prompt + completion, right-padded to the longest in its micro-batch.
-Log-probs are indexed by *target* position: column j holds log p(x[j+1] | x[:j+1]),
-so a completion that starts at token P occupies target columns P-1 .. P+C-2. The
-`mask` is 1 exactly there; behaviour log-probs from vLLM are placed in the same
-columns, so every [B, T] tensor lines up.
+Padded layout (`collate`): a sequence is prompt + completion, right-padded to the longest
+in its micro-batch. Log-probs are indexed by *target* position: column j holds
+log p(x[j+1] | x[:j+1]), so a completion that starts at token P occupies target columns
+P-1 .. P+C-2. The `mask` is 1 exactly there; behaviour log-probs from vLLM are placed in
+the same columns, so every [B, T] tensor lines up.
+
+Shared-prefix layout (`collate_shared`, used by `learner.prefix`): rows that share a
+prompt share one prompt forward. `input_ids` is [B, Lp + Lc]: the prompt right-padded to
+Lp columns, then the completion right-padded to Lc. The [B, T] tensors cover the
+completion only (T = Lc): column j holds log p(completion[j] | prompt, completion[:j]),
+so `targets` = input_ids[:, Lp:]. `prefix` says which row's prompt is run (one per
+distinct prompt) and which prompt each row continues.
+
+`make_micro_batches` splits a step's samples into micro-batches either of at most
+`size` sequences (in order) or, with `max_tokens`, sorted by length and packed to at
+most that many forward tokens, padding counted (`forward_tokens`). In the shared-prefix
+layout a group (the rows with one prompt) is never split.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -17,27 +29,67 @@ from grpo_stream.buffer.schema import Sample
 
 
 @dataclass
+class PrefixLayout:
+    """Which prompt each row of a shared-prefix micro-batch continues."""
+
+    prompt_rows: torch.Tensor  # [N] long: one row per distinct prompt, whose prompt is run
+    group_of: torch.Tensor  # [B] long in 0..N-1: the prompt (index into prompt_rows) of a row
+    prompt_lens: torch.Tensor  # [B] long: P_b, real prompt tokens of each row
+    prompt_width: int  # Lp: prompt columns of input_ids
+
+    def to(self, device: torch.device | str) -> PrefixLayout:
+        return PrefixLayout(
+            self.prompt_rows.to(device),
+            self.group_of.to(device),
+            self.prompt_lens.to(device),
+            self.prompt_width,
+        )
+
+
+@dataclass
 class MicroBatch:
     input_ids: torch.Tensor  # [B, L] long
-    attention_mask: torch.Tensor  # [B, L] long
-    targets: torch.Tensor  # [B, T=L-1] long, input_ids[:, 1:]
+    attention_mask: torch.Tensor  # [B, L] long, 1 on real tokens
+    targets: torch.Tensor  # [B, T] long: input_ids[:, 1:] (padded), input_ids[:, Lp:] (shared)
     mask: torch.Tensor  # [B, T] float, 1 on completion tokens
     behaviour_logprobs: torch.Tensor  # [B, T] float32, 0 off-mask
     advantages: torch.Tensor  # [B] float32
     versions: torch.Tensor  # [B] long, policy version that produced each sample
     index: torch.Tensor  # [B] long, position of each sample in the step's batch
+    prefix: PrefixLayout | None = None  # set: the shared-prefix layout
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        return MicroBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return MicroBatch(**{k: None if v is None else v.to(device) for k, v in moved.items()})
 
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum().item())
 
 
+def _check(s: Sample) -> tuple[int, int]:
+    P, C = len(s.prompt_ids), len(s.completion_ids)
+    if P == 0:
+        raise ValueError(f"sample {s.row_id} (prompt {s.prompt_id}): empty prompt_ids")
+    if len(s.behaviour_logprobs) != C:
+        raise ValueError(
+            f"sample {s.row_id}: {C} completion tokens but {len(s.behaviour_logprobs)} log-probs"
+        )
+    return P, C
+
+
+def _per_sample(samples: list[Sample], advantages: list[float], index: list[int]) -> dict:
+    return dict(
+        advantages=torch.tensor(advantages, dtype=torch.float32),  # [B]
+        versions=torch.tensor([s.policy_version for s in samples], dtype=torch.long),  # [B]
+        index=torch.tensor(index, dtype=torch.long),  # [B]
+    )
+
+
 def collate(
     samples: list[Sample], advantages: list[float], index: list[int], pad_id: int
 ) -> MicroBatch:
+    """The padded layout (module docstring)."""
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
     L = max(lengths)
     B = len(samples)
@@ -46,13 +98,7 @@ def collate(
     mask = torch.zeros((B, L - 1), dtype=torch.float32)  # [B, T]
     blp = torch.zeros((B, L - 1), dtype=torch.float32)  # [B, T]
     for i, s in enumerate(samples):
-        P, C = len(s.prompt_ids), len(s.completion_ids)
-        if P == 0:
-            raise ValueError(f"sample {s.row_id} (prompt {s.prompt_id}): empty prompt_ids")
-        if len(s.behaviour_logprobs) != C:
-            raise ValueError(
-                f"sample {s.row_id}: {C} completion tokens but {len(s.behaviour_logprobs)} log-probs"
-            )
+        P, C = _check(s)
         input_ids[i, :P] = torch.tensor(s.prompt_ids)
         input_ids[i, P : P + C] = torch.tensor(s.completion_ids, dtype=torch.long)
         attn[i, : P + C] = 1
@@ -64,18 +110,134 @@ def collate(
         targets=input_ids[:, 1:].clone(),
         mask=mask,
         behaviour_logprobs=blp,
-        advantages=torch.tensor(advantages, dtype=torch.float32),
-        versions=torch.tensor([s.policy_version for s in samples], dtype=torch.long),
-        index=torch.tensor(index, dtype=torch.long),
+        **_per_sample(samples, advantages, index),
     )
 
 
-def make_micro_batches(
-    samples: list[Sample], advantages: list[float], size: int, pad_id: int, order: list[int]
+def collate_shared(
+    samples: list[Sample], advantages: list[float], index: list[int], pad_id: int
+) -> MicroBatch:
+    """The shared-prefix layout (module docstring). Lc >= 2, so the completion forward
+    always runs (every FSDP rank must make the same calls) even for one-token completions."""
+    lens = [_check(s) for s in samples]
+    Lp = max(p for p, _ in lens)
+    Lc = max(2, max(c for _, c in lens))
+    B = len(samples)
+    input_ids = torch.full((B, Lp + Lc), pad_id, dtype=torch.long)  # [B, Lp + Lc]
+    attn = torch.zeros((B, Lp + Lc), dtype=torch.long)  # [B, Lp + Lc]
+    mask = torch.zeros((B, Lc), dtype=torch.float32)  # [B, T = Lc]
+    blp = torch.zeros((B, Lc), dtype=torch.float32)  # [B, T]
+    first: dict[tuple[int, ...], int] = {}  # prompt -> its index in prompt_rows
+    prompt_rows, group_of = [], []
+    for i, (s, (P, C)) in enumerate(zip(samples, lens, strict=True)):
+        key = tuple(s.prompt_ids)
+        if key not in first:
+            first[key] = len(prompt_rows)
+            prompt_rows.append(i)
+        group_of.append(first[key])
+        input_ids[i, :P] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        input_ids[i, Lp : Lp + C] = torch.tensor(s.completion_ids, dtype=torch.long)
+        attn[i, :P] = 1
+        attn[i, Lp : Lp + C] = 1
+        mask[i, :C] = 1.0
+        blp[i, :C] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
+    prefix = PrefixLayout(
+        prompt_rows=torch.tensor(prompt_rows, dtype=torch.long),  # [N]
+        group_of=torch.tensor(group_of, dtype=torch.long),  # [B]
+        prompt_lens=torch.tensor([p for p, _ in lens], dtype=torch.long),  # [B]
+        prompt_width=Lp,
+    )
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attn,
+        targets=input_ids[:, Lp:].clone(),
+        mask=mask,
+        behaviour_logprobs=blp,
+        prefix=prefix,
+        **_per_sample(samples, advantages, index),
+    )
+
+
+def forward_tokens(samples: list[Sample], shared: bool) -> int:
+    """Tokens one forward of these samples as a micro-batch processes, padding counted:
+    B x L (padded); N x Lp + B x Lc (shared prefix: each distinct prompt once)."""
+    P = max(len(s.prompt_ids) for s in samples)
+    C = max(len(s.completion_ids) for s in samples)
+    if not shared:
+        return len(samples) * max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    return len({tuple(s.prompt_ids) for s in samples}) * P + len(samples) * max(2, C)
+
+
+def _units(samples: list[Sample], order: list[int], shared: bool) -> list[list[int]]:
+    """Indices that must share a micro-batch: single samples, or (shared) whole prompt groups
+    in order of first appearance."""
+    if not shared:
+        return [[i] for i in order]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in order:
+        groups.setdefault(tuple(samples[i].prompt_ids), []).append(i)
+    return list(groups.values())
+
+
+def _pack(units: list[list[int]], fits) -> list[list[int]]:
+    """Greedy: add units to the current micro-batch while `fits(indices)`; a unit that does
+    not fit alone gets a micro-batch of its own."""
+    packs: list[list[int]] = []
+    for u in units:
+        if packs and fits(packs[-1] + u):
+            packs[-1] = packs[-1] + u
+        else:
+            packs.append(list(u))
+    return packs
+
+
+def pack_indices(
+    samples: list[Sample],
+    size: int,
+    order: list[int],
+    max_tokens: int | None = None,
+    shared_prefix: bool = False,
+) -> list[list[int]]:
+    """The sample indices of each micro-batch (see `make_micro_batches`)."""
+    units = _units(samples, order, shared_prefix)
+    if max_tokens is None:
+        return _pack(units, lambda idx: len(idx) <= size)
+
+    def length(u: list[int]) -> tuple[int, int]:
+        ss = [samples[i] for i in u]
+        return max(len(s.prompt_ids) for s in ss), max(len(s.completion_ids) for s in ss)
+
+    units = sorted(units, key=lambda u: (sum(length(u)), length(u)))  # stable
+    return _pack(
+        units, lambda idx: forward_tokens([samples[i] for i in idx], shared_prefix) <= max_tokens
+    )
+
+
+def collate_packs(
+    samples: list[Sample],
+    advantages: list[float],
+    packs: list[list[int]],
+    pad_id: int,
+    shared: bool,
 ) -> list[MicroBatch]:
-    """Split the step's samples (in `order`) into micro-batches of at most `size`."""
-    out = []
-    for start in range(0, len(order), size):
-        idx = order[start : start + size]
-        out.append(collate([samples[i] for i in idx], [advantages[i] for i in idx], idx, pad_id))
-    return out
+    make = collate_shared if shared else collate
+    return [make([samples[i] for i in ix], [advantages[i] for i in ix], ix, pad_id) for ix in packs]
+
+
+def make_micro_batches(
+    samples: list[Sample],
+    advantages: list[float],
+    size: int,
+    pad_id: int,
+    order: list[int],
+    *,
+    max_tokens: int | None = None,
+    shared_prefix: bool = False,
+) -> list[MicroBatch]:
+    """Split the step's samples (in `order`) into micro-batches: at most `size` sequences
+    each, or, with `max_tokens`, sorted by length and at most `max_tokens` forward tokens
+    each (`forward_tokens`; one sample or group over the budget gets a micro-batch of its
+    own). In the shared-prefix layout a prompt's group stays whole. The gradient does not
+    depend on the split (the loss uses batch-global normalisers)."""
+    packs = pack_indices(samples, size, order, max_tokens, shared_prefix)
+    return collate_packs(samples, advantages, packs, pad_id, shared_prefix)

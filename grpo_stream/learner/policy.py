@@ -4,7 +4,9 @@
 the output-embedding matrix to `algo.token_logprobs_from_hidden`, which computes
 logits chunk by chunk: the learner never holds a [B, T, V] logits tensor.
 `sequence_loss` does the same for training through `algo.fused_loss_from_hidden`,
-which also makes the output layer's gradients chunk by chunk. Logits are divided by
+which also makes the output layer's gradients chunk by chunk. A micro-batch in the
+shared-prefix layout runs each distinct prompt once (`learner.prefix`); the hidden
+states, and so everything after them, then cover the completion tokens only. Logits are divided by
 the sampling temperature, matching vLLM's processed log-probs.
 """
 
@@ -16,6 +18,7 @@ import torch
 
 from grpo_stream.algo import fused_loss_from_hidden, token_logprobs_from_hidden
 from grpo_stream.learner.batch import MicroBatch
+from grpo_stream.learner.prefix import shared_prefix_hidden
 
 
 def pick_device(name: str) -> torch.device:
@@ -51,6 +54,15 @@ def autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
+def final_hidden(model, mb: MicroBatch) -> torch.Tensor:
+    """The decoder's final hidden states [B, T, H] behind mb.targets, in mb's layout: one
+    forward of the padded rows, or the shared-prefix forward (`learner.prefix`)."""
+    if mb.prefix is not None:
+        return shared_prefix_hidden(model, mb)
+    out = model.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
+    return out.last_hidden_state[:, :-1]  # [B, T, H]
+
+
 def sequence_logprobs(
     model,
     mb: MicroBatch,
@@ -59,8 +71,7 @@ def sequence_logprobs(
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of mb.targets under `model`: ([B, T], [B, T] entropy or None)."""
-    out = model.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
-    hidden = out.last_hidden_state[:, :-1]  # [B, T, H]
+    hidden = final_hidden(model, mb)  # [B, T, H]
     weight = model.get_output_embeddings().weight  # [V, H]
     return token_logprobs_from_hidden(
         hidden, weight, mb.targets, chunk_size, with_entropy=with_entropy, temperature=temperature
@@ -77,8 +88,7 @@ def sequence_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss [], log-probs [B, T], entropy [B, T] or None); `loss_fn(rows, lp, ent)` as in
     `algo.fused_loss_from_hidden`. Only the loss carries gradient."""
-    out = model.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
-    hidden = out.last_hidden_state[:, :-1]  # [B, T, H]
+    hidden = final_hidden(model, mb)  # [B, T, H]
     weight = model.get_output_embeddings().weight  # [V, H]
     return fused_loss_from_hidden(
         hidden, weight, mb.targets, loss_fn, chunk_size, temperature, with_entropy

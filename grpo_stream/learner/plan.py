@@ -1,0 +1,79 @@
+"""A learner step's micro-batches: which layout (shared prefix or padded) and which split.
+
+    mbs = plan_micro_batches(samples, advantages, cfg.learner, pad_id, model, world)
+
+* `learner.shared_prefix`: false → padded; true → shared prefix wherever the model
+  supports it (`learner.prefix.unsupported_reason`; otherwise padded, logged once);
+  "auto" → shared prefix when it saves at least `AUTO_MIN_SAVED` of the forward tokens.
+* `learner.micro_batch_tokens`: micro-batches packed by token budget instead of
+  `micro_batch_size` sequences (`batch.make_micro_batches`).
+* Under torchrun every rank must make the same model calls: the layout is shared only if
+  every rank chooses it, and ranks with fewer micro-batches split their largest ones.
+"""
+
+from __future__ import annotations
+
+from grpo_stream.buffer.schema import Sample
+from grpo_stream.learner.batch import MicroBatch, collate_packs, pack_indices
+from grpo_stream.learner.distributed import all_reduce_scalars, print0, unwrap
+from grpo_stream.learner.prefix import unsupported_reason
+
+# "auto" takes the shared-prefix forward when it skips at least this share of the padded
+# layout's tokens. Measured with `python -m bench.learner --part sweep` (SmolLM2-135M, fp32,
+# CPU, G = 8, completions of 24 tokens; bench/results/learner.json, "sweep"): see there.
+AUTO_MIN_SAVED = 0.3
+
+_reported: set[str] = set()
+
+
+def shared_prefix_saving(samples: list[Sample]) -> float:
+    """1 - (each distinct prompt once + every completion) / (every prompt + completion)."""
+    padded = sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    prompts = {tuple(s.prompt_ids) for s in samples}
+    shared = sum(len(p) for p in prompts) + sum(len(s.completion_ids) for s in samples)
+    return 1.0 - shared / max(padded, 1)
+
+
+def _report(msg: str) -> None:
+    if msg not in _reported:  # one line per reason, not one per step
+        _reported.add(msg)
+        print0(msg)
+
+
+def use_shared_prefix(setting: str | bool, samples: list[Sample], model) -> bool:
+    """Whether this rank's step runs in the shared-prefix layout (`setting`: see module doc)."""
+    if setting is False or setting == "false":
+        return False
+    reason = unsupported_reason(unwrap(model))
+    if reason is not None:
+        _report(f"[learner] shared-prefix forward off, padded layout instead: {reason}")
+        return False
+    return setting is True or setting == "true" or shared_prefix_saving(samples) >= AUTO_MIN_SAVED
+
+
+def _split_to(packs: list[list[int]], count: int) -> list[list[int]]:
+    """Halve the largest micro-batches until there are `count` (each keeps >= 1 sample)."""
+    packs = [list(p) for p in packs]
+    while len(packs) < count:
+        big = max(range(len(packs)), key=lambda i: len(packs[i]))
+        if len(packs[big]) < 2:
+            raise RuntimeError(f"cannot split {len(packs)} micro-batches into {count}")
+        half = len(packs[big]) // 2
+        packs[big : big + 1] = [packs[big][:half], packs[big][half:]]
+    return packs
+
+
+def plan_micro_batches(
+    samples: list[Sample], advantages: list[float], lc, pad_id: int, model, world: int = 1
+) -> list[MicroBatch]:
+    """This rank's micro-batches for one step (`lc`: the LearnerConfig)."""
+    shared = use_shared_prefix(lc.shared_prefix, samples, model)
+    order = list(range(len(samples)))
+    packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens, shared)
+    if world > 1:  # same layout and number of forward calls on every rank
+        if shared and not all_reduce_scalars({"shared": float(shared)}, "min")["shared"]:
+            shared = False
+            packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens)
+        most = all_reduce_scalars({"count": float(len(packs))}, "max")["count"]
+        packs = _split_to(packs, int(most))
+    return collate_packs(samples, advantages, packs, pad_id, shared)

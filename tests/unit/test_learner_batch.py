@@ -1,0 +1,101 @@
+"""Micro-batches by token budget, and the choice of the shared-prefix layout.
+
+Packing: every sample lands in exactly one micro-batch, none over the budget (a sample or
+group larger than it alone), sorted by length, groups whole in the shared-prefix layout.
+The update does not depend on the split: a token-budget step equals one big batch.
+`auto` takes the shared prefix only when it saves enough; an unsupported model falls
+back to the padded layout with one log line.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_learner_prefix import PAD, _model, _samples, _train
+
+from grpo_stream.learner import plan
+from grpo_stream.learner.batch import forward_tokens, make_micro_batches, pack_indices
+from grpo_stream.learner.plan import _split_to, shared_prefix_saving, use_shared_prefix
+
+RAGGED = [(9, [5, 1, 7, 3]), (4, [6]), (12, [1, 1]), (6, [2, 8, 4]), (20, [3, 9]), (3, [2, 2])]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("budget", [1, 40, 70, 10_000])
+def test_token_budget_packs(shared, budget):
+    samples, _ = _samples(RAGGED)
+    packs = pack_indices(samples, 16, list(range(len(samples))), budget, shared)
+    assert sorted(i for p in packs for i in p) == list(range(len(samples)))
+    for p in packs:
+        ss = [samples[i] for i in p]
+        unit = len({tuple(s.prompt_ids) for s in ss}) == 1 if shared else len(p) == 1
+        assert forward_tokens(ss, shared) <= budget or unit, (p, budget)
+    if shared:  # a prompt's rows never straddle two micro-batches
+        homes = {}
+        for k, p in enumerate(packs):
+            for i in p:
+                assert homes.setdefault(tuple(samples[i].prompt_ids), k) == k
+    if budget == 10_000:
+        assert len(packs) == 1
+    if budget == 1:  # one unit each, shortest first
+        key = [max(len(samples[i].prompt_ids) + len(samples[i].completion_ids) for i in p)
+               for p in packs]  # fmt: skip
+        assert len(packs) == (6 if shared else len(samples))
+        assert key == sorted(key) or shared
+
+
+def test_budget_cuts_padding():
+    samples, advs = _samples(RAGGED)
+    by_size = make_micro_batches(samples, advs, 4, PAD, list(range(len(samples))))
+    by_tokens = make_micro_batches(samples, advs, 4, PAD, list(range(len(samples))), max_tokens=48)
+    padded = [int(mb.attention_mask.numel()) for mb in by_size]
+    packed = [int(mb.attention_mask.numel()) for mb in by_tokens]
+    real = sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    assert sum(int(mb.attention_mask.sum()) for mb in by_tokens) == real
+    assert max(packed) <= 48 and sum(packed) < sum(padded)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_token_budget_step_equals_one_big_batch(shared):
+    w_big, m_big = _train("tiny", shared, micro_batch_size=100)
+    w_small, m_small = _train("tiny", shared, micro_batch_tokens=40)
+    assert m_big["loss"] == pytest.approx(m_small["loss"], rel=1e-5)
+    assert m_big["grad_norm"] == pytest.approx(m_small["grad_norm"], rel=1e-5)
+    for k, w in w_big.items():
+        torch.testing.assert_close(w_small[k], w, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_the_shared_prefix_when_it_saves_enough():
+    model = _model("tiny")
+    long_prompts, _ = _samples([(45, [10] * 8), (44, [9] * 8)])
+    singles, _ = _samples([(45, [10]), (44, [9])])  # G = 1: nothing to share
+    short_prompts, _ = _samples([(2, [60] * 8)])
+    assert shared_prefix_saving(long_prompts) == pytest.approx(1 - (89 + 152) / (712 + 152))
+    assert shared_prefix_saving(singles) == 0.0
+    assert use_shared_prefix("auto", long_prompts, model)
+    assert not use_shared_prefix("auto", singles, model)
+    assert shared_prefix_saving(short_prompts) < plan.AUTO_MIN_SAVED
+    assert not use_shared_prefix("auto", short_prompts, model)
+    assert use_shared_prefix(True, singles, model)
+    assert not use_shared_prefix(False, long_prompts, model)
+
+
+def test_unsupported_model_falls_back_with_one_log_line(monkeypatch, capsys):
+    monkeypatch.setattr(plan, "_reported", set())
+    model = _model("tiny")
+    model.gradient_checkpointing_enable()
+    samples, _ = _samples()
+    assert not use_shared_prefix(True, samples, model)
+    assert not use_shared_prefix("auto", samples, model)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "gradient checkpointing" in lines[0], lines
+    model = _model("tiny", attn="flex_attention")
+    assert not use_shared_prefix(True, samples, model)
+    assert "flex_attention" in capsys.readouterr().err
+
+
+def test_split_to_equal_counts():
+    packs = _split_to([[0, 1, 2, 3, 4], [5], [6, 7]], 5)
+    assert len(packs) == 5 and sorted(i for p in packs for i in p) == list(range(8))
+    with pytest.raises(RuntimeError):
+        _split_to([[0], [1]], 3)
