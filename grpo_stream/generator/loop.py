@@ -5,8 +5,8 @@ starts one task per prompt, bounded by `generator.max_in_flight` (a semaphore) a
 by the staleness gate (the buffer may run at most `max_ahead_batches` learner
 batches ahead of what the learner has consumed). Finished groups go through a queue
 to a single writer task that publishes them to the buffer off the event loop.
-On stop (SIGTERM/SIGINT or `max_groups`), groups already scored are written before
-exit: nothing finished is lost.
+On stop (SIGTERM/SIGINT or `generator.stop_after_groups`), groups already scored are
+written before exit: nothing finished is lost.
 
     asyncio.run(Generator(cfg, run_dir).run())
 """
@@ -14,7 +14,6 @@ exit: nothing finished is lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import uuid
@@ -22,7 +21,8 @@ import uuid
 from grpo_stream.buffer.schema import Group
 from grpo_stream.buffer.store import open_writer
 from grpo_stream.config import Config
-from grpo_stream.generator.client import VLLMClient
+from grpo_stream.errors import UserError
+from grpo_stream.generator.gate import StalenessGate
 from grpo_stream.generator.pool import ServerPool
 from grpo_stream.generator.sampler import (
     PromptFailed,
@@ -31,25 +31,13 @@ from grpo_stream.generator.sampler import (
     request_group,
 )
 from grpo_stream.generator.stats import GenStats
-from grpo_stream.progress import read_progress
+from grpo_stream.vllm_client import VLLMClient
 
 log = logging.getLogger(__name__)
 
 
-class GeneratorError(RuntimeError):
+class GeneratorError(UserError, RuntimeError):
     """The generator cannot make progress (e.g. every prompt keeps failing)."""
-
-
-async def wait_healthy(client: VLLMClient, urls: list[str], timeout_s: float) -> None:
-    """Bounded wait until at least one server answers /health."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not any(await asyncio.gather(*(client.health(u, timeout_s=5) for u in urls))):
-        if asyncio.get_running_loop().time() > deadline:
-            raise GeneratorError(
-                f"no vLLM server answered /health within {timeout_s:g}s "
-                f"(server.startup_timeout_s): {', '.join(urls)}"
-            )
-        await asyncio.sleep(1.0)
 
 
 class Generator:
@@ -57,17 +45,22 @@ class Generator:
         from transformers import AutoTokenizer
 
         from grpo_stream.tasks import make_prompt_source
+        from grpo_stream.tasks.heldout import training_exclusion
         from grpo_stream.tasks.runner import RewardRunner
 
         self.cfg, self.run_dir = cfg, run_dir
         self.buffer_path = cfg.buffer_path(run_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.prompts = make_prompt_source(cfg.task)  # validates the task (files read) now
+        self.heldout = training_exclusion(cfg)  # eval.every > 0: held-out questions skipped
+        # validates the task (files read) now
+        self.prompts = make_prompt_source(cfg.task, exclude=self.heldout)
         self._make_source = make_prompt_source
         self.rewards = RewardRunner(cfg.reward)  # validates reward names now
         self.run_id = os.path.basename(os.path.normpath(run_dir)) or uuid.uuid4().hex[:8]
         self.stats = GenStats(os.path.join(run_dir, "generator_metrics.jsonl"))
         self._stop = asyncio.Event()
+        ahead = cfg.learner.batch_groups * (1 + cfg.generator.max_ahead_batches)
+        self.gate = StalenessGate(self.buffer_path, ahead, status=self.stats)
         self._queue: asyncio.Queue[Group | None] = asyncio.Queue()
         self.failed_prompts = 0
         self._outstanding = 0  # prompts started but not yet written (or failed)
@@ -86,17 +79,10 @@ class Generator:
         return params
 
     async def _room(self, reserved: int) -> None:
-        """Wait until the learner has consumed enough that `reserved+1` groups may exist."""
-        g, lr = self.cfg.generator, self.cfg.learner
-        while not self._stop.is_set():
-            consumed = (await asyncio.to_thread(read_progress, self.buffer_path)).consumed_groups
-            if reserved < consumed + lr.batch_groups * (1 + g.max_ahead_batches):
-                self.stats.gated = False
-                return
-            self.stats.gated = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), 0.5)  # learner progress is a file
-        self.stats.gated = False
+        """Wait until `reserved+1` groups may exist (gate.py); a learner that has
+        finished stops the generator (it would wait forever otherwise)."""
+        if not await self.gate.wait_for_room(reserved, self._stop):
+            self._stop.set()
 
     async def _one(self, pool: ServerPool, prompt, sem: asyncio.Semaphore) -> None:
         from grpo_stream.tasks import render_prompt
@@ -151,10 +137,10 @@ class Generator:
 
     async def _produce(self, pool: ServerPool, tg: asyncio.TaskGroup) -> None:
         sem = asyncio.Semaphore(self.cfg.generator.max_in_flight)
-        max_groups = self.cfg.generator.max_groups
+        stop_after = self.cfg.generator.stop_after_groups
         started = 0
         for prompt in self.prompts:
-            if self._stop.is_set() or (max_groups is not None and started >= max_groups):
+            if self._stop.is_set() or (stop_after is not None and started >= stop_after):
                 break
             await self._room(self.stats.written + self._outstanding)
             await sem.acquire()
@@ -167,12 +153,23 @@ class Generator:
 
     async def run(self) -> int:
         urls = self.cfg.server.resolved_urls()
-        async with VLLMClient(self.cfg.generator.request_timeout_s) as client:
-            await wait_healthy(client, urls, self.cfg.server.startup_timeout_s)
-            writer = open_writer(self.buffer_path, self.cfg.buffer.backend, run_id=self.run_id)
+        key = self.cfg.server.resolved_api_key()  # sent as Authorization: Bearer
+        async with VLLMClient(self.cfg.generator.request_timeout_s, api_key=key) as client:
+            await self.gate.start()  # before any wait: a learner's finish from now on counts
+            hint = "server.startup_timeout_s; start one with `grpo-stream serve` or fix server.urls"
+            wait_s = self.cfg.server.startup_timeout_s
+            await client.wait_healthy(urls, wait_s, need="any", hint=hint)
+            writer = open_writer(
+                self.buffer_path,
+                self.cfg.buffer.backend,
+                run_id=self.run_id,
+                **self.cfg.buffer.writer_opts(),
+            )
             self.stats.written = writer.num_groups()
             if self.stats.written:  # a restarted generator continues the prompt stream
-                self.prompts = self._make_source(self.cfg.task, start=self.stats.written)
+                self.prompts = self._make_source(
+                    self.cfg.task, start=self.stats.written, exclude=self.heldout
+                )
             pool = ServerPool(urls, client, wait_timeout_s=self.cfg.server.startup_timeout_s)
             writer_task = asyncio.create_task(self._writer(writer), name="buffer-writer")
             reporter = asyncio.create_task(self.stats.report_every(10.0, pool), name="reporter")

@@ -17,12 +17,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from grpo_stream.generator.client import VLLMClient
+from grpo_stream.errors import UserError
+from grpo_stream.vllm_client import Backoff, VLLMClient
 
 log = logging.getLogger(__name__)
 
 
-class NoServerAvailable(RuntimeError):
+class NoServerAvailable(UserError, RuntimeError):
     pass
 
 
@@ -72,10 +73,9 @@ class ServerPool:
         self._probes[url] = asyncio.create_task(self._probe(url), name=f"probe:{url}")
 
     async def _probe(self, url: str) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, cap=10.0, jitter=False)
         while not await self.client.health(url, timeout_s=5.0):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            await asyncio.sleep(backoff.next())
         async with self._cond:
             self.alive[url] = True
             self._cond.notify_all()

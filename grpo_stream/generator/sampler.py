@@ -10,14 +10,13 @@ as `Sample` records ready for the buffer.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from grpo_stream.buffer.schema import Group, Sample
-from grpo_stream.generator.client import Completion, VLLMClient, is_transient
 from grpo_stream.generator.pool import ServerPool
+from grpo_stream.vllm_client import Backoff, Completion, VLLMClient, is_transient
 
 
 class PromptFailed(RuntimeError):
@@ -55,7 +54,7 @@ async def request_group(
     """Retries transient errors until both `max_retries` retries and `retry_budget_s`
     seconds since the first failure are spent: a server paused for a long weight sync
     answers 503 for as long as the sync takes, however few attempts that is."""
-    delay = backoff_s  # doubles per attempt, jittered, at most 10 s
+    backoff = Backoff(backoff_s, cap=10.0)  # doubles per attempt, jittered
     last: BaseException | None = None
     attempts, first_failure = 0, None
     while True:
@@ -76,11 +75,10 @@ async def request_group(
         waited = time.monotonic() - first_failure
         if attempts > max_retries and waited >= retry_budget_s:
             break
-        pause = delay * (1 + random.random())
+        pause = backoff.next()
         if attempts > max_retries:  # only the time budget is left: do not sleep past it
             pause = min(pause, max(retry_budget_s - waited, 0.0))
         await asyncio.sleep(pause)
-        delay = min(delay * 2, 10.0)
     raise PromptFailed(
         f"prompt {req.prompt.prompt_id}: {attempts} attempts failed in {waited:.1f} s "
         f"(generator.max_retries={max_retries}, generator.retry_budget_s={retry_budget_s:g}), "

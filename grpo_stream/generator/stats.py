@@ -14,9 +14,8 @@ import math
 import sys
 import time
 
-import aiohttp
-
 from grpo_stream.buffer.schema import Group
+from grpo_stream.vllm_client import VLLMError
 
 
 class GenStats:
@@ -83,7 +82,7 @@ class GenStats:
         for url in [u for u in pool.urls if pool.alive[u]]:
             try:
                 m = await pool.client.metrics(url)
-            except (TimeoutError, aiohttp.ClientError, ValueError):  # observability only
+            except VLLMError:  # observability only: a busy or dead server is skipped
                 continue
             out["vllm_requests_running"] += m.get("vllm:num_requests_running", 0.0)
             out["vllm_generation_tokens_total"] += m.get("vllm:generation_tokens_total", 0.0)

@@ -1,13 +1,22 @@
 """Disk weight sync: safetensors written atomically, reloaded in place by vLLM.
 
-`DiskSync.push(model, version)`:
+`DiskSync.push(model, version)` (rank 0 does the work; other ranks return `{}`):
 1. saves the weights (Hugging Face names) to `RUN/weights/v{N}.tmp`, fsyncs every
-   file, renames to `RUN/weights/v{N}` — a server never reads half a folder;
-2. validates the folder (a bad `weights_path` kills vLLM's engine, so it is checked
+   file, renames to `RUN/weights/v{N}` (`grpo_stream.atomic`): a server never reads
+   half a folder;
+2. validates the folder (a bad `weights_path` can kill vLLM's engine, so it is checked
    before the call);
-3. on every server: `POST /pause?mode=M` → `/collective_rpc reload_weights` →
-   `/update_weight_version N` → `/reset_prefix_cache` → `/resume`, concurrently
-   across servers, and returns the longest pause in seconds.
+3. on every server at once: `POST /pause?mode=M` → `/collective_rpc reload_weights` →
+   `/update_weight_version N` → `/reset_prefix_cache` → `/resume`, and returns the
+   longest pause in seconds.
+
+A server whose reload (or version/cache step) fails is NOT resumed: vLLM reloads layer
+by layer in place (`model_executor/model_loader/reload`: `initialize_layerwise_reload`,
+`model.load_weights`, `finalize_layerwise_reload`) and has already pointed its model
+config at the new folder, so after an exception mid-way the model holds a mix of old
+and new (or unprocessed) weights. `/resume` would serve them. The push raises
+`WeightSyncError` naming each failed server, and leaves it paused for the supervisor
+to restart; servers that reloaded fully are resumed.
 Old folders beyond `sync.keep_last` are deleted. Works on CPU and GPU; the folder
 must be visible to the servers at the same path (same machine or a shared disk).
 """
@@ -21,13 +30,11 @@ import struct
 import time
 from pathlib import Path
 
+from grpo_stream import metric_names as M
 from grpo_stream.atomic import fresh_dir, publish_dir
 from grpo_stream.config import SyncConfig
-from grpo_stream.generator.client import VLLMClient
-
-
-class WeightSyncError(RuntimeError):
-    pass
+from grpo_stream.sync.base import WeightSyncError, current_rank
+from grpo_stream.vllm_client import VLLMClient
 
 
 def save_weights(model, out: Path, state_dict=None) -> Path:
@@ -67,27 +74,47 @@ def validate_weights_dir(folder: Path) -> None:
 async def reload_on_server(
     client: VLLMClient, url: str, folder: Path, version: int, cfg: SyncConfig
 ) -> float:
-    """Pause → reload → set version → clear prefix cache → resume; returns paused seconds."""
-    t0 = time.perf_counter()
-    await client.pause(url, cfg.pause_mode)
+    """Pause → reload → set version → clear prefix cache → resume; returns paused seconds.
+
+    Resumes only after every step succeeded; on any failure the server stays paused
+    (possibly half-reloaded) and `WeightSyncError` names it."""
+    t0, step = time.perf_counter(), "/pause"
     try:
+        await client.pause(url, cfg.pause_mode)
+        step = "reload_weights"
         await client.collective_rpc(
             url, "reload_weights", {"weights_path": str(folder)}, timeout_s=cfg.timeout_s
         )
+        step = "/update_weight_version"
         await client.set_weight_version(url, version)
+        step = "/reset_prefix_cache"
         await client.reset_prefix_cache(url)
-    finally:
-        await client.resume(url)
+    except Exception as e:
+        raise WeightSyncError(
+            f"{url}: {step} failed while syncing version {version} from {folder}; the server "
+            f"is left paused, not resumed (its weights may be half-loaded: restart it): {e}"
+        ) from e
+    await client.resume(url)
     return time.perf_counter() - t0
 
 
 class DiskSync:
-    def __init__(self, cfg: SyncConfig, urls: list[str], weights_root: Path):
-        self.cfg, self.urls = cfg, urls
+    """`WeightSync` over a shared folder and vLLM's in-place `reload_weights`."""
+
+    needs_state_dict = True  # rank 0 saves the gathered FSDP weights
+
+    def __init__(
+        self, cfg: SyncConfig, urls: list[str], weights_root: Path, rank: int | None = None
+    ):
+        self.cfg, self.urls = cfg, [u.rstrip("/") for u in urls]
+        self.rank = current_rank() if rank is None else rank
         self.root = Path(weights_root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def push(self, model, version: int, state_dict=None) -> dict[str, float]:
+        if self.rank != 0:
+            return {}
         t0 = time.perf_counter()
         folder = save_weights(model, self.root / f"v{version}", state_dict)
         validate_weights_dir(folder)
@@ -95,18 +122,23 @@ class DiskSync:
         pauses = asyncio.run(self._reload_all(folder, version))
         self._prune(version)
         return {
-            "sync_save_s": save_s,
-            "sync_pause_s": max(pauses),
-            "sync_s": time.perf_counter() - t0,
+            M.SYNC_SAVE_S: save_s,
+            M.SYNC_PAUSE_S: max(pauses),
+            M.SYNC_S: time.perf_counter() - t0,
         }
 
     async def _reload_all(self, folder: Path, version: int) -> list[float]:
+        """Reload every server; each runs to its end (no server is abandoned mid-way,
+        paused forever), then one error names every server that failed."""
         async with VLLMClient(self.cfg.timeout_s) as client:
-            return list(
-                await asyncio.gather(
-                    *(reload_on_server(client, u, folder, version, self.cfg) for u in self.urls)
-                )
-            )
+            jobs = (reload_on_server(client, u, folder, version, self.cfg) for u in self.urls)
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            if len(failed) == 1:
+                raise failed[0]
+            raise WeightSyncError("; ".join(str(e) for e in failed)) from failed[0]
+        return list(results)
 
     def _prune(self, version: int) -> None:
         kept = sorted(
@@ -116,3 +148,6 @@ class DiskSync:
         for p in kept[: -self.cfg.keep_last]:
             if int(p.name[1:]) != version:
                 shutil.rmtree(p, ignore_errors=True)
+
+    def close(self) -> None:
+        """Nothing is held between pushes (each opens and closes its own client)."""

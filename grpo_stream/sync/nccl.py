@@ -7,7 +7,8 @@ The servers must be started with `--weight-transfer-config '{"backend":"nccl"}'`
 dev mode, for /pause, /resume, /reset_prefix_cache, /get_world_size). The trainer side is
 vLLM's `NCCLTrainerWeightTransferEngine`, built by `WeightTransferTrainerFactory.trainer_init`
 from an `NCCLTrainerInitInfo`; it drives the RL routes through a `VLLMWeightSyncClient`
-(here `_ServersClient`, which fans `HTTPVLLMWeightSyncClient` out over every server) and
+(here `_ServersClient`, which fans those routes out over every server through the
+project's `vllm_client.BlockingClient`: one deadline per call, errors naming the server) and
 broadcasts every parameter from trainer rank 0 to all inference workers in one NCCL group.
 
 First push (rendezvous): rank 0 asks each server for its worker count (GET
@@ -21,11 +22,24 @@ Every push on rank 0: `/pause?mode=M` on all servers → `/start_weight_update` 
 is needed: between start and finish vLLM's layerwise reload holds the model in a partial
 state. `sync_pause_s` is the longest pause → resume across servers.
 
-Weights travel under Hugging Face names (`named_parameters()` of the HF model; a
-`ShardedPolicy` is unwrapped), optionally cast to `wire_dtype` (e.g. the servers' bf16,
-halving the bytes). With FSDP2 the parameters are DTensors: iterating them all-gathers
-(`full_tensor()`, a collective), which is why `push` runs on every rank; only rank 0 talks
-to the servers. vLLM is imported lazily (only on the first push).
+A failure after `/start_weight_update` is never followed by `/resume`: the servers' layers
+may sit half-updated, and vLLM documents the transfer group as unusable after a failed
+transfer (`NCCLTrainerWeightTransferEngine.send_weights`: "the transfer group is unusable
+either way and the caller has to tear it down"). `push` raises `WeightSyncError` naming
+the servers, leaves them paused for the supervisor to restart, and refuses further
+pushes; `close()` then only drops the trainer side. (A failed `/pause` leaves the weights
+whole: the servers that did pause are resumed.)
+
+Weights travel under Hugging Face names (`named_parameters()` of the HF model the
+learner passes, a `ShardedPolicy` already unwrapped) through
+`sync.weight_source.hf_source` (one class for vLLM 0.32 and 0.33), cast to `wire_dtype`
+(`make_weight_sync` passes `wire_dtype_for(server.dtype)`: bf16 to bf16 servers, half
+the bytes of fp32). Every NCCL call, including the send in
+its worker thread, runs with the weights' CUDA device current (`on_device`): vLLM's
+trainer side opens its communicator on the current device, and a new thread's is 0.
+With FSDP2 the parameters are DTensors: iterating them all-gathers (`full_tensor()`, a
+collective), which is why `push` runs on every rank; only rank 0 talks to the servers.
+vLLM is imported lazily (only on the first push).
 
 Every server must be able to reach `master_address` (default: loopback when all servers
 are local, otherwise this host's address on the route to the first server) and NCCL needs
@@ -35,19 +49,19 @@ distinct GPUs for the trainer and each worker.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 
+from grpo_stream import metric_names as M
 from grpo_stream.config import SyncConfig
-from grpo_stream.generator.client import VLLMClient
-from grpo_stream.sync.disk import WeightSyncError
+from grpo_stream.sync.base import WeightSyncError, current_rank
+from grpo_stream.sync.weight_source import hf_source
+from grpo_stream.vllm_client import BlockingClient, VLLMClient, VLLMError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -69,10 +83,10 @@ class _ServersClient:
     """A `VLLMWeightSyncClient` (vLLM's structural protocol) over several servers."""
 
     def __init__(self, urls: list[str], worker_counts: list[int], timeout_s: float):
-        from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
-
         self.urls = urls
-        self.clients = [HTTPVLLMWeightSyncClient(u, timeout=timeout_s) for u in urls]
+        # no retries: these routes are not idempotent (a second init or update would
+        # wait in NCCL for peers that never come)
+        self.http = BlockingClient(timeout_s, retries=0)
         # server k's workers follow the trainer (rank 0) and the workers of servers < k
         self.offsets = [sum(worker_counts[:k]) for k in range(len(urls))]
         self.version: str | None = None  # attached to the next finish_weight_update
@@ -81,52 +95,56 @@ class _ServersClient:
         base = int(init_info["rank_offset"])
         _fan_out(
             self.urls,
-            lambda i, _: self.clients[i].init_weight_transfer_engine(
-                {**init_info, "rank_offset": base + self.offsets[i]}
+            lambda i, u: self.http.post(
+                u,
+                "/init_weight_transfer_engine",
+                {"init_info": {**init_info, "rank_offset": base + self.offsets[i]}},
             ),
         )
 
     def start_weight_update(self) -> None:
-        _fan_out(self.urls, lambda i, _: self.clients[i].start_weight_update())
+        _fan_out(self.urls, lambda i, u: self.http.post(u, "/start_weight_update"))
 
     def update_weights(self, update_info) -> None:
-        _fan_out(self.urls, lambda i, _: self.clients[i].update_weights(update_info))
+        # NCCL's update info is JSON already (names, dtype names, shapes)
+        body = {"update_info": update_info}
+        _fan_out(self.urls, lambda i, u: self.http.post(u, "/update_weights", body))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         v = weight_version if weight_version is not None else self.version
-        _fan_out(self.urls, lambda i, _: self.clients[i].finish_weight_update(v))
+        body = None if v is None else {"weight_version": v}
+        _fan_out(self.urls, lambda i, u: self.http.post(u, "/finish_weight_update", body))
 
     def shutdown_weight_transfer_engine(self) -> None:
-        _fan_out(self.urls, lambda i, _: self.clients[i].shutdown_weight_transfer_engine())
+        _fan_out(self.urls, lambda i, u: self.http.post(u, "/shutdown_weight_transfer_engine"))
 
 
-def _hf_source(module: torch.nn.Module, wire_dtype: torch.dtype | None):
-    """vLLM `ModuleSource` over the HF model, optionally casting to `wire_dtype`."""
-    from vllm.distributed.weight_transfer import ModuleSource, ParamMeta
-    from vllm.distributed.weight_transfer.base import materialize_full_tensor
+def sender_device(module: torch.nn.Module) -> torch.device:
+    """The CUDA device the trainer's weights live on (where NCCL must run), with its
+    index made explicit: a new thread's current device is 0, whatever this one's is."""
+    p = next(module.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    if dev.type != "cuda":
+        raise WeightSyncError(
+            f"sync.transport = 'nccl': the learner's weights are on {dev}, not a CUDA "
+            "device (set learner.device to cuda, or use sync.transport = 'disk')"
+        )
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
 
-    class CastSource(ModuleSource):
-        def metadata(self) -> list:
-            return [ParamMeta(m.name, wire_dtype or m.dtype, m.shape) for m in super().metadata()]
 
-        def __iter__(self):
-            for name, p in self._module.named_parameters():
-                t = materialize_full_tensor(p.detach())  # all-gathers a DTensor shard
-                yield name, t if wire_dtype is None else t.to(wire_dtype)
-
-    return CastSource(module)
+def on_device(device: torch.device, fn, *args):
+    """`fn(*args)` with `device` current in THIS thread (vLLM's trainer-side NCCL uses
+    the current device; `asyncio.to_thread` workers start on device 0)."""
+    with torch.cuda.device(device):
+        return fn(*args)
 
 
 def worker_count(url: str, timeout_s: float) -> int:
     """Inference workers behind one server (TP × PP × DP), from GET /get_world_size."""
     try:
-        with urllib.request.urlopen(f"{url}/get_world_size", timeout=timeout_s) as r:
-            n = json.loads(r.read())["world_size"]
-    except (OSError, ValueError, KeyError) as e:
-        raise WeightSyncError(f"{url}/get_world_size: {e} (dev mode server needed)") from e
-    if not isinstance(n, int) or n < 1:
-        raise WeightSyncError(f"{url}/get_world_size: world_size {n!r} is not a positive int")
-    return n
+        return BlockingClient(timeout_s).world_size(url)
+    except VLLMError as e:
+        raise WeightSyncError(f"{e} (a dev mode server is needed)") from e
 
 
 def local_address_for(urls: list[str]) -> str:
@@ -145,13 +163,12 @@ def free_port(address: str) -> int:
         return s.getsockname()[1]
 
 
-def _current_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 class NCCLSync:
+    """`WeightSync` over vLLM's NCCL weight-transfer engine; construct and push on every
+    trainer rank (only rank 0 talks to the servers)."""
+
+    needs_state_dict = False  # the parameters themselves are streamed
+
     def __init__(
         self,
         cfg: SyncConfig,
@@ -165,10 +182,12 @@ class NCCLSync:
         if not urls:
             raise WeightSyncError("sync.transport = 'nccl' needs at least one server url")
         self.cfg, self.urls = cfg, [u.rstrip("/") for u in urls]
-        self.rank = _current_rank() if rank is None else rank
+        self.rank = current_rank() if rank is None else rank
         self.master_address, self.master_port = master_address, master_port
         self.wire_dtype, self.packed = wire_dtype, packed
         self.engine = self.client = self._module = None
+        self.device: torch.device | None = None
+        self.failed: str | None = None  # why the transfer group is unusable
 
     @property
     def is_sender(self) -> bool:
@@ -181,6 +200,7 @@ class NCCLSync:
 
         if not torch.cuda.is_available():
             raise WeightSyncError("sync.transport = 'nccl' needs a CUDA device (use 'disk' on CPU)")
+        self.device = sender_device(module)
         if self.is_sender:
             counts = [worker_count(u, self.cfg.timeout_s) for u in self.urls]
             address = self.master_address or local_address_for(self.urls)
@@ -195,55 +215,87 @@ class NCCLSync:
             packed=self.packed,
             rank=self.rank,
         )
-        self.engine = WeightTransferTrainerFactory.trainer_init(
-            info, client=self.client, source=_hf_source(module, self.wire_dtype)
+        self.engine = on_device(
+            self.device,
+            lambda: WeightTransferTrainerFactory.trainer_init(
+                info, client=self.client, source=hf_source(module, self.wire_dtype)
+            ),
         )
         self._module = module
 
     def push(self, model, version: int, state_dict=None) -> dict[str, float]:
-        """`state_dict` is unused: NCCL streams the (gathered) parameters themselves."""
-        from grpo_stream.learner.distributed import unwrap
-
-        module = unwrap(model)
+        """`model`: the Hugging Face model (its parameters may be FSDP2 DTensors);
+        `state_dict` is unused: NCCL streams the (gathered) parameters themselves."""
+        if self.failed:
+            raise WeightSyncError(f"an earlier weight transfer failed ({self.failed})")
+        module = model
         t0 = time.perf_counter()
         if self.engine is None:
             self._connect(module)
         elif module is not self._module:
-            self.engine.source, self._module = _hf_source(module, self.wire_dtype), module
+            self.engine.source, self._module = hf_source(module, self.wire_dtype), module
         t1 = time.perf_counter()
         if not self.is_sender:
-            self.engine.send_weights()  # joins the all-gathers only
+            on_device(self.device, self.engine.send_weights)  # joins the all-gathers only
             return {}
         self.client.version = str(version)
         pause_s, transfer_s = asyncio.run(self._paused_transfer())
         return {
-            "sync_connect_s": t1 - t0,
-            "sync_transfer_s": transfer_s,
-            "sync_pause_s": pause_s,
-            "sync_s": time.perf_counter() - t0,
+            M.SYNC_CONNECT_S: t1 - t0,
+            M.SYNC_TRANSFER_S: transfer_s,
+            M.SYNC_PAUSE_S: pause_s,
+            M.SYNC_S: time.perf_counter() - t0,
         }
 
     async def _paused_transfer(self) -> tuple[float, float]:
+        """Pause → transfer → reset prefix caches → resume; (paused s, transfer s).
+        `/resume` only after everything succeeded (see the module docstring)."""
         async with VLLMClient(self.cfg.timeout_s) as http:
             t0 = time.perf_counter()
+            await self._pause_all(http)
+            t1 = time.perf_counter()
             try:
-                await asyncio.gather(*(http.pause(u, self.cfg.pause_mode) for u in self.urls))
-                t1 = time.perf_counter()
                 # blocking NCCL + HTTP round trip, off the event loop
-                await asyncio.to_thread(self.engine.send_weights)
+                await asyncio.to_thread(on_device, self.device, self.engine.send_weights)
                 transfer_s = time.perf_counter() - t1
                 await asyncio.gather(*(http.reset_prefix_cache(u) for u in self.urls))
-            finally:
-                await asyncio.gather(*(http.resume(u) for u in self.urls))
+            except Exception as e:
+                self.failed = f"{type(e).__name__}: {e}"
+                raise WeightSyncError(
+                    f"weight transfer to {', '.join(self.urls)} failed after "
+                    "/start_weight_update; the servers are left paused, not resumed (their "
+                    f"weights may be half-updated and the NCCL group is unusable: restart "
+                    f"them): {self.failed}"
+                ) from e
+            await asyncio.gather(*(http.resume(u) for u in self.urls))
             return time.perf_counter() - t0, transfer_s
 
+    async def _pause_all(self, http: VLLMClient) -> None:
+        """Pause every server; if any pause fails, resume the paused ones (their weights
+        are untouched) and raise naming the servers that failed."""
+        jobs = (http.pause(u, self.cfg.pause_mode) for u in self.urls)
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        failed = [f"{u}: {r}" for u, r in zip(self.urls, results, strict=True) if r is not None]
+        if failed:
+            paused = [u for u, r in zip(self.urls, results, strict=True) if r is None]
+            await asyncio.gather(*(http.resume(u) for u in paused), return_exceptions=True)
+            raise WeightSyncError(f"/pause failed, no weights sent: {'; '.join(failed)}")
+
     def close(self) -> None:
-        """Release the NCCL group on both sides (the servers keep serving)."""
-        if self.engine is None:
+        """Release the NCCL group on both sides (the servers keep serving); idempotent.
+        After a failed transfer only the trainer side is dropped: the servers' group is
+        unusable and they await a restart."""
+        engine, client, self.engine, self.client, self._module = (
+            self.engine, self.client, None, None, None
+        )  # fmt: skip
+        if engine is None:
             return
         try:
-            if self.is_sender:
-                self.client.shutdown_weight_transfer_engine()
+            if self.is_sender and client is not None and not self.failed:
+                client.shutdown_weight_transfer_engine()
         finally:
-            self.engine.shutdown()
-            self.engine = self.client = self._module = None
+            try:
+                engine.shutdown()
+            except Exception:
+                if not self.failed:  # after a failure the group may not tear down cleanly
+                    raise

@@ -1,11 +1,11 @@
-"""The vLLM client against bad responses, served by a real local aiohttp server.
+"""The vLLM client and the sampler against bad responses, from a real local HTTP server.
 
-A small aiohttp.web server on 127.0.0.1 answers each route from a script of canned
-replies (status, body). It does not stand in for vLLM's behaviour (the integration
-tests use a real vLLM server); it checks how `VLLMClient`, `parse_completions` and
-`request_group` handle answers a server or a proxy might send: malformed or truncated
-JSON, missing fields, length mismatches, non-finite log-probs, wrong choice counts,
-HTTP errors that must not be retried and ones that must.
+`fake_vllm.CannedServer` (aiohttp.web on 127.0.0.1) answers each route from a script of
+canned replies (status, body). It does not stand in for vLLM's behaviour (the
+integration tests use a real vLLM server); it checks how `VLLMClient`,
+`parse_completions` and `request_group` handle answers a server or a proxy might send:
+malformed or truncated JSON, missing fields, length mismatches, non-finite log-probs,
+wrong choice counts, HTTP errors that must not be retried and ones that must.
 """
 
 from __future__ import annotations
@@ -13,68 +13,21 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections import Counter
 from typing import Any
 
 import pytest
 from aiohttp import web
+from fake_vllm import CannedServer
 
-from grpo_stream.generator.client import (
+from grpo_stream.generator.pool import ServerPool
+from grpo_stream.generator.sampler import PromptFailed, SampleRequest, request_group
+from grpo_stream.tasks import Prompt
+from grpo_stream.vllm_client import (
     ServerHTTPError,
     ServerResponseError,
     VLLMClient,
     is_transient,
 )
-from grpo_stream.generator.pool import ServerPool
-from grpo_stream.generator.sampler import PromptFailed, SampleRequest, request_group
-from grpo_stream.tasks import Prompt
-
-Reply = tuple[int, str]
-
-
-class CannedServer:
-    """A real HTTP server on 127.0.0.1 that answers each path from a script of replies.
-
-    `script[path]` is a list of replies used in order; the last one repeats. A reply is
-    (status, body text) or an async handler `fn(request) -> web.StreamResponse`.
-    """
-
-    def __init__(self) -> None:
-        self.script: dict[str, list[Any]] = {"/health": [(200, "")]}
-        self.hits: Counter[str] = Counter()
-        self.requests: list[Any] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.hits[request.path] += 1
-        if request.can_read_body:
-            self.requests.append(await request.json())
-        replies = self.script.get(request.path)
-        if not replies:
-            return web.Response(status=404, text="no such route")
-        reply = replies.pop(0) if len(replies) > 1 else replies[0]
-        if callable(reply):
-            return await reply(request)
-        status, body = reply
-        return web.Response(status=status, text=body, content_type="application/json")
-
-    async def __aenter__(self) -> CannedServer:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 def choice(i: int, ids: list[int], lps: list[float]) -> dict[str, Any]:

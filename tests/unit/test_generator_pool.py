@@ -15,10 +15,10 @@ import pytest
 from aiohttp import web
 from conftest import free_port
 
-from grpo_stream.generator.client import VLLMClient
 from grpo_stream.generator.pool import NoServerAvailable, ServerPool
 from grpo_stream.generator.sampler import SampleRequest, request_group
 from grpo_stream.tasks import Prompt
+from grpo_stream.vllm_client import VLLMClient
 
 
 def dead_url() -> str:

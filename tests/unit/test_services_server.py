@@ -10,14 +10,13 @@ import pytest
 from conftest import free_port
 
 from grpo_stream.config import ConfigError, ServerConfig
+from grpo_stream.vllm_client import ServerUnavailable, wait_for_server
 from services.vllm_server import (
     ServerStartError,
-    ServerUnavailable,
     VLLMServer,
     build_command,
     build_env,
     server_log_path,
-    wait_for_server,
 )
 
 

@@ -2,7 +2,7 @@
 
 * The learner gathers a full state dict (FSDP: onto rank 0's CPU) only for the disk sync
   and checkpoints; NCCL streams the parameters themselves.
-* The weights travel in the servers' dtype: `make_sync` gives `NCCLSync` the wire dtype
+* The weights travel in the servers' dtype: `make_weight_sync` gives `NCCLSync` the wire dtype
   of `server.dtype` (bf16 servers: half the bytes of fp32).
 """
 
@@ -13,12 +13,13 @@ import torch
 
 from grpo_stream.config import load_config
 from grpo_stream.learner.distributed import current_cuda_device
-from grpo_stream.learner.loop import make_sync, sync_needs_state_dict
+from grpo_stream.sync import make_weight_sync
 
 
 @pytest.mark.parametrize("transport, gathers", [("disk", True), ("nccl", False), ("none", False)])
-def test_only_disk_sync_gathers_a_state_dict(transport: str, gathers: bool) -> None:
-    assert sync_needs_state_dict(load_config(None, [f"sync.transport={transport}"])) is gathers
+def test_only_disk_sync_gathers_a_state_dict(transport: str, gathers: bool, tmp_path) -> None:
+    cfg = load_config(None, [f"sync.transport={transport}"])
+    assert make_weight_sync(cfg, str(tmp_path)).needs_state_dict is gathers
 
 
 @pytest.mark.parametrize(
@@ -26,7 +27,7 @@ def test_only_disk_sync_gathers_a_state_dict(transport: str, gathers: bool) -> N
 )
 def test_nccl_sync_sends_in_the_server_dtype(server_dtype: str, wire, tmp_path) -> None:
     cfg = load_config(None, ["sync.transport=nccl", f'server.dtype="{server_dtype}"'])
-    sync = make_sync(cfg, str(tmp_path))  # vLLM and CUDA are touched only on the first push
+    sync = make_weight_sync(cfg, str(tmp_path))  # vLLM and CUDA are touched only on the first push
     assert sync.wire_dtype is wire
     assert sync.urls == ["http://127.0.0.1:8000"]
 

@@ -1,0 +1,61 @@
+"""The `WeightSync` protocol every weight transport implements, and its error.
+
+    sync = make_weight_sync(cfg, run_dir)        # grpo_stream.sync: picks by sync.transport
+    metrics = sync.push(hf_model, version, state_dict=gathered_or_None)   # on EVERY rank
+    sync.close()                                  # at the end of the run (idempotent)
+
+`push` takes the Hugging Face model (a `ShardedPolicy` already unwrapped by the caller)
+and returns timing metrics (`{}` where nothing was sent, e.g. on a non-sending rank).
+Each transport knows its own rank rules (disk: rank 0 writes and reloads, the other
+ranks return at once; NCCL: every rank joins the all-gathers), so the learner calls
+`push` on every rank without asking which transport it has. `needs_state_dict` says
+whether `push` reads the gathered `state_dict` (disk) or streams the parameters
+themselves (NCCL), so the learner gathers one only when it is used.
+
+A failed push raises `WeightSyncError` naming the server(s). After a failure that may
+have left a server's weights half-updated, the server is left paused (never resumed on
+those weights) for the supervisor to restart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from grpo_stream.errors import UserError
+
+
+class WeightSyncError(UserError, RuntimeError):
+    """Weights could not be pushed to a vLLM server; the message names the server."""
+
+
+@runtime_checkable
+class WeightSync(Protocol):
+    needs_state_dict: bool
+
+    def push(self, model: Any, version: int, state_dict: dict | None = None) -> dict[str, float]:
+        """Make the servers serve `model`'s weights as policy version `version`."""
+        ...
+
+    def close(self) -> None:
+        """Release what the transport holds (connections, NCCL groups); idempotent."""
+        ...
+
+
+class NoSync:
+    """`sync.transport = "none"`: the servers keep their weights; nothing is sent."""
+
+    needs_state_dict = False
+
+    def push(self, model: Any, version: int, state_dict: dict | None = None) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def current_rank() -> int:
+    """This process's rank in torch.distributed (0 when not initialized or not imported)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    return dist.get_rank() if dist and dist.is_available() and dist.is_initialized() else 0
