@@ -293,11 +293,11 @@ class BufferConfig(_Section):
     poll_s: float = Field(
         0.02, gt=0, description="learner's poll interval while waiting for groups (seconds)"
     )
-    rollup_segments: int | None = Field(
+    rollup_segments: int = Field(
         4,
-        ge=2,
-        description="arrow: merge this many consecutive small segments into one, tier by "
-        "tier, so reads open few files; unset: no roll-up",
+        ge=0,
+        description="arrow: merge this many (>= 2) consecutive small segments into one, "
+        "tier by tier, so reads open few files; 0: no roll-up",
     )
     rollup_target_groups: int = Field(
         256, ge=2, description="arrow: a segment of this many groups is not rolled up further"
@@ -315,4 +315,12 @@ class BufferConfig(_Section):
             for name in ("rollup_segments", "rollup_target_groups"):
                 if name in self.model_fields_set:
                     opts[name] = getattr(self, name)
+            if opts.get("rollup_segments") == 0:
+                opts["rollup_segments"] = None  # the writer's "no roll-up"
         return opts
+
+    @model_validator(mode="after")
+    def _check_rollup(self) -> BufferConfig:
+        if self.rollup_segments == 1:
+            raise ValueError("buffer.rollup_segments: 0 (no roll-up) or >= 2 (got 1)")
+        return self

@@ -156,3 +156,17 @@ def test_gspo_with_the_default_aggregation_is_refused_too():
     """The default aggregation is token_mean: gspo alone must say what to change."""
     with pytest.raises(ConfigError, match="set loss.aggregation = 'seq_mean_token_mean'"):
         load_config(None, ["loss.policy_loss=gspo"])
+
+
+def test_rollup_can_be_turned_off_from_a_file():
+    """TOML has no null: `0` is how a file turns roll-up off (the writer's None)."""
+    assert load_config(None, ["buffer.rollup_segments=0"]).buffer.writer_opts() == {
+        "fsync": True,
+        "rollup_segments": None,
+    }
+    assert load_config(None, ["buffer.rollup_segments=8"]).buffer.writer_opts() == {
+        "fsync": True,
+        "rollup_segments": 8,
+    }
+    with pytest.raises(ConfigError, match="buffer.rollup_segments"):
+        load_config(None, ["buffer.rollup_segments=1"])
