@@ -1,9 +1,10 @@
 """Per-step metrics: JSONL (always), TensorBoard (when installed), one console line.
 
-`MetricsWriter(run_dir).log(step, metrics)` appends one JSON object per learner step
-to `RUN/metrics.jsonl`, mirrors scalars to TensorBoard under `RUN/tb`, and prints
-the line a person watches: step, reward mean/std, KL, clip fraction, tokens/s,
-staleness.
+`MetricsWriter(run_dir).log(row)` appends one JSON object per learner step to
+`RUN/metrics.jsonl`, mirrors its scalars to TensorBoard under `RUN/tb` (one tag per
+key), and prints the line a person watches: step, reward mean/std, KL, clip fraction,
+tokens/s, staleness, policy version. The keys are the names in
+`grpo_stream.metric_names`; `read_metrics` reads the file back.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
+
+from grpo_stream import metric_names as M
 
 
 def _clean(v):
@@ -41,7 +43,7 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, metrics["step"])
+                    self._tb.add_scalar(k, v, metrics[M.STEP])
             self._tb.flush()
         print(format_line(metrics), flush=True)
 
@@ -51,11 +53,17 @@ class MetricsWriter:
 
 
 def format_line(m: dict) -> str:
+    """The console line of one metrics row (a missing value shows as nan)."""
+    nan = float("nan")
+    g = {k: nan if m.get(k) is None else m[k] for k in LINE_KEYS}
     return (
-        f"step {m['step']:4d} | reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f} "
-        f"| kl {m['kl']:.4f} | clip {m['clip_frac']:.3f} | tok/s {m['tokens_per_s']:7.1f} "
-        f"| stale {m['staleness_mean']:.2f} | v{m['policy_version']}"
+        f"step {m[M.STEP]:4d} | reward {g[M.REWARD_MEAN]:.3f} ± {g[M.REWARD_STD]:.3f} "
+        f"| kl {g[M.KL]:.4f} | clip {g[M.CLIP_FRAC]:.3f} | tok/s {g[M.TOKENS_PER_S]:7.1f} "
+        f"| stale {g[M.STALENESS_MEAN]:.2f} | v{m.get(M.POLICY_VERSION, '?')}"
     )
+
+
+LINE_KEYS = (M.REWARD_MEAN, M.REWARD_STD, M.KL, M.CLIP_FRAC, M.TOKENS_PER_S, M.STALENESS_MEAN)
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -64,7 +72,3 @@ def read_metrics(run_dir: str) -> list[dict]:
         raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from grpo_stream import metric_names as M
 from grpo_stream.algo.registry import choose
 
 # (rewards [N, G]) -> (centred rewards [N, G], spread broadcastable to [N, G])
@@ -85,11 +86,11 @@ def compute_advantages(
         ]
     ).tolist()
     metrics = {
-        "reward_mean": stats[0],
-        "reward_std": stats[1],
-        "zero_variance_groups": stats[2],
-        "zero_variance_frac": stats[2] / n,
-        "kept_groups": stats[3],
-        "advantage_abs_mean": stats[4],
+        M.REWARD_MEAN: stats[0],
+        M.REWARD_STD: stats[1],
+        M.ZERO_VARIANCE_GROUPS: stats[2],
+        M.ZERO_VARIANCE_FRAC: stats[2] / n,
+        M.KEPT_GROUPS: stats[3],
+        M.ADVANTAGE_ABS_MEAN: stats[4],
     }
     return adv, keep, metrics

@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+from grpo_stream import metric_names as M
+
 Correction = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -33,13 +35,13 @@ def _log_is_ratio(old: torch.Tensor, behaviour: torch.Tensor, valid: torch.Tenso
 def _tis(old, behaviour, valid, cfg):
     ratio = torch.exp(_log_is_ratio(old, behaviour, valid))  # [B, T]
     truncated = (ratio > cfg.tis_cap) & valid  # [B, T]
-    return ratio.clamp(max=cfg.tis_cap), {"tis_truncated_frac": truncated}
+    return ratio.clamp(max=cfg.tis_cap), {M.TIS_TRUNCATED_FRAC: truncated}
 
 
 def _mask(old, behaviour, valid, cfg):
     ratio = torch.exp(_log_is_ratio(old, behaviour, valid))  # [B, T]
     inside = (ratio >= cfg.mask_low) & (ratio <= cfg.mask_high)  # [B, T]
-    return inside.to(old.dtype), {"behaviour_masked_frac": ~inside & valid}
+    return inside.to(old.dtype), {M.BEHAVIOUR_MASKED_FRAC: ~inside & valid}
 
 
 def _none(old, behaviour, valid, cfg):

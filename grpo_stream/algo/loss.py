@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from grpo_stream import metric_names as M
 from grpo_stream.algo.aggregation import AGGREGATIONS
 from grpo_stream.algo.corrections import BEHAVIOUR_CORRECTIONS
 from grpo_stream.algo.kl import KL_ESTIMATORS, kl_k3
@@ -123,13 +124,13 @@ def grpo_loss(
     if not metrics:
         return loss, {}
 
-    logged = {"pg_loss": weighted, "ratio_mean": ratio, "behaviour_weight_mean": weight}
-    logged["approx_kl_proximal"] = kl_k3(old, lp.detach())  # KL(pi_old || pi_theta)
-    logged["approx_kl_behaviour"] = kl_k3(behaviour, old)  # KL(pi_b || pi_old)
+    logged = {M.PG_LOSS: weighted, M.RATIO_MEAN: ratio, M.BEHAVIOUR_WEIGHT_MEAN: weight}
+    logged[M.APPROX_KL_PROXIMAL] = kl_k3(old, lp.detach())  # KL(pi_old || pi_theta)
+    logged[M.APPROX_KL_BEHAVIOUR] = kl_k3(behaviour, old)  # KL(pi_b || pi_old)
     if kl is not None:
-        logged["kl_ref"] = kl
+        logged[M.KL_REF] = kl
     if entropy is not None:
-        logged["entropy"] = torch.where(valid, entropy.detach().float(), 0.0)  # [B, T]
+        logged[M.ENTROPY] = torch.where(valid, entropy.detach().float(), 0.0)  # [B, T]
     return loss, _metrics(loss, logged | flags | weight_flags, ratio, valid, m)
 
 
@@ -138,10 +139,10 @@ def _metrics(loss, logged: dict[str, torch.Tensor], ratio, valid, m) -> dict[str
     with torch.no_grad():
         n_tok = m.sum()  # []
         stats = _masked_stats(logged, m, n_tok.clamp(min=1.0))
-        stats["ratio_min"], stats["ratio_max"] = _ratio_extremes(ratio, valid, n_tok > 0)
-        stats["loss"] = loss.detach()
-        stats["num_tokens"] = n_tok
-        stats["num_seqs"] = m.new_tensor(float(m.shape[0]))
+        stats[M.RATIO_MIN], stats[M.RATIO_MAX] = _ratio_extremes(ratio, valid, n_tok > 0)
+        stats[M.LOSS] = loss.detach()
+        stats[M.NUM_TOKENS] = n_tok
+        stats[M.NUM_SEQS] = m.new_tensor(float(m.shape[0]))
         names = list(stats)
         values = torch.stack([stats[k].float() for k in names]).tolist()
     return dict(zip(names, values, strict=True))

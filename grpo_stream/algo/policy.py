@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from grpo_stream import metric_names as M
+
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: finite, and far outside any clip range
 
 PolicyLoss = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -38,12 +40,12 @@ def _clipped(log_ratio: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor, cf
     objective = torch.minimum(unclipped, clipped)  # [B, T]
     neg = adv < 0  # [B, 1] or [B, T]
     flags = {
-        "clip_low_frac": (ratio < low) & neg & valid,  # clipped branch taken, no gradient
-        "clip_high_frac": (ratio > high) & (adv > 0) & valid,
+        M.CLIP_LOW_FRAC: (ratio < low) & neg & valid,  # clipped branch taken, no gradient
+        M.CLIP_HIGH_FRAC: (ratio > high) & (adv > 0) & valid,
     }
     if cfg.dual_clip_c is not None:
         floor = cfg.dual_clip_c * adv  # [B, 1] or [B, T]
-        flags["dual_clip_frac"] = (objective < floor) & neg & valid
+        flags[M.DUAL_CLIP_FRAC] = (objective < floor) & neg & valid
         objective = torch.where(neg, torch.maximum(objective, floor), objective)  # [B, T]
     return -objective, ratio, flags
 

@@ -2,91 +2,35 @@
 
     torchrun --nproc-per-node N -m grpo_stream.cli learn ...
 
-    dist = init_distributed(cfg.learner.device)    # no-op single process without torchrun
-    policy = shard_model(hf_model, dist, mixed_precision_dtype(cfg.learner.dtype, dist.device))
-    opt, sched = build_optimizer(policy, cfg.learner)          # AFTER sharding (DTensor params)
-    samples, advs = shard_batch(samples, advs, dist.rank, dist.world_size)
-    lp, ent = policy(mb, temperature, chunk_size, with_entropy)  # == sequence_logprobs(hf, mb, ...)
+Every helper here is a no-op (or the plain single-process operation) without torchrun,
+so the learner's code reads the same in one process and in N:
 
-Sharding. `shard_model` applies `fully_shard` to every decoder layer, then wraps the
-Hugging Face model in `ShardedPolicy` and makes that wrapper the FSDP root, which holds the
-embedding, final norm and `lm_head`. The wrapper exists because `policy.sequence_logprobs`
-calls `model.base_model(...)` and reads `lm_head.weight` directly: neither goes through the
-HF model's own `forward`, so if the HF model were the root its all-gather hooks would never
-fire and `lm_head.weight` would still be a shard. The wrapper's `forward` *is*
-`sequence_logprobs`, so the root's hooks gather embed/norm/lm_head around it. Parameter
-names of the wrapper carry a `module.` prefix; `unwrap(policy)` is the HF model, whose
-`named_parameters()` are the Hugging Face names (the sync transports want those).
+    dist = init_distributed(cfg.learner.device)     # rank 0 of 1 without $WORLD_SIZE
+    policy = shard_model(hf_model, dist, mp_dtype)  # only under torchrun; then build_optimizer
+    samples, advs = shard_batch(samples, advs, rank, world)
+    batch = broadcast_object(batch_on_rank0)        # identity in one process
+    sd = gathered_state_dict(policy)                # collective; None in one process
+    print0("[learn] ...")                           # rank 0 alone prints
 
-Gradient scaling (worked out). Let rank r hold tokens S_r, with the batch-global token count
-N = Σ_r |S_r| (from `all_reduce_scalars`). grpo_loss gives rank r the loss
-L_r = Σ_{t∈S_r} ℓ_t / N, so Σ_r L_r = L, the single-process loss of the whole batch, and
-Σ_r ∇L_r = ∇L. FSDP2's reduce-scatter AVERAGES by default, which would give ∇L / W. So
-`shard_model` sets the gradient divide factor to 1 (`set_gradient_divide_factor(1.0)`, with
-sum-only collectives so gloo works too): the reduced gradient is the SUM Σ_r ∇L_r = ∇L,
-exactly the single-process gradient; no loss scaling is needed. (Equivalently one could keep
-FSDP's average and multiply each rank's loss by W.) The same holds for total_seqs
-(sequence-mean aggregation) and for the Dr. GRPO constant mode: pass global sums.
+Sharding: `shard_model` shards every decoder layer, then wraps the Hugging Face model in
+`ShardedPolicy` and makes that wrapper the FSDP root (embedding, final norm, lm_head).
+The wrapper's `forward` is `sequence_logprobs` / `sequence_loss`, which read
+`lm_head.weight` directly, so the root's hooks gather it; `unwrap(policy)` is the HF model.
 
-Equal work per rank. Every FSDP forward/backward is a collective, so every rank must run
-the same number of micro-batches. `shard_samples` deals samples round-robin (rank r gets
-samples r, r+W, r+2W, ...) and pads ranks that come up one short with a *padding sample*: a
-copy of a real sample cut to two prompt tokens with no completion. It has no
-completion tokens (mask all zero), so it adds 0 to the loss, the gradient and total_tokens;
-it must not be counted in total_seqs (`count_real`). Nothing is dropped, so the gradient
-equals the single-process one for all three aggregations.
-
-What the lead must change to use this (call sites; nothing here edits them):
- learner/loop.py, `Learner.__init__`:
-  1. first thing: `self.dist = init_distributed(cfg.learner.device)`; use `self.dist.device`
-     instead of `pick_device(...)`; seed identically on all ranks (already: run.seed).
-  2. after `load_causal_lm(...)` (every rank loads the full model, on CPU or its device) and
-     after `gradient_checkpointing_enable()`: `self.model = shard_model(model, self.dist,
-     mixed_precision_dtype(cfg.learner.dtype, self.dist.device))`; same for `self.ref` when
-     β > 0 (frozen params shard fine).
-  3. `build_optimizer(self.model, ...)` must come AFTER shard_model (it must see the DTensor
-     parameters). `load_trainer_state` on resume: the optimizer state is sharded, so load it
-     with `load_full_optimizer_state(self.model, opt, full_sd)` instead of
-     `opt.load_state_dict`, and save it with `full_optimizer_state_dict_on_rank0`.
-  4. `make_sync`: DiskSync only on rank 0 (`None` elsewhere, but see 6); NCCLSync on every
-     rank (it reads the rank itself; only rank 0 talks to the servers).
-  5. `MetricsWriter`, `trained_batches.jsonl`, `write_progress`: rank 0 only.
- learner/loop.py, `Learner._next_batch`: rank 0 reads the cursor; `broadcast_object((groups,
-     info))` to the others (tail-following reads may differ in time across ranks, and a
-     time-out on one rank only would deadlock the collectives). Keep `self.cursor` advanced
-     on rank 0 only (it is only saved from rank 0).
- learner/loop.py, `Learner.train_one`: after `batch_advantages`, `samples, advs =
-     shard_batch(samples, advs, rank, world)`; `rewards`/`staleness` metrics from the
-     unsharded lists (rank 0 has them).
- learner/loop.py, `Learner._after_step`: every rank calls `full_state_dict_on_rank0(model)`
-     (a collective) before a checkpoint or a disk sync; rank 0 then writes
-     `unwrap(model).save_pretrained(dir, state_dict=sd)` (checkpoint.save_checkpoint and
-     sync.disk.save_weights call `model.save_pretrained(...)` without state_dict: give them a
-     `state_dict=` parameter; verified: `save_pretrained(dir, state_dict=sd)` of the sharded
-     HF model writes the right weights). NCCLSync.push(model, version) is called on EVERY
-     rank (its gathers are collectives). `self.version`/`self.step` advance identically on
-     every rank, so nothing else needs broadcasting.
- learner/step.py, `StepRunner._logprobs`: call `self.model(mb, self.temperature,
-     chunk_size, entropy)` when it is a `ShardedPolicy` (its forward is sequence_logprobs);
-     skip `autocast` there when FSDP mixed precision is on (the params are already bf16).
- learner/step.py, `StepRunner._optimizer_step`: total_tokens and total_seqs become
-     `all_reduce_scalars({"tokens": local_tokens, "seqs": count_real(local)})` (global sums);
-     every rank must call backward on every micro-batch, even an all-padding one;
-     `clip_grad_norm_` → `clip_grad_norm(self.model.parameters(), max_norm)` from here (the
-     norm of DTensor grads is a DTensor); optionally `set_requires_gradient_sync(False)` on
-     all but the last micro-batch to reduce-scatter once per optimizer step.
- learner/step.py, `StepRunner.run`: `MetricMean` sums and weights, `tokens`,
-     `completion_tokens` through `all_reduce_scalars` before dividing, so the logged metrics
-     are global. `random.sample` may differ across ranks: fine, only the number of
-     micro-batches per optimizer step must match, and it does (equal sequences per rank).
-     With `minibatches_per_epoch > 1` the mini-batches are a different (equally unbiased)
-     partition than in one process.
+Gradients: grpo_loss divides each rank's loss by the batch-global token (or sequence)
+count, so the ranks' losses sum to the single-process loss; `shard_model` therefore makes
+the reduce-scatter SUM (divide factor 1), and the reduced gradient equals the
+single-process gradient. Every FSDP forward and backward is a collective, so every rank
+runs the same number of micro-batches: `shard_samples` deals samples round-robin and
+pads short ranks with a zero-token `padding_sample` that adds nothing to the loss, the
+gradient or the normalisers (`count_real` leaves it out of total_seqs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -119,6 +63,12 @@ def is_rank0() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 
 
+def print0(msg: str) -> None:
+    """Print a progress line to stderr, on rank 0 only (every process prints alone)."""
+    if is_rank0():
+        print(msg, file=sys.stderr, flush=True)
+
+
 def _env_int(name: str) -> int:
     raw = os.environ.get(name)
     if raw is None:
@@ -138,6 +88,17 @@ def _device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def current_cuda_device(dev: torch.device) -> torch.device:
+    """Make a CUDA `dev` this thread's current device, its index explicit ("cuda" ->
+    "cuda:<current>"); CPU devices pass through. vLLM's NCCL endpoint and every tensor
+    made without a device index land on the current device, which is 0 unless set."""
+    if dev.type != "cuda":
+        return dev
+    dev = dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(dev)
+    return dev
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU); idempotent.
 
@@ -146,7 +107,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if "WORLD_SIZE" not in os.environ:
         from grpo_stream.learner.policy import pick_device
 
-        return DistInfo(0, 1, 0, pick_device(device))
+        return DistInfo(0, 1, 0, current_cuda_device(pick_device(device)))
     rank, world, local = (_env_int(n) for n in _ENV)
     dev = _device(device, local)
     if not dist.is_initialized():
@@ -209,7 +170,8 @@ def shard_model(model, dist_info: DistInfo, mp_dtype: torch.dtype | None = None)
         raise RuntimeError(
             "shard_model needs a process group: call init_distributed() under torchrun"
         )
-    model.to(dist_info.device)
+    # no model.to(device) first: each fully_shard call moves ITS parameters to the device
+    # and keeps only this rank's shard, so a model loaded on CPU never sits whole on a GPU
     mp = MixedPrecisionPolicy(
         param_dtype=mp_dtype, reduce_dtype=torch.float32 if mp_dtype else None
     )
@@ -336,6 +298,18 @@ def full_state_dict_on_rank0(model) -> dict[str, torch.Tensor]:
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(inner, options=opts)
+
+
+def gathered_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """Under FSDP the full weights on rank 0 ({} elsewhere; a collective every rank calls);
+    None in one process, where the model's own state dict is the full one."""
+    return full_state_dict_on_rank0(model) if is_distributed() else None
+
+
+def gathered_optimizer_state(model, optimizer) -> dict | None:
+    """Under FSDP the full per-name optimizer state on rank 0 (collective); None in one
+    process, where the checkpoint writes the optimizer's own state dict."""
+    return full_optimizer_state_dict_on_rank0(model, optimizer) if is_distributed() else None
 
 
 def full_optimizer_state_dict_on_rank0(model, optimizer) -> dict:

@@ -9,8 +9,12 @@
                              fused with the output layer: algo.fused_loss_from_hidden)
             clip grad norm; AdamW step; scheduler step
 
-Micro-batches are collated once per step and reused by every epoch. Returns plain
-float metrics (token-weighted over micro-batches).
+Micro-batches are collated once per step and reused by every epoch.
+
+`train_step(runner, groups, version, batch)` is THE learner step: `learn` and `replay`
+both call it on the groups the cursor delivered, and it returns the one metrics row
+(names in `grpo_stream.metric_names`) both log; the caller adds the step number, the
+policy version after the step and its wall-clock time.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from collections import defaultdict
 
 import torch
 
+from grpo_stream import metric_names as M
 from grpo_stream.algo import compute_advantages, grpo_loss
 from grpo_stream.buffer.schema import Group
 from grpo_stream.config import Config
-from grpo_stream.learner.batch import MicroBatch, make_micro_batches
+from grpo_stream.learner.batch import MicroBatch
+from grpo_stream.learner.plan import plan_micro_batches
 from grpo_stream.learner.policy import autocast, sequence_logprobs, sequence_loss
 
 
@@ -68,11 +74,11 @@ class MetricMean:
 
     def add(self, metrics: dict, weight: float) -> None:
         for k, v in metrics.items():
-            if k == "num_tokens" or v is None:
+            if k == M.NUM_TOKENS or v is None:
                 continue
             v = float(v)
             ok = math.isfinite(v)
-            if k == "loss":
+            if k == M.LOSS:
                 self.loss += v  # non-finite stays visible: a NaN loss must show
             elif k.endswith("_min"):
                 self.mins[k] = min(self.mins.get(k, math.inf), v if ok else math.inf)
@@ -87,17 +93,17 @@ class MetricMean:
         if world > 1:  # collective: every rank calls it with the same keys
             from grpo_stream.learner.distributed import all_reduce_scalars
 
-            sums["loss"] = self.loss  # reduced with the rest, then taken out again
+            sums[M.LOSS] = self.loss  # reduced with the rest, then taken out again
             if sums:
                 sums = all_reduce_scalars(sums, "sum")
                 weights = all_reduce_scalars(weights, "sum")
             mins = all_reduce_scalars(mins, "min") if mins else mins
             maxs = all_reduce_scalars(maxs, "max") if maxs else maxs
-        loss = sums.pop("loss", self.loss)
+        loss = sums.pop(M.LOSS, self.loss)
         out = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
         out |= {k: v for k, v in {**mins, **maxs}.items() if math.isfinite(v)}
         if self.steps:
-            out["loss"] = loss / self.steps
+            out[M.LOSS] = loss / self.steps
         return out
 
 
@@ -111,17 +117,25 @@ def _global(values: dict[str, float], world: int) -> dict[str, float]:
 
 
 class StepRunner:
+    """The μ-epoch update on one batch of samples; `run` returns its metrics."""
+
     def __init__(
-        self, cfg: Config, model, ref_model, optimizer, scheduler, device, pad_id: int, world=1
-    ):
+        self, cfg: Config, model, ref_model, optimizer, scheduler, device, pad_id: int,
+        world: int = 1, rank: int = 0,
+    ):  # fmt: skip
         self.cfg, self.model, self.ref = cfg, model, ref_model
         self.opt, self.sched, self.device, self.pad_id = optimizer, scheduler, device, pad_id
         self.temperature = cfg.generator.temperature
-        self.world = world  # > 1: model/ref are FSDP2 ShardedPolicy wrappers
+        self.world, self.rank = world, rank  # world > 1: model/ref are FSDP2 ShardedPolicy
+        from grpo_stream.learner.distributed import ShardedPolicy
+
+        # a ShardedPolicy computes its own log-probs/loss (FSDP does precision), even on
+        # one rank (bench.gpu_smoke runs FSDP2 with one rank)
+        self.sharded = world > 1 or isinstance(model, ShardedPolicy)
 
     def _logprobs(self, model, mb: MicroBatch, entropy: bool = False):
         chunk = self.cfg.learner.logprob_chunk_size
-        if self.world > 1:  # ShardedPolicy.forward is sequence_logprobs; FSDP does precision
+        if self.sharded:  # ShardedPolicy.forward is sequence_logprobs; FSDP does precision
             return model(mb, self.temperature, chunk, entropy)
         with autocast(self.device, self.cfg.learner.dtype):
             return sequence_logprobs(model, mb, self.temperature, chunk, entropy)
@@ -129,7 +143,7 @@ class StepRunner:
     def _fused_loss(self, mb: MicroBatch, loss_fn):
         """(loss, log-probs [B, T], entropy [B, T]) with the output layer fused in."""
         chunk = self.cfg.learner.logprob_chunk_size
-        if self.world > 1:
+        if self.sharded:
             return self.model(mb, self.temperature, chunk, True, loss_fn=loss_fn)
         with autocast(self.device, self.cfg.learner.dtype):
             return sequence_loss(self.model, mb, self.temperature, chunk, loss_fn, True)
@@ -151,10 +165,10 @@ class StepRunner:
         loss, lp, ent = self._fused_loss(mb, lambda rows, x, e: loss_of(rows, x, None, False)[0])
         with torch.no_grad():  # metrics from the whole micro-batch's detached log-probs
             _, metrics = loss_of(everything, lp, ent, True)
-        return loss, metrics | {"loss": float(loss.detach())}
+        return loss, metrics | {M.LOSS: float(loss.detach())}
 
     def _clip_grad(self) -> float:
-        if self.world > 1:
+        if self.sharded:
             from grpo_stream.learner.distributed import clip_grad_norm
 
             return clip_grad_norm(self.model.parameters(), self.cfg.learner.max_grad_norm)
@@ -177,7 +191,7 @@ class StepRunner:
         local = {
             "tokens": float(sum(mbs[i].num_tokens for i in order)),
             "seqs": float(sum(self.real_seqs[i] for i in order)),
-        }
+        }  # the loss normalisers, not metrics
         totals = _global(local, self.world)
         totals = {"total_tokens": totals["tokens"], "total_seqs": totals["seqs"]}
         self.opt.zero_grad(set_to_none=True)
@@ -193,9 +207,7 @@ class StepRunner:
 
     def run(self, samples, advantages: list[float]) -> dict[str, float]:
         lc = self.cfg.learner
-        mbs = make_micro_batches(
-            samples, advantages, lc.micro_batch_size, self.pad_id, list(range(len(samples)))
-        )
+        mbs = plan_micro_batches(samples, advantages, lc, self.pad_id, self.model, self.world)
         mbs = [mb.to(self.device) for mb in mbs]
         real = [1] * len(samples)
         if self.world > 1:  # FSDP padding samples carry no tokens and are no sequence
@@ -214,18 +226,62 @@ class StepRunner:
                 grad_norms.append(self._optimizer_step(mbs, old, ref, order[k::n_mini], meter))
         t2 = time.perf_counter()
         out = meter.result(self.world)
-        counts = {"tokens": sum(int(mb.attention_mask.sum()) for mb in mbs),
-                  "completion_tokens": sum(mb.num_tokens for mb in mbs)}  # fmt: skip
-        times = {"proximal_s": t1 - t0, "train_s": t2 - t1}
+        counts = {M.TOKENS: sum(int(mb.attention_mask.sum()) for mb in mbs),
+                  M.COMPLETION_TOKENS: sum(mb.num_tokens for mb in mbs)}  # fmt: skip
+        times = {M.PROXIMAL_S: t1 - t0, M.TRAIN_S: t2 - t1}
         if self.world > 1:  # the whole batch's tokens, the slowest rank's times
             from grpo_stream.learner.distributed import all_reduce_scalars
 
             counts, times = all_reduce_scalars(counts, "sum"), all_reduce_scalars(times, "max")
         out.update(counts)
         out.update(times)
-        out.update(
-            grad_norm=sum(grad_norms) / len(grad_norms),
-            lr=self.sched.get_last_lr()[0],
-            tokens_per_s=counts["tokens"] * lc.epochs / max(times["train_s"], 1e-9),
-        )
+        out[M.GRAD_NORM] = sum(grad_norms) / len(grad_norms)
+        out[M.LR] = self.sched.get_last_lr()[0]
+        out[M.TOKENS_PER_S] = counts[M.TOKENS] * lc.epochs / max(times[M.TRAIN_S], 1e-9)
         return out
+
+
+def version_after(step: int, cfg: Config) -> int:
+    """The policy version after `step` learner steps: the last step whose weights were
+    synced (every `sync.every` steps); with no servers to sync, every step's."""
+    if cfg.sync.transport == "none":
+        return step
+    return step // cfg.sync.every * cfg.sync.every
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    """Population mean and std (0, 0 for no values)."""
+    if not xs:
+        return 0.0, 0.0
+    mean = sum(xs) / len(xs)
+    return mean, (sum((x - mean) ** 2 for x in xs) / len(xs)) ** 0.5
+
+
+def train_step(runner: StepRunner, groups: list[Group], version: int, batch: dict) -> dict | None:
+    """The learner step on the groups the cursor delivered (stale ones already dropped)
+    while the learner held policy `version`: drops groups with a failed reward, computes
+    advantages, trains this rank's shard, and returns the metrics row with `batch` (the
+    cursor's record of the batch) merged in; None when no group had a usable reward."""
+    groups, failed = usable_groups(groups)
+    if not groups:
+        return None
+    samples, advs, adv_m = batch_advantages(groups, runner.cfg)
+    rewards = [s.reward for g in groups for s in g]
+    staleness = [version - s.policy_version for s in samples] or [0]
+    m: dict = {}
+    if samples:  # drop_zero_variance may leave none: a step that changes nothing
+        if runner.world > 1:
+            from grpo_stream.learner.distributed import shard_batch
+
+            samples, advs = shard_batch(samples, advs, runner.rank, runner.world)
+        m = runner.run(samples, advs)
+    mean, std = _mean_std(rewards)
+    row = {**adv_m, **m, **batch, M.REWARD_MEAN: mean, M.REWARD_STD: std}
+    row |= {M.REWARD_MIN: min(rewards), M.REWARD_MAX: max(rewards)}
+    row |= {M.STALENESS_MEAN: sum(staleness) / len(staleness), M.STALENESS_MAX: max(staleness)}
+    row |= {M.GROUPS: len(groups), M.SAMPLES: len(rewards), M.REWARD_FAILED_GROUPS: failed}
+    # `kl`: to the reference when beta > 0, else the approximate KL(pi_old || pi_theta)
+    row[M.KL] = m.get(M.KL_REF, m.get(M.APPROX_KL_PROXIMAL, 0.0))
+    row[M.CLIP_FRAC] = m.get(M.CLIP_LOW_FRAC, 0.0) + m.get(M.CLIP_HIGH_FRAC, 0.0)
+    row.setdefault(M.TOKENS_PER_S, 0.0)
+    return row

@@ -6,7 +6,9 @@ import json
 import math
 from pathlib import Path
 
-from grpo_stream.plot import plot_cli, read_rows, series
+import pytest
+
+from grpo_stream.plot import make_figure, plot_cli, read_rows, reward_band, series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -73,3 +75,23 @@ def test_missing_metrics_is_a_clear_error(tmp_path: Path, capsys) -> None:
     (tmp_path / "metrics.jsonl").write_text("")
     assert plot_cli([str(tmp_path)]) == 2
     assert "no steps" in capsys.readouterr().err
+
+
+def test_integer_step_ticks_and_a_band_inside_the_reward_range() -> None:
+    # rewards in [0, 1]: mean ± std would reach -0.2 and 1.2
+    rows = [
+        {"step": s, "reward_mean": m, "reward_std": 0.3, "reward_min": 0.0, "reward_max": 1.0}
+        for s, m in ((1, 0.1), (2, 0.5), (3, 0.9))
+    ]
+    xs, lo, hi = reward_band(rows)
+    assert xs == [1.0, 2.0, 3.0]
+    assert lo == pytest.approx([0.0, 0.2, 0.6]) and hi == pytest.approx([0.4, 0.8, 1.0])
+    fig = make_figure(rows)
+    fig.canvas.draw()
+    reward_ax = fig.axes[0]
+    (band,) = reward_ax.collections
+    y = band.get_paths()[0].vertices[:, 1]
+    assert y.min() >= 0.0 and y.max() <= 1.0
+    for ax in fig.axes[:6]:  # three steps: matplotlib alone would tick 1.0, 1.25, ...
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(t == int(t) for t in ticks), ticks

@@ -1,0 +1,101 @@
+"""What the learner writes for a run (rank 0 only): metrics, trained batches, progress,
+checkpoints.
+
+    records = RunRecords(cfg, run_dir, resumed_step) if dist.is_rank0 else NoRecords()
+    records.batch(step, group_ids, info)     # RUN/trained_batches.jsonl (replay reads it)
+    records.log(row)                         # RUN/metrics.jsonl, TensorBoard, console line
+    records.progress(position, version, step, finished)  # BUFFER/consumers/learner.json
+    records.checkpoint(step, model, opt, sched, state, weights, opt_state)
+    records.close()
+
+The other ranks get `NoRecords`, whose methods do nothing, so the learner's loop has no
+rank checks. A resumed run cuts both logs back to the checkpoint's step, so they follow
+the checkpoint's lineage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from grpo_stream import metric_names as M
+from grpo_stream.config import Config
+from grpo_stream.learner.checkpoint import save_checkpoint
+from grpo_stream.metrics import MetricsWriter
+from grpo_stream.progress import LearnerProgress, write_progress
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Keep the JSONL rows with row["step"] <= step (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)[M.STEP] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
+class RunRecords:
+    """Rank 0's run files; see the module docstring."""
+
+    def __init__(self, cfg: Config, run_dir: str, resumed_step: int | None = None):
+        self.run_dir = run_dir
+        self.buffer_path = cfg.buffer_path(run_dir)
+        self.eval_cfg = cfg.eval
+        self.trained_batches = os.path.join(run_dir, "trained_batches.jsonl")
+        self.metrics = MetricsWriter(run_dir)
+        if resumed_step is not None:
+            truncate_log(self.trained_batches, resumed_step)
+            truncate_log(self.metrics.path, resumed_step)
+
+    def batch(self, step: int, group_ids: list[int], info: dict) -> None:
+        """The groups step `step` was given, in order, and where the cursor found them."""
+        row = {M.STEP: step, "group_ids": group_ids}
+        row |= {k: info[k] for k in (M.CURSOR_START, M.CURSOR_END, M.STALE_GROUPS_DROPPED)}
+        with open(self.trained_batches, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def log(self, row: dict) -> None:
+        self.metrics.log(row)
+
+    def progress(self, consumed_groups: int, version: int, step: int, finished=False) -> None:
+        """`finished` (at learner.max_steps) tells a waiting generator to stop."""
+        progress = LearnerProgress(consumed_groups, version, step, finished=finished)
+        write_progress(self.buffer_path, progress)
+
+    def wait_for_eval(self, version: int) -> dict:
+        """Before a sync replaces `version`: wait for its held-out evaluation when due
+        (grpo_stream.eval.progress); {"eval_wait_s": seconds} or {}."""
+        from grpo_stream.eval.progress import wait_for_eval
+
+        return wait_for_eval(self.buffer_path, self.eval_cfg, version)
+
+    def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None) -> None:
+        save_checkpoint(self.run_dir, step, model, opt, sched, state, state_dict=weights,
+                        optimizer_state=opt_state)  # fmt: skip
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+class NoRecords:
+    """The records of a rank other than 0: nothing is written."""
+
+    def batch(self, step: int, group_ids: list[int], info: dict) -> None:
+        pass
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def progress(self, consumed_groups: int, version: int, step: int, finished=False) -> None:
+        pass
+
+    def wait_for_eval(self, version: int) -> dict:
+        return {}
+
+    def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
