@@ -173,7 +173,7 @@ class TaskConfig(_Section):
     prompt_column: str = Field("prompt", description="jsonl/parquet: column with the question")
     answer_column: str = Field("answer", description="jsonl/parquet: column with the answer")
     passes: int | None = Field(
-        1, ge=1, description="jsonl/parquet: passes over the file (count); unset: endless"
+        1, ge=0, description="jsonl/parquet: passes over the file (count); 0: endless"
     )
     shuffle: bool = Field(False, description="jsonl/parquet: a fresh seeded order each pass")
     num_prompts: int | None = Field(

@@ -95,7 +95,7 @@ def _row_prompt(row: dict[str, Any], index: int, epoch: int, path: Path, cfg: Ta
 
 def _epochs(rows: list[dict[str, Any]], path: Path, cfg: TaskConfig) -> Iterator[Prompt]:
     epoch = 0
-    while cfg.passes is None or epoch < cfg.passes:
+    while not cfg.passes or epoch < cfg.passes:  # 0 (or None): endless
         order = list(range(len(rows)))
         if cfg.shuffle:
             random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)

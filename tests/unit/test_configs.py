@@ -170,3 +170,16 @@ def test_rollup_can_be_turned_off_from_a_file():
     }
     with pytest.raises(ConfigError, match="buffer.rollup_segments"):
         load_config(None, ["buffer.rollup_segments=1"])
+
+
+def test_endless_passes_can_be_written_in_a_file(tmp_path):
+    """TOML has no null: `task.passes = 0` is how a file asks for endless passes."""
+    from grpo_stream.tasks import make_prompt_source
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": "4"}\n')
+    base = ["task.name=jsonl", f"task.path={data}", "task.num_prompts=5"]
+    endless = load_config(None, [*base, "task.passes=0"]).task
+    assert [p.meta["row"] for p in make_prompt_source(endless)] == [0, 1, 0, 1, 0]
+    once = load_config(None, base).task
+    assert len(list(make_prompt_source(once))) == 2
