@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from grpo_stream import cli
 from grpo_stream.config import (
@@ -84,6 +85,17 @@ def test_processes_started_alone_write_the_run_config(tmp_path):
     assert load_run_config(run).generator.temperature == 0.9
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_children_of_run_find_their_config_unchanged(path, tmp_path):
+    """`run` writes RUN/config.toml and its children load it: each must see the same
+    values, so none writes a config.<role>.toml of its own."""
+    run = tmp_path / "run"
+    write_run_config(load_config(path, [f"run.run_dir={run}"]), run, "run")
+    for role in ("generate", "learn"):
+        assert write_run_config(load_config(run / "config.toml"), run, role).name == "config.toml"
+    assert [p.name for p in run.glob("config*.toml")] == ["config.toml"]
+
+
 def test_buffer_path_alone_puts_the_config_beside_the_buffer(tmp_path):
     cfg = load_config(CPU, [f"buffer.path={tmp_path / 'r2' / 'store'}"])
     assert cli._prepare_run_dir(cfg, "generate") == str(tmp_path / "r2")
@@ -144,10 +156,11 @@ def _user_error_classes():
     from grpo_stream.generator.loop import GeneratorError
     from grpo_stream.generator.pool import NoServerAvailable
     from grpo_stream.learner.replay import ReplayError
-    from grpo_stream.sync.disk import WeightSyncError
+    from grpo_stream.sync.base import WeightSyncError
     from grpo_stream.tasks.prompt import TaskError
     from services.model import ModelPrepError
-    from services.vllm_server import ServerStartError, ServerUnavailable
+    from grpo_stream.vllm_client import ServerUnavailable, VLLMError
+    from services.vllm_server import ServerStartError
 
     return {
         ConfigError: ValueError,
@@ -158,6 +171,7 @@ def _user_error_classes():
         NoServerAvailable: RuntimeError,
         ServerStartError: RuntimeError,
         ServerUnavailable: RuntimeError,
+        VLLMError: RuntimeError,
         ModelPrepError: RuntimeError,
         WeightSyncError: RuntimeError,
         WriterLockedError: RuntimeError,
@@ -230,3 +244,19 @@ def test_head_dash_1_on_buffer_stats(tmp_path):
                          timeout=120)  # fmt: skip
     assert out.stdout.startswith(f"store {tmp_path}/buffer (arrow)")
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+
+
+def test_a_run_folder_from_before_the_renames_still_loads(tmp_path, capsys):
+    """Old resolved files hold `task.epochs` and every variant's fields; `replay` and
+    `run --resume` read them (a user's own file with the old name is refused)."""
+    run = tmp_path / "old"
+    run.mkdir()
+    old = load_config(CPU).model_dump(mode="json", exclude_none=True)  # as before: all fields
+    old["task"]["epochs"] = old["task"].pop("passes")
+    (run / "config.toml").write_text(tomli_w.dumps(old))
+    cfg = load_run_config(run, ["loss.behaviour_correction=mask"])
+    assert cfg.task.passes == 1 and cfg.loss.behaviour_correction == "mask"
+    with pytest.raises(ConfigError, match="task.epochs was renamed to task.passes"):
+        load_config(run / "config.toml")
+    with pytest.raises(ConfigError, match="task.epochs was renamed"):
+        load_run_config(run, ["task.epochs=2"])
