@@ -158,8 +158,8 @@ def _user_error_classes():
     from grpo_stream.learner.replay import ReplayError
     from grpo_stream.sync.base import WeightSyncError
     from grpo_stream.tasks.prompt import TaskError
-    from services.model import ModelPrepError
     from grpo_stream.vllm_client import ServerUnavailable, VLLMError
+    from services.model import ModelPrepError
     from services.vllm_server import ServerStartError
 
     return {
