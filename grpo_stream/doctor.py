@@ -141,7 +141,7 @@ CHECKS: dict[str, Callable[[Config], list[Check]]] = {
 ROLE_CHECKS: dict[str, tuple[str, ...]] = {
     "doctor": tuple(CHECKS),
     "run": ("security", "model", "buffer", "rewards", "dataset"),
-    "generate": ("security", "buffer", "rewards", "dataset"),
+    "generate": ("security", "buffer", "rewards"),  # its prompt source reads the dataset
     "learn": ("security", "buffer"),
 }
 

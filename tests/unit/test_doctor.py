@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from grpo_stream.config import load_config
-from grpo_stream.doctor import PreflightError, check_servers, doctor_cli, preflight, run_checks
+from grpo_stream.doctor import (
+    PreflightError,
+    check_dataset,
+    check_servers,
+    doctor_cli,
+    preflight,
+    run_checks,
+)
 from grpo_stream.doctor_checks import (
     bytes_per_sample,
     check_buffer,
@@ -149,12 +156,12 @@ def test_reward_file_function_imports(tmp_path) -> None:
 def test_dataset_file_and_columns(tmp_path) -> None:
     data = tmp_path / "d.jsonl"
     base = ("task.name='jsonl'", f"task.path={data}")
-    c = by_name(run_checks(cfg_of(*base), "generate"), "task.path")
+    c = by_name(check_dataset(cfg_of(*base)), "task.path")
     assert not c.ok and "file not found" in c.detail and str(data) in c.detail
     data.write_text(json.dumps({"prompt": "What is 1+1?", "solution": "2"}) + "\n")
-    c = by_name(run_checks(cfg_of(*base), "generate"), "task.path")
+    c = by_name(check_dataset(cfg_of(*base)), "task.path")
     assert not c.ok and "no column 'answer' (task.answer_column)" in c.detail
-    c = by_name(run_checks(cfg_of(*base, "task.answer_column='solution'"), "generate"), "task.path")
+    c = by_name(check_dataset(cfg_of(*base, "task.answer_column='solution'")), "task.path")
     assert c.ok and "'solution' (task.answer_column)" in c.detail
 
 

@@ -115,3 +115,25 @@ def test_progress_stamps_the_writer_and_reads_old_and_newer_files(tmp_path) -> N
     path.write_text(json.dumps({"consumed_groups": 5, "version": 2, "step": 2, "time": 1.0,
                                 "lineage": "abc"}))  # fmt: skip
     assert read_progress(str(tmp_path)).consumed_groups == 5  # a newer learner's field
+
+
+def test_run_treats_a_generator_that_stopped_for_a_finished_learner_as_normal(tmp_path) -> None:
+    """`run`'s supervisor: the generator now exits 0 by itself when the learner finishes,
+    usually a moment before the learner process ends. That must not fail the run (it
+    returned 1, "generator exited with 0"); a generator that fails still does."""
+    from grpo_stream.orchestrate import Child, _supervise
+
+    def child(name: str, code: str) -> Child:
+        return Child(name, [sys.executable, "-c", code], tmp_path / f"{name}.log", echo=False)
+
+    learner = child("learner", "import time; time.sleep(1.5)")  # ends after the generator
+    generator = child("generator", "pass")
+    t0 = time.monotonic()
+    assert _supervise(learner, generator, []) == 0
+    assert time.monotonic() - t0 >= 1.0  # it waited for the learner's own exit
+    learner = child("learner2", "import time; time.sleep(30)")
+    failing = child("generator2", "raise SystemExit(3)")
+    try:
+        assert _supervise(learner, failing, []) == 1
+    finally:
+        learner.stop(5)
