@@ -31,6 +31,10 @@ from grpo_stream.vllm_client import VLLMClient
 POLL_S = 0.25
 
 
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def say(msg: str) -> None:
     print(f"[eval] {msg}", file=sys.stderr, flush=True)
 
@@ -69,8 +73,9 @@ class Follower:
         await asyncio.to_thread(write_eval_progress, self.buffer_path, version)
         mixed = f" (versions {row.versions_seen}: marked)" if row.version_mismatch else ""
         say(
-            f"v{row.policy_version}: pass@1 {row.greedy_pass_at_1} mean@{row.k} {row.mean_at_k} "
-            f"pass@{row.k} {row.pass_at_k} in {row.eval_s:.1f}s{mixed}"
+            f"v{row.policy_version}: pass@1 (greedy) {_f(row.greedy_pass_at_1)} | mean@{row.k} "
+            f"{_f(row.mean_at_k)} | pass@{row.k} {_f(row.pass_at_k)} | reward "
+            f"{_f(row.reward_mean)} | {row.eval_s:.1f}s{mixed}"
         )
         return row
 

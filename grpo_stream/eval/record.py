@@ -161,3 +161,15 @@ def summary_line(rows: list[dict[str, Any]]) -> str | None:
         f"v{first['policy_version']} -> {last[key]:.3f} at v{last['policy_version']} "
         f"({len(rows)} evals, {total_s:.0f} s)"
     )
+
+
+def run_summary(run_dir: str, metrics_rows: list[dict[str, Any]]) -> str | None:
+    """The eval line `grpo-stream run` prints at the end, with what evaluation cost the
+    learner (its waits before syncs, `eval_wait_s` in metrics.jsonl)."""
+    from grpo_stream.eval.progress import EVAL_WAIT_S
+
+    line = summary_line(read_eval_rows(run_dir))
+    if line is None:
+        return None
+    waited = sum(r.get(EVAL_WAIT_S) or 0.0 for r in metrics_rows)
+    return f"{line}; the learner waited {waited:.0f} s for it"
