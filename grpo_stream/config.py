@@ -295,18 +295,28 @@ def load_run_config(
     """The resolved config a run folder's processes ran with, plus `overrides`.
 
     `role` ("learn", "generate") prefers that process's own file (see `write_run_config`).
-    The file is resolved (every field written out), so a field that an override's variant
-    ignores (`loss.tis_cap` after `loss.behaviour_correction=mask`) is dropped from the
-    file's values rather than refused; the same field in `overrides` is still refused."""
+    The file is machine-written, so it is read leniently: a field renamed since it was
+    written (`task.epochs`) is read under its new name, and a field the chosen variants
+    ignore (every one of them in a folder from before `VARIANT_RULES`; `loss.tis_cap`
+    after an override `loss.behaviour_correction=mask`) is dropped rather than refused.
+    Old names and foreign-variant fields in `overrides` are still refused."""
     path = run_config_path(run_dir, role)
     if not path.is_file():
         raise ConfigError(f"{path}: missing (is {run_dir} a run folder?)")
     data = _read_toml(path)
+    for old, new in RENAMED.items():  # a folder from before the rename
+        _move(data, old, new)
     overrides = list(overrides or [])
-    if overrides:
-        _drop_ignored(data, overrides)
-        apply_overrides(data, overrides)
+    _drop_ignored(data, overrides)
+    apply_overrides(data, overrides)
     return config_from_dict(data, f"{path} + overrides" if overrides else str(path))
+
+
+def _move(data: dict, old: str, new: str) -> None:
+    (section, field), (_, new_field) = old.split("."), new.split(".")
+    if isinstance(data.get(section), dict) and field in data[section]:
+        value = data[section].pop(field)
+        data[section].setdefault(new_field, value)
 
 
 def _drop_ignored(data: dict, overrides: list[str]) -> None:
