@@ -27,7 +27,13 @@ import os
 import signal
 import sys
 
-from grpo_stream.config import Config, ConfigError, load_config, write_run_config
+from grpo_stream.config import (
+    Config,
+    ConfigError,
+    load_config,
+    load_run_config,
+    write_run_config,
+)
 from grpo_stream.doctor import preflight
 from grpo_stream.errors import UserError
 
@@ -38,7 +44,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> Config:
-    cfg = load_config(args.config, args.overrides)
+    return _export_api_key(load_config(args.config, args.overrides))
+
+
+def _export_api_key(cfg: Config) -> Config:
     if key := cfg.server.resolved_api_key():  # every vLLM client here and in children sends it
         os.environ["VLLM_API_KEY"] = key
     return cfg
@@ -102,8 +111,10 @@ def cmd_run(args) -> int:
     from grpo_stream.orchestrate import run_pipeline
 
     if args.resume and args.config is None:  # continue with the run's own resolved config
-        args.config = os.path.join(args.resume, "config.toml")
-    return run_pipeline(_load(args), resume_dir=args.resume)
+        cfg = _export_api_key(load_run_config(args.resume, args.overrides))
+    else:
+        cfg = _load(args)
+    return run_pipeline(cfg, resume_dir=args.resume)
 
 
 def cmd_serve(args) -> int:
