@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ import pyarrow as pa
 
 from grpo_stream.buffer.fsutil import resolve_store_path
 from grpo_stream.buffer.store import detect_backend, open_reader, open_writer
+from grpo_stream.config import load_run_config
 from grpo_stream.errors import UserError
 
 BLOCK = 1024  # groups per read while scanning a whole store
@@ -233,10 +235,19 @@ COMMANDS = {
 }
 
 
+def store_path(path: str) -> str:
+    """PATH is a store root; or a run folder: with a config.toml, the store its generator
+    wrote (`buffer.path`, else RUN/buffer, read with `config.load_run_config`); without
+    one, PATH/buffer where that is a store."""
+    if os.path.isfile(os.path.join(path, "config.toml")):
+        return load_run_config(path, role="generate").buffer_path(path)
+    return resolve_store_path(path)
+
+
 def run_cli(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    args.path = resolve_store_path(args.path)
     try:
+        args.path = store_path(args.path)
         return COMMANDS[args.cmd](args)
     except (UserError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
