@@ -61,10 +61,19 @@ async def _probe_server(client, url: str, served_name: str) -> tuple[bool, str]:
             f"{url}: not in dev mode (GET /weight_info: HTTP {dev}); weight sync "
             "needs a server started with VLLM_SERVER_DEV_MODE=1 (grpo-stream serve)"
         )
-    served = [m.get("id") for m in (json.loads(body).get("data") or [])] if models == 200 else []
+    served = _model_ids(body) if models == 200 else []
     if served_name not in served:
         return False, f"{url}: serves {served}, not model.served_name = {served_name!r}"
     return True, f"{url}: healthy, dev mode, serves {served_name!r}"
+
+
+def _model_ids(body: str) -> list:
+    """The ids in a /v1/models answer ([] when it is not the OpenAI shape)."""
+    try:
+        data = json.loads(body).get("data") or []
+        return [m.get("id") for m in data if isinstance(m, dict)]
+    except (ValueError, AttributeError):
+        return []
 
 
 def check_servers(cfg: Config) -> list[Check]:
