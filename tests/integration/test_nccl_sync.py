@@ -20,7 +20,7 @@ import torch
 from conftest import free_port
 
 from grpo_stream.config import ModelConfig, ServerConfig, SyncConfig
-from grpo_stream.sync.disk import WeightSyncError
+from grpo_stream.sync.base import WeightSyncError
 from grpo_stream.sync.nccl import NCCLSync, local_address_for, sender_device
 from services.model import build_tiny_model, resolve_model_path
 from services.vllm_server import VLLMServer, get_json, post_json

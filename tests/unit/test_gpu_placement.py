@@ -124,3 +124,25 @@ def test_memory_share_becomes_the_vllm_flag(tmp_path: Path) -> None:
 def test_memory_share_is_a_fraction() -> None:
     with pytest.raises(ConfigError, match="gpu_memory_utilization"):
         cfg_of("server.gpu_memory_utilization=1.5")
+
+
+def test_run_refuses_the_split_before_starting_anything(tmp_path: Path) -> None:
+    from grpo_stream.orchestrate import run_pipeline
+
+    cfg = cfg_of("sync.transport=nccl", f'run.output_dir="{tmp_path}"')
+    with pytest.raises(ConfigError, match="NCCL refuses"):
+        run_pipeline(cfg)
+    assert list(tmp_path.iterdir()) == []  # no run folder, no server, no child
+
+
+def test_the_learner_child_sees_only_its_gpus(tmp_path: Path) -> None:
+    import sys
+
+    from grpo_stream.orchestrate import Child
+
+    argv = [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"]
+    child = Child("learner", argv, tmp_path / "learner.log", echo=False,
+                  env=visible_devices([2, 3]))  # fmt: skip
+    child.proc.wait(60)
+    child.stop()
+    assert (tmp_path / "learner.log").read_text().strip() == "2,3"
