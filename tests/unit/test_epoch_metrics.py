@@ -1,0 +1,67 @@
+"""Per-epoch-index metrics of the learner step (`clip_frac/epochE`,
+`approx_kl_proximal/epochE`) through the real StepRunner on the tiny Llama: epoch 1 runs
+on the proximal weights (exactly 0 clipped tokens, KL 0: the seed notes' point about
+TRL's single update), later epochs move; and the behaviour/proximal mismatch metric."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from bench.synth import make_groups
+from grpo_stream import metric_names as M
+from grpo_stream.algo import grpo_loss
+from grpo_stream.config import Config
+from grpo_stream.learner.optim import build_optimizer
+from grpo_stream.learner.policy import load_causal_lm
+from grpo_stream.learner.step import StepRunner, batch_advantages
+
+
+def _run(tiny_model_dir, epochs: int, lr: float, fused: bool = True) -> dict:
+    cfg = Config()
+    cfg.generator.temperature = 1.0
+    for k, v in {"lr": lr, "epochs": epochs, "micro_batch_size": 4, "fused_loss": fused}.items():
+        setattr(cfg.learner, k, v)
+    torch.manual_seed(0)
+    random.seed(0)
+    model = load_causal_lm(str(tiny_model_dir), torch.device("cpu"))
+    opt, sched = build_optimizer(model, cfg.learner)
+    runner = StepRunner(cfg, model, None, opt, sched, torch.device("cpu"), pad_id=0)
+    groups = make_groups(2, group_size=4, prompt_len=6, completion_len=5)
+    samples, advs, _ = batch_advantages(groups, cfg)
+    return runner.run(samples, advs)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_epoch_one_is_unclipped_and_later_epochs_move(tiny_model_dir, fused):
+    m = _run(tiny_model_dir, epochs=3, lr=3e-2, fused=fused)
+    assert {M.clip_frac_epoch(e) for e in (1, 2, 3)} <= set(m)
+    assert M.clip_frac_epoch(4) not in m
+    assert m[M.clip_frac_epoch(1)] == 0.0  # exactly: no token clipped before any update
+    assert m[M.approx_kl_epoch(1)] == pytest.approx(0.0, abs=1e-7)
+    # two micro-batches, one optimizer step per epoch: epochs 2 and 3 run on moved weights
+    assert m[M.approx_kl_epoch(2)] > 1e-4
+    assert m[M.clip_frac_epoch(2)] + m[M.clip_frac_epoch(3)] > 0.0
+    # the step's overall clip fraction is the token-weighted mean over the epochs
+    overall = m[M.CLIP_LOW_FRAC] + m[M.CLIP_HIGH_FRAC]
+    per_epoch = sum(m[M.clip_frac_epoch(e)] for e in (1, 2, 3)) / 3
+    assert overall == pytest.approx(per_epoch, rel=1e-6)
+
+
+def test_one_epoch_logs_one_epoch_index(tiny_model_dir):
+    m = _run(tiny_model_dir, epochs=1, lr=1e-3)
+    assert m[M.clip_frac_epoch(1)] == 0.0
+    assert not any(k.startswith(M.CLIP_FRAC + M.EPOCH_SEP + "2") for k in m)
+
+
+def test_behaviour_logprob_abs_diff_is_the_masked_mean():
+    cfg = Config().loss
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])  # [B, T]
+    behaviour = torch.tensor([[-1.5, -1.0, -3.0], [-0.5, -0.2, float("nan")]])  # [B, T]
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # [B, T]
+    adv = torch.tensor([1.0, -1.0])  # [B]
+    _, m = grpo_loss(cfg, lp, lp, behaviour, adv, mask, total_tokens=5, total_seqs=2)
+    # |old - b| over the 5 tokens: 0.5, 1.0, 0, 0, 0.3 (padding NaN ignored)
+    assert m[M.BEHAVIOUR_LOGPROB_ABS_DIFF] == pytest.approx(1.8 / 5)
