@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from grpo_stream.config import Config, ConfigError, load_config
+from grpo_stream.learner.distributed import current_cuda_device
 from grpo_stream.placement import GpuPlan, learner_gpus, plan_gpus, visible_devices
 from services.vllm_server import build_command, build_env, make_servers
 
@@ -146,3 +148,13 @@ def test_the_learner_child_sees_only_its_gpus(tmp_path: Path) -> None:
     child.proc.wait(60)
     child.stop()
     assert (tmp_path / "learner.log").read_text().strip() == "2,3"
+
+
+def test_cpu_learner_device_is_left_alone() -> None:
+    assert current_cuda_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_a_learner_gpu_that_is_not_there_is_named() -> None:
+    n = torch.cuda.device_count()
+    with pytest.raises(ConfigError, match=f"learner.device = 'cuda:{n}'"):
+        current_cuda_device(torch.device("cuda", n))
