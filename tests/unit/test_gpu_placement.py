@@ -1,5 +1,6 @@
 """Unit: how `grpo-stream run` splits one machine's GPUs between the learner and the vLLM
-servers, and the environment and arguments each server is started with.
+servers, the environment and arguments each server is started with, and the learner's
+device (`learner.device = "cuda:N"`, made current; one that is not there is named).
 
 No GPU is needed: the split is config, and a server's launch is a pure argv + environment
 (`services.vllm_server.build_command` / `build_env`), checked here as `VLLMServer` and
