@@ -211,3 +211,30 @@ def test_factory_picks_by_table_and_every_transport_is_a_weight_sync(tmp_path: P
     for s in made.values():
         s.close()
         s.close()  # close() twice is fine (the learner's finally may follow an error path)
+
+
+@pytest.mark.slow  # imports vLLM (~30 s here)
+def test_servers_client_sends_what_vllms_own_client_sends() -> None:
+    """API drift guard: `_ServersClient` (through the project's client) sends the routes
+    and bodies of vLLM's own `HTTPVLLMWeightSyncClient`, which it replaces."""
+    clients = pytest.importorskip("vllm.distributed.weight_transfer.clients")
+    pytest.importorskip("requests")
+    init = {"master_address": "127.0.0.1", "master_port": 1234, "rank_offset": 1, "world_size": 2}
+    update = {"names": ["w"], "dtype_names": ["bfloat16"], "shapes": [[2]]}
+
+    def drive(client) -> None:
+        client.init_weight_transfer_engine(init)
+        client.start_weight_update()
+        client.update_weights(update)
+        client.finish_weight_update("3")
+        client.shutdown_weight_transfer_engine()
+
+    async def main():
+        routes = ["/init_weight_transfer_engine", *NCCL_ROUTES]
+        async with CannedServer(ok_script(routes)) as ours, CannedServer(ok_script(routes)) as ref:
+            await asyncio.to_thread(drive, _ServersClient([ours.url], [1], timeout_s=10))
+            await asyncio.to_thread(drive, clients.HTTPVLLMWeightSyncClient(ref.url, timeout=10))
+            return [(c.path, c.body) for c in ours.calls], [(c.path, c.body) for c in ref.calls]
+
+    ours, ref = asyncio.run(main())
+    assert len(ours) == 5 and ours == ref
