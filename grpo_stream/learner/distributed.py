@@ -94,6 +94,13 @@ def current_cuda_device(dev: torch.device) -> torch.device:
     made without a device index land on the current device, which is 0 unless set."""
     if dev.type != "cuda":
         return dev
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        from grpo_stream.config import ConfigError
+
+        raise ConfigError(
+            f"learner.device = {str(dev)!r}: {torch.cuda.device_count()} CUDA device(s) "
+            "visible to the learner (ids count from 0 within its CUDA_VISIBLE_DEVICES)"
+        )
     dev = dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(dev)
     return dev
