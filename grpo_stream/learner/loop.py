@@ -67,7 +67,7 @@ class BatchSource:
 
     def _read(self, version: int) -> Batch:
         lc, t0, start = self.cfg, time.perf_counter(), self.cursor.position
-        if start == 0:
+        if start == 0 and self.cursor.available() < lc.batch_groups:
             print0(f"[learn] waiting for the first {lc.batch_groups} groups in the buffer ...")
         groups, stale = self.cursor.next_groups(
             lc.batch_groups, lc.wait_timeout_s, lc.max_staleness, current_version=version
@@ -81,6 +81,17 @@ class BatchSource:
             self.cursor.reader.close()
 
 
+def peak_memory_mb(device) -> float:
+    """This process's peak memory so far (MB): CUDA max allocated on a GPU, else peak RSS."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 class Learner:
     """One learner process; under torchrun, one rank of an FSDP2 data-parallel learner."""
 
@@ -88,6 +99,7 @@ class Learner:
         s = setup_learner(cfg, run_dir, model_dir, resume)
         self.cfg, self.s = cfg, s
         self.step, self.version = s.step, s.version
+        self.t_train, self.out_of_time = time.monotonic(), False  # learner.max_wall_s
         self.source = BatchSource(s.cursor, cfg.learner)
         self.records: RunRecords | NoRecords = NoRecords()
         self.sync = None
@@ -116,7 +128,8 @@ class Learner:
                 self._push(gathered_state_dict(self.s.model) if needed else None)
             self._publish_progress()
             print0(f"[learn] training from step {self.step} to {self.cfg.learner.max_steps}")
-            while self.step < self.cfg.learner.max_steps:
+            self.t_train = time.monotonic()
+            while self.step < self.cfg.learner.max_steps and not self.out_of_time:
                 self.train_one()
             self._publish_progress(finished=True)  # a generator started by hand stops
         finally:
@@ -135,12 +148,22 @@ class Learner:
                    "; skipped")  # fmt: skip
             return None
         self.step += 1
+        self.out_of_time = self._wall_spent()  # then this step is the last (checkpointed)
         self.records.batch(self.step, [g[0].group_id for g in batch.groups], batch.info)
         row |= self._after_step()
         row |= {M.STEP: self.step, M.POLICY_VERSION: self.version}
         row[M.STEP_S] = time.perf_counter() - t0
+        row[M.PEAK_MEMORY_MB] = peak_memory_mb(self.s.dist.device)
         self.records.log(row)
         return row
+
+    def _wall_spent(self) -> bool:
+        """`learner.max_wall_s` of training (from the start of `run`) spent; rank 0's
+        clock decides for every rank."""
+        limit = self.cfg.learner.max_wall_s
+        if limit is None:
+            return False
+        return bool(broadcast_object(time.monotonic() - self.t_train >= limit))
 
     def _push(self, weights) -> dict:
         if self.sync is None:
@@ -155,6 +178,7 @@ class Learner:
         cfg, s = self.cfg, self.s
         every = cfg.learner.checkpoint_every
         due_ckpt = (every and self.step % every == 0) or self.step == cfg.learner.max_steps
+        due_ckpt = due_ckpt or self.out_of_time
         due_sync = self.step % cfg.sync.every == 0
         gather = due_ckpt or (due_sync and self.sync.needs_state_dict)
         weights = gathered_state_dict(s.model) if gather else None

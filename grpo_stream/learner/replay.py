@@ -30,6 +30,7 @@ from pathlib import Path
 
 from grpo_stream import metric_names as M
 from grpo_stream.config import Config, ConfigError, load_run_config
+from grpo_stream.errors import UserError
 
 TIMING_KEYS = M.WALL_CLOCK
 
@@ -262,7 +263,7 @@ def replay_cli(argv: list[str]) -> int:
     args = _parser().parse_intermixed_args(argv)
     try:
         replay(args)
-    except ConfigError as e:
+    except UserError as e:  # a config, run folder, checkpoint or corrupt buffer
         print(f"grpo-stream replay: {e}", file=sys.stderr)
         return 2
     return 0
