@@ -8,7 +8,13 @@ import math
 import pytest
 
 from grpo_stream.eval.evaluate import PromptResult, Scored, correct_key, summarize
-from grpo_stream.eval.record import EvalLog, format_table, read_eval_rows, summary_line
+from grpo_stream.eval.record import (
+    EvalLog,
+    format_table,
+    read_eval_rows,
+    run_summary,
+    summary_line,
+)
 
 
 def s(correct: bool, reward: float, tokens: int = 10, truncated: bool = False) -> Scored:
@@ -74,3 +80,14 @@ def test_eval_log_table_and_summary(tmp_path):
     assert summary_line(rows) == (
         "held-out pass@1 (greedy) on 2 prompts: 0.250 at v0 -> 0.500 at v4 (2 evals, 4 s)"
     )
+
+
+def test_run_summary_reports_the_cost(tmp_path):
+    log = EvalLog(str(tmp_path), tensorboard=False)
+    for version, end in ((0, 110.0), (4, 200.0), (8, 300.0)):
+        row = summarize(results(), k=4, greedy=True, eval_s=10.0, step=version, model="")
+        row.policy_version, row.time = version, end
+        log.write(row)
+    metrics = [{"step": 1, "eval_wait_s": 0.5}, {"step": 2}, {"step": 5, "eval_wait_s": 2.0}]
+    line = run_summary(str(tmp_path), metrics)
+    assert line.endswith("(3 evals, 30 s = 15% of 200 s); the learner waited 2 s for it")
