@@ -1,26 +1,39 @@
-"""Benchmark: learner step throughput vs bare transformers, and disk weight-sync pause.
+"""Benchmark: the learner step (shared-prefix vs padded vs bare transformers), and the
+disk weight-sync pause.
 
-    python -m bench.learner                   # both parts; writes bench/results/learner.json
+    python -m bench.learner                   # step + sync; writes bench/results/learner.json
     python -m bench.learner --part step       # only (a);  --part sync: only (b)
-    python -m bench.learner --samples 32      # the batch size (default: 32 on CUDA, 8 on CPU)
+    python -m bench.learner --part sweep      # (c): the shared-prefix threshold for "auto"
+    python -m bench.learner --groups 4        # groups of G = 8 per step (default: the demo's 4)
 
-(a) tokens_per_s_vs_bare_fwd_bwd (goal >= 0.85). Model: SmolLM2-135M (prepared, float32).
-Batch: synthetic groups of G = 8 completions (bench.synth; prompts ~40 and
-completions ~24 tokens, random ids), μ = learner.epochs = 2, one optimizer step per epoch,
-micro-batches of `micro_batch_size`. Both variants run the SAME schedule of passes over
-the SAME padded micro-batches:
+(a) The demo's real shapes, side by side in one run. Model: SmolLM2-135M (prepared,
+float32). Batch: `--groups` groups of G = 8: the demo's chat-templated arithmetic prompts
+(configs/cpu.toml's task through SmolLM2's tokenizer: 44 tokens), completions of random
+ids, 4..16 tokens (~10, the demo's max_tokens is 16), μ = 2 epochs, one optimizer step per
+epoch, micro_batch_size 32 (configs/cpu.toml: the whole batch in one micro-batch). Three
+variants run the same schedule of passes:
 
-* grpo step: `StepRunner.run` as the learner calls it: collation, 1 no-grad proximal
-  forward, then per epoch a forward + backward per micro-batch (chunked log-probs, GRPO
-  loss with TIS, entropy and metrics), grad clipping, AdamW step, scheduler step;
+* shared: `StepRunner.run` with learner.shared_prefix = true (what "auto" picks here):
+  collation, 1 no-grad proximal pass, then per epoch forward + backward (fused GRPO loss
+  with TIS, entropy, metrics), grad clipping, AdamW step, scheduler step; each prompt is
+  encoded once per pass and its 8 completions run on its KV cache;
+* padded: the same with learner.shared_prefix = false (every row re-encodes its prompt);
 * bare: 1 no-grad `model(input_ids, attention_mask)` forward, then per epoch
-  `model(input_ids, attention_mask, labels).loss.backward()` per micro-batch (pads
-  labelled -100), grad clipping, AdamW step.
+  `model(input_ids, attention_mask, labels).loss.backward()` on the padded micro-batches
+  (pads labelled -100), grad clipping, AdamW step.
 
-tokens/s = non-pad tokens × μ / wall time of the whole schedule (the proximal pass is
-inside the time of both, so it is counted fairly: as overhead on both sides). The
-figure is grpo tokens/s ÷ bare tokens/s = bare time ÷ grpo time, median over `--reps`
-alternating rounds after one small warm-up of each (AdamW state, thread pools).
+Figures: shared_prefix_speedup = padded time / shared time (goal >= 2.5);
+tokens_per_s_vs_bare_fwd_bwd = bare time / shared time, i.e. tokens/s on the same padded
+token count (goal >= 2.0); shared_prefix_peak_memory_ratio = the peak memory growth of a
+shared step / a padded one (goal <= 0.6), measured as bench/gpu_smoke.py does: the
+process's peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS before the
+step, after a warm-up (AdamW state exists; gradients are freed between steps), the
+smaller (shared) first. Times: median over `--reps` rounds in rotating order after one
+warm-up of each.
+
+(c) sweep: the same step on 2 groups with prompts of 2..44 tokens, padded / shared time
+against the share of tokens the shared layout skips (`learner.plan.shared_prefix_saving`):
+the break-even sets `learner.plan.AUTO_MIN_SAVED`. Recorded in config["sweep"].
 
 (b) sync_pause_s (goal <= 2 s): one vLLM CPU server (services.vllm_server.VLLMServer,
 port 8300, SmolLM2 from the cache) and `DiskSync.push` of the learner's model `--pushes`
@@ -38,6 +51,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -47,35 +61,53 @@ from pathlib import Path
 
 import torch
 
-from bench.synth import make_groups
-from grpo_stream.config import Config, ModelConfig, ServerConfig, SyncConfig
+from grpo_stream.buffer.schema import Sample
+from grpo_stream.config import Config, ModelConfig, ServerConfig, SyncConfig, load_config
 from grpo_stream.learner.batch import make_micro_batches
 from grpo_stream.learner.optim import build_optimizer
+from grpo_stream.learner.plan import shared_prefix_saving
 from grpo_stream.learner.policy import load_causal_lm, pick_device
 from grpo_stream.learner.step import StepRunner, batch_advantages
 from services.model import resolve_model_path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "learner.json"
-GROUP_SIZE, PROMPT_LEN, COMPLETION_LEN, EPOCHS = 8, 40, 24, 2
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "learner.json"
+GROUP_SIZE, EPOCHS, MICRO_BATCH, COMPLETION_LENS = 8, 2, 32, (4, 16)
 PORT = 8300
 
 
-def make_batch(n_samples: int, cfg: Config, start: int = 0):
-    groups = make_groups(
-        max(1, n_samples // GROUP_SIZE),
-        start=start,
-        group_size=GROUP_SIZE,
-        prompt_len=PROMPT_LEN,
-        completion_len=COMPLETION_LEN,
-        with_text=False,
-    )
-    return batch_advantages(groups, cfg)[:2]  # samples, advantages
+def demo_prompts(n: int, model_dir: Path) -> list[list[int]]:
+    """The first `n` prompts of the demo's task, chat-templated and tokenized as served."""
+    import itertools
+
+    from transformers import AutoTokenizer
+
+    from grpo_stream.tasks.prompt import render_prompt
+    from grpo_stream.tasks.sources import arithmetic_prompts
+
+    task = load_config(ROOT / "configs" / "cpu.toml").task
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = itertools.islice(arithmetic_prompts(task), n)
+    return [render_prompt(p, tok, task)[1] for p in prompts]
 
 
-def run_grpo(runner: StepRunner, samples, advs) -> float:
-    t0 = time.perf_counter()
-    runner.run(samples, advs)
-    return time.perf_counter() - t0
+def make_batch(prompts: list[list[int]], cfg: Config, seed: int = 0):
+    """G completions of random ids per prompt; (samples, advantages)."""
+    rng = random.Random(seed)
+    groups = []
+    for g, prompt in enumerate(prompts):
+        group = []
+        for k in range(GROUP_SIZE):
+            c = rng.randint(*COMPLETION_LENS)
+            group.append(Sample(
+                run_id="bench", prompt_id=f"q{seed}-{g}", sample_index=k, policy_version=0,
+                prompt_ids=list(prompt), completion_ids=[rng.randrange(3, 49152) for _ in range(c)],
+                behaviour_logprobs=[-rng.uniform(0.1, 3.0) for _ in range(c)],
+                reward=float(rng.random() < 0.5), row_id=g * GROUP_SIZE + k,
+            ))  # fmt: skip
+        group[0].reward, group[1].reward = 0.0, 1.0  # every group has an advantage
+        groups.append(group)
+    return batch_advantages(groups, cfg)[:2]
 
 
 def run_bare(model, opt, mbs, epochs: int, max_grad_norm: float) -> float:
@@ -93,54 +125,123 @@ def run_bare(model, opt, mbs, epochs: int, max_grad_norm: float) -> float:
             ).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.step()
+    opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
 
-def warm_up(runner: StepRunner, model, bare_opt, cfg: Config, device: torch.device) -> None:
-    """One 2-sample round of each: AdamW state allocation, thread pools, first-call costs."""
-    samples, advs = make_batch(GROUP_SIZE, cfg, start=100)
-    samples, advs = samples[:2], advs[:2]
-    run_grpo(runner, samples, advs)
-    mbs = [m.to(device) for m in make_micro_batches(samples, advs, 16, 2, [0, 1])]
-    run_bare(model, bare_opt, mbs, EPOCHS, cfg.learner.max_grad_norm)
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def bench_step(n_samples: int, reps: int, device: torch.device) -> tuple[dict, dict]:
-    cfg = Config()
-    cfg.learner.epochs, cfg.learner.micro_batch_size, cfg.learner.lr = EPOCHS, 16, 1e-6
-    model = load_causal_lm(str(resolve_model_path(ModelConfig())), device)
-    opt, sched = build_optimizer(model, cfg.learner)
-    bare_opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, betas=cfg.learner.betas)
-    runner = StepRunner(cfg, model, None, opt, sched, device, pad_id=2)
-    samples, advs = make_batch(n_samples, cfg)
-    order = list(range(len(samples)))
-    mbs = [m.to(device) for m in make_micro_batches(samples, advs, 16, 2, order)]
-    tokens = sum(int(m.attention_mask.sum()) for m in mbs)
-    warm_up(runner, model, bare_opt, cfg, device)
-    times: dict[str, list[float]] = {"grpo": [], "bare": []}
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak memory growth while `fn()` runs (CUDA allocator, or the process's peak RSS)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    fn()
+    return (_rss_kib("VmHWM") - before) * 1024
+
+
+class Variants:
+    """The step's three variants on one model (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.model_dir = resolve_model_path(ModelConfig())
+        self.model = load_causal_lm(str(self.model_dir), device)
+        self.cfg, self.runners = {}, {}
+        opt = sched = None  # one AdamW for every variant: its state is 2x the model
+        for name, shared in (("shared", True), ("padded", False)):
+            cfg = Config()
+            lc = cfg.learner
+            lc.epochs, lc.micro_batch_size, lc.lr = EPOCHS, MICRO_BATCH, 1e-6
+            lc.shared_prefix = shared
+            if opt is None:
+                opt, sched = build_optimizer(self.model, lc)
+            self.cfg[name] = cfg
+            self.runners[name] = StepRunner(cfg, self.model, None, opt, sched, device, pad_id=2)
+        self.bare_opt = opt
+
+    def __call__(self, name: str, samples, advs) -> float:
+        if name == "bare":
+            idx = list(range(len(samples)))
+            mbs = make_micro_batches(samples, advs, MICRO_BATCH, 2, idx)
+            mbs = [m.to(self.device) for m in mbs]
+            return run_bare(self.model, self.bare_opt, mbs, EPOCHS, 1.0)
+        t0 = time.perf_counter()
+        self.runners[name].run(samples, advs)
+        return time.perf_counter() - t0
+
+
+def time_rounds(run, names, samples, advs, reps: int, label: str = "") -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(reps):
-        for name in ("grpo", "bare") if r % 2 == 0 else ("bare", "grpo"):
-            if name == "grpo":
-                times[name].append(run_grpo(runner, samples, advs))
-            else:
-                times[name].append(
-                    run_bare(model, bare_opt, mbs, EPOCHS, cfg.learner.max_grad_norm)
-                )
-            print(f"  {name:5s} round {r}: {times[name][-1]:.2f} s", flush=True)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(run(name, samples, advs))
+            print(f"  {label}{name:6s} round {r}: {times[name][-1]:.2f} s", flush=True)
+    return times
+
+
+def bench_step(n_groups: int, reps: int, device: torch.device) -> tuple[list[dict], dict]:
+    run = Variants(device)
+    prompts = demo_prompts(n_groups + 1, run.model_dir)
+    samples, advs = make_batch(prompts[:n_groups], run.cfg["padded"])
+    warm = make_batch(prompts[n_groups:], run.cfg["padded"], seed=1)
+    for name in ("shared", "padded", "bare"):  # AdamW state, thread pools, first calls
+        run(name, *warm)
+    peaks = {k: peak_bytes(lambda k=k: run(k, samples, advs), device) for k in ("shared", "padded")}
+    times = time_rounds(run, ["shared", "padded", "bare"], samples, advs, reps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    tps = {k: tokens * EPOCHS / med[k] for k in med}
-    ratio = tps["grpo"] / tps["bare"]
-    fig = figure("tokens_per_s_vs_bare_fwd_bwd", ratio, "x", ">=", 0.85)
+    mbs = make_micro_batches(samples, advs, MICRO_BATCH, 2, list(range(len(samples))))
+    tokens = sum(int(m.attention_mask.sum()) for m in mbs)
+    padded_tokens = sum(int(m.attention_mask.numel()) for m in mbs)
+    figures = [
+        figure("shared_prefix_speedup", med["padded"] / med["shared"], "x", ">=", 2.5),
+        figure(
+            "shared_prefix_peak_memory_ratio", peaks["shared"] / peaks["padded"], "x", "<=", 0.6
+        ),
+        figure("tokens_per_s_vs_bare_fwd_bwd", med["bare"] / med["shared"], "x", ">=", 2.0),
+    ]
     detail = {
-        "samples": len(samples),
-        "tokens": tokens,
-        "micro_batches": len(mbs),
-        "epochs": EPOCHS,
-        "reps": reps,
-        "seconds": times,
-        "tokens_per_s": tps,
-    }
-    return fig, detail
+        "groups": n_groups, "group_size": GROUP_SIZE, "samples": len(samples),
+        "prompt_tokens": sorted({len(p) for p in prompts[:n_groups]}),
+        "completion_tokens": [len(s.completion_ids) for s in samples],
+        "tokens": tokens, "padded_tokens": padded_tokens, "micro_batches": len(mbs),
+        "epochs": EPOCHS, "reps": reps, "seconds": times,
+        "peak_memory_mib": {k: v / 2**20 for k, v in peaks.items()},
+        "tokens_per_s": {k: tokens * EPOCHS / med[k] for k in med},
+        "padded_vs_bare_fwd_bwd": med["bare"] / med["padded"],
+        "shared_prefix_saving": shared_prefix_saving(samples),
+    }  # fmt: skip
+    return figures, detail
+
+
+def bench_sweep(reps: int, device: torch.device) -> tuple[list[dict], dict]:
+    """Padded / shared step time against the tokens the shared layout skips."""
+    run = Variants(device)
+    demo = demo_prompts(2, run.model_dir)
+    rows = []
+    run("shared", *make_batch(demo, run.cfg["padded"], seed=9))  # warm-up
+    run("padded", *make_batch(demo, run.cfg["padded"], seed=9))
+    for plen in (2, 4, 8, 16, 44):
+        prompts = [p[-plen:] for p in demo]  # the prompt's tail: distinct per group
+        samples, advs = make_batch(prompts, run.cfg["padded"])
+        times = time_rounds(run, ["shared", "padded"], samples, advs, reps, f"P={plen:2d} ")
+        med = {k: statistics.median(v) for k, v in times.items()}
+        saved = shared_prefix_saving(samples)
+        rows.append({"prompt_tokens": plen, "saving": round(saved, 4),
+                     "speedup": round(med["padded"] / med["shared"], 4), "seconds": times})  # fmt: skip
+        print(f"  P={plen:2d}: saving {saved:.3f}, speedup {rows[-1]['speedup']:.2f}", flush=True)
+    return [], {"groups": 2, "group_size": GROUP_SIZE, "reps": reps, "rows": rows}
 
 
 def _weight_version(url: str) -> str:
@@ -182,7 +283,7 @@ def bench_sync(pushes: int) -> tuple[dict, dict]:
         "pause_mode": SyncConfig().pause_mode,
         "max_pause_s": max(pause),
     }
-    return fig, detail
+    return [fig], detail
 
 
 def figure(name: str, value: float, unit: str, op: str, goal: float) -> dict:
@@ -211,25 +312,25 @@ def merge_results(new: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.learner", description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["step", "sync", "all"], default="all")
-    p.add_argument("--samples", type=int, default=None, help="default: 32 on CUDA, 8 on CPU")
+    p.add_argument("--part", choices=["step", "sync", "sweep", "all"], default="all")
+    p.add_argument("--groups", type=int, default=4, help="groups of 8 per step (demo: 4)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--pushes", type=int, default=3)
     args = p.parse_args(argv)
     device = pick_device("auto")
-    n = args.samples or (32 if device.type == "cuda" else 8)
     load = {"before": os.getloadavg()}
     figures, config = [], {"device": device.type, "model": "SmolLM2-135M-Instruct float32"}
     parts = {
-        "step": lambda: bench_step(n, args.reps, device),
+        "step": lambda: bench_step(args.groups, args.reps, device),
         "sync": lambda: bench_sync(args.pushes),
+        "sweep": lambda: bench_sweep(args.reps, device),
     }
     for name, run in parts.items():
-        if args.part in (name, "all"):
+        if args.part == name or (args.part == "all" and name != "sweep"):
             before = os.getloadavg()
-            fig, config[name] = run()
+            figs, config[name] = run()
             config[name]["load_average_1_5_15"] = {"before": before, "after": os.getloadavg()}
-            figures.append(fig)
+            figures.extend(figs)
     load["after"] = os.getloadavg()
     out = merge_results({"figures": figures, "machine": machine(device), "config": config})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

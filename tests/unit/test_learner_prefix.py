@@ -112,7 +112,9 @@ def _loss_and_grads(model, mb, samples, fused: bool):
 def _close(actual, expected, what: str) -> None:
     actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
     scale = float(expected.abs().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale + 1e-12, msg=what)
+    torch.testing.assert_close(
+        actual, expected, rtol=RTOL, atol=RTOL * scale + 1e-12, msg=lambda m: f"{what}: {m}"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,149 @@
+"""Integration: the shared-prefix forward under FSDP2 (2 gloo processes) == 1 padded process.
+
+The test starts `torchrun --nproc-per-node 2` on THIS file (the `__main__` block is the
+per-rank worker). Each rank runs the real `StepRunner` with learner.shared_prefix = true
+on its shard of 11 samples in 5 groups (round-robin sharding splits every group across the
+ranks, and rank 1 gets a padding sample): two clipped epochs, AdamW. In the shared-prefix
+forward every decoder layer runs twice per forward (the prompt pass, then the completion
+pass on its KV cache), so FSDP2 all-gathers and reduce-scatters each layer twice; the
+gradient must still be the single process's. Checked: both ranks used the shared layout,
+and the gathered weights and the metrics equal one process on the padded layout (fp32).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_stream.buffer.schema import Sample
+from grpo_stream.config import Config
+
+ROOT = Path(__file__).resolve().parents[2]
+VOCAB, PAD = 49152, 2
+SHAPES = [(9, [5, 1, 7, 3]), (4, [6]), (12, [1, 1]), (6, [2, 8, 4]), (3, [4])]
+
+
+def batch() -> tuple[list[Sample], list[float]]:
+    rng = random.Random(3)
+    samples, advs = [], []
+    for g, (p, cs) in enumerate(SHAPES):
+        prompt = [rng.randrange(3, VOCAB) for _ in range(p)]
+        for k, c in enumerate(cs):
+            samples.append(Sample(
+                run_id="fsdp-prefix", prompt_id=f"p{g}", sample_index=k, policy_version=0,
+                prompt_ids=prompt, completion_ids=[rng.randrange(3, VOCAB) for _ in range(c)],
+                behaviour_logprobs=[-rng.uniform(10.0, 11.5) for _ in range(c)],
+                reward=float(k % 2), row_id=len(samples),
+            ))  # fmt: skip
+            advs.append(rng.uniform(-1.5, 1.5))
+    return samples, advs
+
+
+def config(shared: bool) -> Config:
+    cfg = Config()
+    cfg.generator.temperature = 0.7
+    cfg.loss.epsilon_low = cfg.loss.epsilon_high = 0.01
+    lc = cfg.learner
+    lc.shared_prefix, lc.epochs, lc.lr, lc.micro_batch_size, lc.logprob_chunk_size = (
+        shared,
+        2,
+        1e-4,
+        4,
+        64,
+    )
+    return cfg
+
+
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, rope_theta=100000.0,
+        pad_token_id=PAD, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).float()
+
+
+def _worker(out: Path, model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from grpo_stream.learner import distributed as D
+    from grpo_stream.learner.optim import build_optimizer
+    from grpo_stream.learner.plan import plan_micro_batches
+    from grpo_stream.learner.step import StepRunner
+
+    info = D.init_distributed("cpu")
+    policy = D.shard_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), info
+    )
+    cfg = config(shared=True)
+    opt, sched = build_optimizer(policy, cfg.learner)
+    runner = StepRunner(cfg, policy, None, opt, sched, info.device, pad_id=PAD, world=2)
+    samples, advs = batch()
+    mine, my_advs = D.shard_batch(samples, advs, info.rank, info.world_size)
+    mbs = plan_micro_batches(mine, my_advs, cfg.learner, PAD, policy, info.world_size)
+    layouts = D.all_reduce_scalars({"shared": float(all(mb.prefix for mb in mbs))}, "min")
+    random.seed(0)
+    metrics = runner.run(mine, my_advs)
+    params = D.full_state_dict_on_rank0(policy)
+    if info.is_rank0:
+        torch.save({"params": params, "metrics": metrics, "layouts": layouts}, out / "rank0.pt")
+
+
+def _reference(model_dir: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from grpo_stream.learner.optim import build_optimizer
+    from grpo_stream.learner.step import StepRunner
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    cfg = config(shared=False)
+    opt, sched = build_optimizer(model, cfg.learner)
+    runner = StepRunner(cfg, model, None, opt, sched, torch.device("cpu"), pad_id=PAD)
+    random.seed(0)
+    metrics = runner.run(*batch())
+    return {"params": model.state_dict(), "metrics": metrics}
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_shared_prefix_equals_one_padded_process(tmp_path: Path) -> None:
+    from test_fsdp_parity import _free_port
+
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           __file__, str(tmp_path), str(model_dir)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    got = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = _reference(model_dir)
+    finally:
+        torch.set_num_threads(threads)
+    assert got["layouts"]["shared"] == 1.0
+    # ("tokens" differs by design: it counts the padding sample's 2 prompt tokens)
+    for k in ("loss", "grad_norm", "clip_low_frac", "clip_high_frac", "entropy"):
+        assert got["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=1e-9), k
+    assert ref["metrics"]["clip_low_frac"] + ref["metrics"]["clip_high_frac"] > 0
+    for k, w in ref["params"].items():  # AdamW: an absolute bound, see test_learner_prefix
+        torch.testing.assert_close(
+            got["params"][k], w, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}"
+        )
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
