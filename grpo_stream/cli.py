@@ -1,13 +1,15 @@
 """`grpo-stream`: the one entry point.
 
-    grpo-stream run      [--config F] [k=v ...]   whole pipeline: servers + generator + learner
+    grpo-stream run      [--config F] [--sync] [k=v ...]   whole pipeline (--sync: synchronous)
     grpo-stream serve    [--config F] [k=v ...]   vLLM server(s) only
     grpo-stream generate --config F [k=v ...]     generator only (needs run.run_dir or buffer.path)
     grpo-stream learn    --config F [--resume]    learner only
     grpo-stream replay   RUN_DIR [...]            learner steps on stored rollouts, no server
-    grpo-stream buffer   stats|show|export|convert|compact PATH
+    grpo-stream buffer   stats|show|export|convert|compact|ledger PATH
     grpo-stream model    prepare|tiny
     grpo-stream plot     RUN_DIR
+    grpo-stream sweep    SWEEP.toml [--dry-run]   one run per point of a grid, one after another
+    grpo-stream compare  RUN_DIR... [--out DIR]   curves and a table across runs
     grpo-stream eval     [--model RUN|CKPT|DIR ...] [--url U] [--json F]   held-out accuracy
     grpo-stream doctor   [--config F] [k=v ...]   preflight: one line per check, before a run
     grpo-stream config   show [--config F] [k=v ...]   the resolved config, described
@@ -99,12 +101,29 @@ def cmd_learn(args) -> int:
     run_dir = _prepare_run_dir(cfg, "learn")
     from grpo_stream.learner.distributed import shutdown_distributed
     from grpo_stream.learner.loop import Learner
+    from grpo_stream.sync import WeightSyncError
     from services.model import resolve_model_path
 
     model_dir = str(resolve_model_path(cfg.model, cfg.sync.transport))
-    Learner(cfg, run_dir, model_dir, resume=args.resume).run()
+    learner = Learner(cfg, run_dir, model_dir, resume=args.resume)
+    try:
+        learner.run()
+    except WeightSyncError as err:  # the trained step is checkpointed (learner/loop.py)
+        return _sync_failed(run_dir, learner, err)
     shutdown_distributed()  # only after a clean run: a failed rank must not wait here
-    return 0
+    return 128 + learner.stop.requested if learner.stop.requested else 0
+
+
+def _sync_failed(run_dir: str, learner, err: Exception) -> int:
+    """One line, RUN/sync_failure.json for `run`'s supervisor, EXIT_SYNC_FAILED."""
+    from grpo_stream.sync.failure import EXIT_SYNC_FAILED, write_sync_failure
+
+    if os.environ.get("RANK", "0") == "0":
+        write_sync_failure(run_dir, learner.step, learner.version, err)
+    print(f"[learn] weight sync failed after step {learner.step} (checkpoint step-"
+          f"{learner.saved_step}; learn --resume continues from it): {err}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return EXIT_SYNC_FAILED
 
 
 def cmd_run(args) -> int:
@@ -114,6 +133,10 @@ def cmd_run(args) -> int:
         cfg = _export_api_key(load_run_config(args.resume, args.overrides))
     else:
         cfg = _load(args)
+    if getattr(args, "sync", False):  # synchronous GRPO on the same processes (sync_mode.py)
+        from grpo_stream.sync_mode import apply_sync_mode
+
+        apply_sync_mode(cfg)
     return run_pipeline(cfg, resume_dir=args.resume)
 
 
@@ -159,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--resume", default=None, metavar="RUN_DIR", help="continue a killed run"
             )
+            sp.add_argument(
+                "--sync",
+                action="store_true",
+                help="synchronous GRPO (generate a batch, train, sync, repeat): "
+                "max_ahead_batches=0, max_staleness=0, sync.every=1 (grpo_stream/sync_mode.py)",
+            )
     for name, module, func in [
         ("buffer", "grpo_stream.buffer.tools", "run_cli"),
         ("model", "services.model", "model_cli"),
@@ -166,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("plot", "grpo_stream.plot", "plot_cli"),
         ("doctor", "grpo_stream.doctor", "doctor_cli"),
         ("eval", "grpo_stream.eval.cli", "eval_cli"),
+        ("sweep", "grpo_stream.sweep", "sweep_cli"),
+        ("compare", "grpo_stream.compare", "compare_cli"),
     ]:
         sp = sub.add_parser(name, help=f"see `grpo-stream {name} --help`", add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -179,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PASSTHROUGH = {"buffer", "model", "replay", "plot", "doctor", "eval"}
+PASSTHROUGH = {"buffer", "model", "replay", "plot", "doctor", "eval", "sweep", "compare"}
 
 
 def main(argv: list[str] | None = None) -> int:

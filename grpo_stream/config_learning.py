@@ -113,6 +113,13 @@ class LearnerConfig(_Section):
     )
     max_grad_norm: float = Field(1.0, gt=0, description="clip the gradient's global L2 norm")
     max_steps: int = Field(10, ge=1, description="learner steps (batches) to train, then stop")
+    max_wall_s: float | None = Field(
+        None,
+        gt=0,
+        description="also stop after this much training wall time (seconds, from the first "
+        "step's wait; model loading excluded), the step that crosses it checkpointed; unset: "
+        "max_steps only",
+    )
     max_staleness: int = Field(
         2, ge=0, description="drop groups more than this many policy versions old"
     )
@@ -132,6 +139,12 @@ class LearnerConfig(_Section):
     )
     wait_timeout_s: float = Field(
         600.0, gt=0, description="max wait for enough groups in the buffer (seconds)"
+    )
+    stall_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="`run` reports a learner whose published progress has not moved for "
+        "this long (seconds)",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward (less memory, slower)"
@@ -160,5 +173,16 @@ class SyncConfig(_Section):
         description="vLLM /pause mode during a sync: wait (drain), keep (freeze, then "
         "continue on new weights), abort (cut, partial outputs)",
     )
+    mode: Literal["all", "rolling"] = Field(
+        "all",
+        description="disk: all = pause and reload every server at once; rolling = one "
+        "server at a time, the others keep serving (the generator sends them the work); "
+        "nccl always syncs all at once",
+    )
     keep_last: int = Field(2, ge=1, description="disk: weight folders kept on disk (count)")
-    timeout_s: float = Field(120.0, gt=0, description="limit per sync call (seconds)")
+    timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="limit for one sync of one server (pause, reload or transfer, version, "
+        "resume; seconds): past it the sync fails naming the server, and `run` restarts it",
+    )

@@ -40,6 +40,15 @@ class RunConfig(_Section):
         "buffer/; set by `run`, given explicitly to `generate`/`learn` started alone",
     )
     seed: int = Field(0, description="RNG seed of the learner and of replay (Python, NumPy, torch)")
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="`run` restarts a crashed child (server, generator, learner) at most this "
+        "many times within `restart_window_s`; one more crash stops the run (0: never restart)",
+    )
+    restart_window_s: float = Field(
+        600.0, gt=0, description="the window `max_restarts` counts crashes in (seconds)"
+    )
 
 
 class ModelConfig(_Section):
@@ -265,6 +274,11 @@ class GeneratorConfig(_Section):
     )
     stop_after_groups: int | None = Field(
         None, ge=1, description="stop after this many groups (count); unset: until stopped"
+    )
+    wait_for_learner: bool = Field(
+        True,
+        description="sample only once the learner has pushed its own weights to the servers "
+        "(a reused server holds another run's); false: start at once (a generator alone)",
     )
 
 

@@ -9,27 +9,31 @@
 3. starts `grpo-stream generate` and `grpo-stream learn` as child processes; the
    learner's per-step lines stream to this console, the generator logs to
    `RUN/logs/generator.log`;
-4. when the learner finishes, stops the generator (it flushes what it scored), then
-   the servers. If any child dies, the others are stopped and its log tail shown.
+4. supervises them (`grpo_stream.supervise`): a crashed server, generator or learner
+   is restarted (a server re-synced to the learner's latest weights, a learner resumed
+   from its checkpoint) unless it crashed `run.max_restarts` times within
+   `run.restart_window_s`; then the run stops, naming the child, its exit code and log
+   tail. Restarts are counted in RUN/supervisor.jsonl and the summary;
+5. when the learner finishes, or on SIGINT/SIGTERM, stops the generator (it flushes
+   what it scored), then the learner (it checkpoints its last completed step), then
+   the servers.
 Children get PR_SET_PDEATHSIG, so even a SIGKILL of `run` leaves no orphan behind.
 The last line printed is the run folder.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from grpo_stream.config import Config
 from grpo_stream.doctor import preflight
 from grpo_stream.placement import plan_gpus, visible_devices
-from grpo_stream.proc import die_with_parent, log_tail
+from grpo_stream.proc import log_tail
+from grpo_stream.supervise import Child, Commands, Supervisor
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -42,44 +46,6 @@ def make_run_dir(cfg: Config) -> Path:
     cfg.run.run_dir = str(rd.resolve())
     (rd / "config.toml").write_text(cfg.to_toml())
     return rd
-
-
-class Child:
-    def __init__(self, name: str, argv: list[str], log: Path, echo: bool, env: dict | None = None):
-        self.name, self.log = name, log
-        self._fh = open(log, "ab")
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if echo else self._fh,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-        self._pump = None
-        if echo:
-            self._pump = threading.Thread(target=self._echo, daemon=True)
-            self._pump.start()
-
-    def _echo(self) -> None:
-        for raw in self.proc.stdout:
-            self._fh.write(raw)
-            self._fh.flush()
-            sys.stdout.write(raw.decode(errors="replace"))
-            sys.stdout.flush()
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._pump:
-            self._pump.join(5)
-        self._fh.close()
-        return self.proc.returncode
 
 
 def _cli(sub: str, config: Path, *extra: str) -> list[str]:
@@ -107,7 +73,7 @@ def _start_servers(cfg: Config, rd: Path):
         BlockingClient().wait_healthy(cfg.server.resolved_urls(), cfg.server.startup_timeout_s)
         return []
     check_host(cfg.server)
-    model_dir = resolve_model_path(cfg.model)
+    model_dir = resolve_model_path(cfg.model, cfg.sync.transport)
     print(f"[run] starting {cfg.server.num_servers} vLLM server(s) on {model_dir}", flush=True)
     t0 = time.perf_counter()
     servers = launch_servers(cfg.server, model_dir, cfg.model.served_name, rd / "logs")
@@ -119,11 +85,17 @@ def _start_servers(cfg: Config, rd: Path):
     return servers
 
 
-def _start_evaluator(cfg: Config, config: Path, rd: Path) -> Child | None:
-    """`grpo-stream eval --follow` when eval.every > 0 (held-out rows into RUN/eval.jsonl)."""
-    if cfg.eval.every <= 0:
-        return None
-    return Child("evaluator", _cli("eval", config, "--follow"), rd / "logs" / "eval.log", False)
+def _commands(cfg: Config, config: Path, learner_env: dict, resume: bool) -> Commands:
+    """The children's command lines; the evaluator's (`eval --follow`, held-out rows into
+    RUN/eval.jsonl) only when eval.every > 0."""
+    evaluator = _cli("eval", config, "--follow") if cfg.eval.every > 0 else None
+    return Commands(
+        generator=_cli("generate", config),
+        learner=lambda again: _learner_argv(cfg, config, *(["--resume"] if again else [])),
+        learner_env=learner_env,
+        evaluator=evaluator,
+        resume=resume,
+    )
 
 
 def _finish_evaluator(evaluator: Child, timeout_s: float) -> int:
@@ -138,32 +110,13 @@ def _finish_evaluator(evaluator: Child, timeout_s: float) -> int:
     return 1 if code else 0
 
 
-GENERATOR_DONE_GRACE_S = 60.0  # a generator that exited 0 waits this long for the learner
-
-
 def _supervise(learner: Child, generator: Child, servers, evaluator: Child | None = None) -> int:
-    while True:
-        code = learner.proc.poll()
-        if code is not None:
-            return code
-        if evaluator is not None and evaluator.proc.poll() not in (None, 0):
-            print(f"[run] evaluator exited; log tail:\n{log_tail(evaluator.log)}", flush=True)
-            return 1
-        if generator.proc.poll() is not None:
-            if generator.proc.returncode == 0:  # it stops by itself once the learner finished
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    return learner.proc.wait(GENERATOR_DONE_GRACE_S)
-            print(
-                f"[run] generator exited with {generator.proc.returncode}; log tail:\n"
-                f"{log_tail(generator.log)}",
-                flush=True,
-            )
-            return 1
-        dead = [s for s in servers if not s.is_alive()]
-        if dead:
-            print(f"[run] vLLM server {dead[0].url} died; log tail:\n{log_tail(dead[0].log_file)}")
-            return 1
-        time.sleep(0.5)
+    """Watch started children without restarting any (run.max_restarts = 0)."""
+    cfg = Config()
+    cfg.run.max_restarts = 0
+    sup = Supervisor(cfg, None)
+    sup.learner, sup.generator, sup.evaluator, sup.servers = learner, generator, evaluator, servers
+    return sup.run()
 
 
 def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
@@ -182,47 +135,37 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
         raise KeyboardInterrupt
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    servers, children = [], []
+    sup = Supervisor(
+        cfg, rd, _commands(cfg, config, visible_devices(gpus.learner), bool(resume_dir))
+    )
     code = 1
     try:
-        servers = _start_servers(cfg, rd)
-        gen = Child(
-            "generator", _cli("generate", config), rd / "logs" / "generator.log", echo=False
-        )
-        learn_extra = ["--resume"] if resume_dir else []
-        learner = Child(
-            "learner",
-            _learner_argv(cfg, config, *learn_extra),
-            rd / "logs" / "learner.log",
-            echo=True,
-            env=visible_devices(gpus.learner),
-        )
-        evaluator = _start_evaluator(cfg, config, rd)
-        children = [learner, gen] + ([evaluator] if evaluator else [])
-        code = _supervise(learner, gen, servers, evaluator)
-        if code == 0 and evaluator is not None:  # the final version, on the live servers
-            gen.stop()  # (it flushes) its requests would only slow the final evaluation
-            code = _finish_evaluator(evaluator, cfg.eval.wait_timeout_s)
-        if code != 0:
-            print(f"[run] learner exited with {code}; see {learner.log}", flush=True)
+        sup.servers = _start_servers(cfg, rd)
+        sup.start()
+        code = sup.run()
+        if code == 0 and sup.evaluator is not None:  # the final version, on the live servers
+            sup.generator.stop()  # (it flushes) its requests would only slow the final evaluation
+            code = _finish_evaluator(sup.evaluator, cfg.eval.wait_timeout_s)
+        if code != 0 and sup.gave_up is None:
+            print(f"[run] learner exited with {code}; see {sup.learner.log}", flush=True)
     except KeyboardInterrupt:
         print(f"[run] interrupted (signal {stop['signal']}); stopping", flush=True)
         code = 130
     finally:
         for sig in old:  # a second Ctrl-C must not abort the clean-up half-way (orphans)
             signal.signal(sig, signal.SIG_IGN)
-        for c in reversed(children):  # generator first: it flushes scored groups
-            c.stop()
-        for s in servers:
-            s.stop()
+        sup.shutdown()  # generator, learner, evaluator, servers: in that order
         for s, h in old.items():
             signal.signal(s, h)
+    if restarts := sup.log.summary():
+        print(f"[run] {restarts} (RUN/supervisor.jsonl)", flush=True)
     _summary(rd)
     print(rd, flush=True)
     return code
 
 
 def _summary(rd: Path) -> None:
+    from grpo_stream import metric_names as M
     from grpo_stream.metrics import read_metrics
 
     try:
@@ -231,8 +174,8 @@ def _summary(rd: Path) -> None:
         return
     if len(rows) >= 2:
         k = max(1, len(rows) // 4)
-        first = sum(r["reward_mean"] for r in rows[:k]) / k
-        last = sum(r["reward_mean"] for r in rows[-k:]) / k
+        first = sum(r[M.REWARD_MEAN] for r in rows[:k]) / k
+        last = sum(r[M.REWARD_MEAN] for r in rows[-k:]) / k
         print(
             f"[run] {len(rows)} steps; reward mean of first {k}: {first:.3f} -> last {k}: {last:.3f}",
             flush=True,
@@ -241,3 +184,21 @@ def _summary(rd: Path) -> None:
 
     if line := run_summary(str(rd), rows):
         print(f"[run] {line}", flush=True)
+    from grpo_stream.timing_summary import summary_lines  # where the time went
+
+    for line in summary_lines(str(rd)):
+        print(f"[run] {line}", flush=True)
+    _ledger_summary(rd)
+
+
+def _ledger_summary(rd: Path) -> None:
+    """The exactly-once ledger's counts (`grpo-stream buffer ledger RUN` lists details)."""
+    from grpo_stream.ledger import format_ledger, run_ledger
+
+    try:
+        led = run_ledger(str(rd))
+    except (OSError, ValueError) as err:  # no store yet, or an unreadable one: say so
+        print(f"[run] ledger: unavailable ({err})", flush=True)
+        return
+    for line in format_ledger(led, limit=5).splitlines():
+        print(f"[run] {line.strip()}", flush=True)

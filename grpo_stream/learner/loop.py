@@ -20,9 +20,12 @@ batch) and writes the run's files; every rank trains on its shard.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from grpo_stream import ledger
 from grpo_stream import metric_names as M
 from grpo_stream.buffer.cursor import GroupCursor
 from grpo_stream.buffer.schema import Group
@@ -36,8 +39,10 @@ from grpo_stream.learner.distributed import (
 )
 from grpo_stream.learner.records import NoRecords, RunRecords
 from grpo_stream.learner.setup import setup_learner
+from grpo_stream.learner.shutdown import StopRequested, StopSignals
 from grpo_stream.learner.step import train_step, version_after
-from grpo_stream.sync import make_weight_sync
+from grpo_stream.sync import WeightSyncError, make_weight_sync
+from grpo_stream.timing import PhaseTimer
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Batch:
 
     groups: list[Group]
     info: dict  # CURSOR_START, CURSOR_END, STALE_GROUPS_DROPPED, WAIT_S
+    drops: list[dict] = field(default_factory=list)  # refused groups (grpo_stream.ledger rows)
 
 
 class BatchSource:
@@ -54,6 +60,7 @@ class BatchSource:
 
     def __init__(self, cursor: GroupCursor | None, cfg: LearnerConfig):
         self.cursor, self.cfg = cursor, cfg
+        self.lineage = ""  # groups stamped with another lineage are refused
 
     @property
     def position(self) -> int:
@@ -70,11 +77,21 @@ class BatchSource:
         if start == 0 and self.cursor.available() < lc.batch_groups:
             print0(f"[learn] waiting for the first {lc.batch_groups} groups in the buffer ...")
         groups, stale = self.cursor.next_groups(
-            lc.batch_groups, lc.wait_timeout_s, lc.max_staleness, current_version=version
-        )
+            lc.batch_groups, lc.wait_timeout_s, lc.max_staleness, current_version=version,
+            lineage=self.lineage,
+        )  # fmt: skip
         info = {M.CURSOR_START: start, M.CURSOR_END: self.cursor.position,
                 M.STALE_GROUPS_DROPPED: stale, M.WAIT_S: time.perf_counter() - t0}  # fmt: skip
-        return Batch(groups, info)
+        drops = [r for g, why in self.cursor.last_drops for r in ledger.group_drops([g], why)]
+        drops += [{"group_id": i, "reason": ledger.CORRUPT, "detail": "unreadable"}
+                  for i in self.cursor.last_corrupt]  # fmt: skip
+        info[M.LINEAGE_GROUPS_DROPPED] = sum(r["reason"] == ledger.LINEAGE for r in drops)
+        info[M.AHEAD_GROUPS_DROPPED] = sum(r["reason"] == ledger.AHEAD for r in drops)
+        for r in drops:
+            if r["reason"] in (ledger.LINEAGE, ledger.AHEAD):
+                print0(f"[learn] refused group {r['group_id']} ({r['prompt_id']}): "
+                       f"{r['reason']}, {r['detail']}")  # fmt: skip
+        return Batch(groups, info, drops)
 
     def close(self) -> None:
         if self.cursor is not None:
@@ -99,14 +116,20 @@ class Learner:
         s = setup_learner(cfg, run_dir, model_dir, resume)
         self.cfg, self.s = cfg, s
         self.step, self.version = s.step, s.version
+        self.saved_step = s.step  # the last checkpointed step (a resume's own)
+        self.stop = StopSignals(enabled=s.dist.world_size == 1)  # torchrun: default handlers
         self.t_train, self.out_of_time = time.monotonic(), False  # learner.max_wall_s
         self.source = BatchSource(s.cursor, cfg.learner)
         self.records: RunRecords | NoRecords = NoRecords()
         self.sync = None
         try:
             if s.dist.is_rank0:
-                resumed = s.step if s.resumed_from is not None else None
-                self.records = RunRecords(cfg, run_dir, resumed)
+                # --resume with no checkpoint yet starts over: its logs are cut to step 0
+                resumed = s.step if (s.resumed_from is not None or resume) else None
+                self.records = RunRecords(cfg, run_dir, resumed, s.cursor.position)
+                # a resumed learner keeps its lineage (RUN/lineage); a fresh one makes one
+                self.source.lineage = (resume and ledger.read_lineage(run_dir)) or (
+                    ledger.new_lineage(run_dir))  # fmt: skip
             self.sync = make_weight_sync(cfg, run_dir)  # every rank: each knows its part
         except BaseException:
             self.close()
@@ -120,26 +143,56 @@ class Learner:
                 close()
 
     def run(self) -> None:
+        """Train to learner.max_steps; on SIGTERM/SIGINT stop after the step in hand with
+        a checkpoint of the last completed step (`self.stop.requested` says which)."""
         try:
-            if self.step > 0:
-                # a resumed learner owns the truth: the servers may hold newer (discarded)
-                # weights, so they get the checkpoint's
-                needed = self.sync.needs_state_dict
-                self._push(gathered_state_dict(self.s.model) if needed else None)
-            self._publish_progress()
-            print0(f"[learn] training from step {self.step} to {self.cfg.learner.max_steps}")
-            self.t_train = time.monotonic()
-            while self.step < self.cfg.learner.max_steps and not self.out_of_time:
-                self.train_one()
-            self._publish_progress(finished=True)  # a generator started by hand stops
+            with self.stop:
+                self._run()
         finally:
             self.close()
+
+    def _run(self) -> None:
+        # the learner owns the truth: a resumed one's servers may hold newer (discarded)
+        # weights, a fresh one's another run's (a reused server), so they get its own,
+        # and only then is its lineage published (the generator samples after that)
+        needed = self.sync.needs_state_dict
+        self._push(gathered_state_dict(self.s.model) if needed else None)
+        self.records.lineage = self.source.lineage
+        self._publish_progress()
+        print0(f"[learn] training from step {self.step} to {self.cfg.learner.max_steps}")
+        self.t_train = time.monotonic()
+        with contextlib.suppress(StopRequested):
+            while self.step < self.cfg.learner.max_steps and not self.out_of_time:
+                if self.stop.requested:
+                    break
+                self.train_one()
+        if self.stop.requested:
+            self._stopped()
+            return
+        self._publish_progress(finished=True)  # a generator started by hand stops
+
+    def _stopped(self) -> None:
+        """After a stop signal: checkpoint the last completed step (if not yet)."""
+        if self.step > self.saved_step:
+            self._checkpoint(None, None)
+        self._publish_progress()
+        print0(f"[learn] stopped by signal {self.stop.requested} after step {self.step} "
+               f"(checkpoint step-{self.step}; learn --resume continues)")  # fmt: skip
 
     def train_one(self) -> dict | None:
         """Read a batch and train on it; the metrics row, or None when every group was
         stale or had a failed reward (no step is taken, but the cursor moved on)."""
         t0 = time.perf_counter()
-        batch = self.source.next(self.version)
+        before = self.source.state()
+        try:
+            with self.stop.interruptible():  # SIGTERM while waiting for groups: stop now
+                batch = self.source.next(self.version)
+        except StopRequested:
+            if self.source.cursor is not None:  # nothing of a cut-short read is kept
+                self.source.cursor.load_state(before)
+            raise
+        failed = [g for g in batch.groups if not all(math.isfinite(x.reward) for x in g)]
+        self.records.dropped(batch.drops + ledger.group_drops(failed, ledger.REWARD_FAILED))
         row = train_step(self.s.runner, batch.groups, self.version, batch.info)
         if row is None:
             self._publish_progress()
@@ -150,7 +203,11 @@ class Learner:
         self.step += 1
         self.out_of_time = self._wall_spent()  # then this step is the last (checkpointed)
         self.records.batch(self.step, [g[0].group_id for g in batch.groups], batch.info)
-        row |= self._after_step()
+        try:
+            row |= self._after_step()
+        except WeightSyncError:  # the step is checkpointed; its row is kept with it
+            self.records.log(row | {M.STEP: self.step, M.POLICY_VERSION: self.version})
+            raise
         row |= {M.STEP: self.step, M.POLICY_VERSION: self.version}
         row[M.STEP_S] = time.perf_counter() - t0
         row[M.PEAK_MEMORY_MB] = peak_memory_mb(self.s.dist.device)
@@ -181,16 +238,34 @@ class Learner:
         due_ckpt = due_ckpt or self.out_of_time
         due_sync = self.step % cfg.sync.every == 0
         gather = due_ckpt or (due_sync and self.sync.needs_state_dict)
-        weights = gathered_state_dict(s.model) if gather else None
-        opt_state = gathered_optimizer_state(s.model, s.opt) if due_ckpt else None
+        timer = PhaseTimer()  # the step's phases after training (grpo_stream.timing)
+        with timer.phase(M.GATHER_S):
+            weights = gathered_state_dict(s.model) if gather else None
+            opt_state = gathered_optimizer_state(s.model, s.opt) if due_ckpt else None
         # the held-out evaluation of the version these weights replace comes first (eval.every)
         pushes = due_sync and cfg.sync.transport != "none"
-        evaluated = self.records.wait_for_eval(self.version) if pushes else {}
+        with timer.phase(M.EVAL_WAIT_S):
+            evaluated = self.records.wait_for_eval(self.version) if pushes else {}
         self.version = version_after(self.step, cfg)
-        m = evaluated | (self._push(weights) if due_sync else {})
-        self._publish_progress()
-        if due_ckpt:
-            state = {"version": self.version, "cursor": self.source.state()}
-            self.records.checkpoint(self.step, unwrap(s.model), s.opt, s.sched, state,
-                                    weights, opt_state)  # fmt: skip
-        return m
+        with timer.phase(M.SYNC_S):  # the push and the progress the generator waits for
+            try:
+                m = evaluated | (self._push(weights) if due_sync else {})
+            except WeightSyncError:  # keep the trained step (one process; FSDP: the last)
+                self._publish_progress()
+                if s.dist.world_size == 1:
+                    self._checkpoint(weights, opt_state)
+                raise
+            self._publish_progress()
+        with timer.phase(M.CHECKPOINT_S):
+            if due_ckpt:
+                self._checkpoint(weights, opt_state)
+        return m | timer.take()  # measured around the whole phase (the transport's own
+        # sync_s leaves out its setup)
+
+    def _checkpoint(self, weights, opt_state) -> None:
+        """Checkpoint the current step (weights/opt_state: gathered under FSDP, else None)."""
+        s = self.s
+        state = {"version": self.version, "cursor": self.source.state()}
+        self.records.checkpoint(self.step, unwrap(s.model), s.opt, s.sched, state,
+                                weights, opt_state)  # fmt: skip
+        self.saved_step = self.step

@@ -6,9 +6,10 @@
    half a folder;
 2. validates the folder (a bad `weights_path` can kill vLLM's engine, so it is checked
    before the call);
-3. on every server at once: `POST /pause?mode=M` → `/collective_rpc reload_weights` →
+3. on every server at once (`sync.mode = "all"`), or one server after the other while
+   the rest keep serving (`"rolling"`): `POST /pause?mode=M` → `/collective_rpc reload_weights` →
    `/update_weight_version N` → `/reset_prefix_cache` → `/resume`, and returns the
-   longest pause in seconds.
+   longest pause in seconds and each server's pause and resume times (`sync_pauses`).
 
 A server whose reload (or version/cache step) fails is NOT resumed: vLLM reloads layer
 by layer in place (`model_executor/model_loader/reload`: `initialize_layerwise_reload`,
@@ -97,8 +98,19 @@ async def reload_on_server(
             f"{url}: {step} failed while syncing version {version} from {folder}; the server "
             f"is left paused, not resumed (its weights may be half-loaded: restart it): {e}"
         ) from e
-    await client.resume(url)
+    try:
+        await client.resume(url)
+    except Exception as e:  # reloaded, but not serving: a dead server is named too
+        raise WeightSyncError(f"{url}: /resume failed after syncing version {version}: {e}") from e
     return time.perf_counter() - t0
+
+
+async def _settle(job):
+    """`job`'s result, or the exception it raised (as `gather(return_exceptions=True)`)."""
+    try:
+        return await job
+    except Exception as e:
+        return e
 
 
 class DiskSync:
@@ -112,6 +124,7 @@ class DiskSync:
         self.cfg, self.urls = cfg, [u.rstrip("/") for u in urls]
         self.rank = current_rank() if rank is None else rank
         self.root = Path(weights_root).resolve()
+        self.pauses: list[list] = []  # the last push's [url, paused_at, resumed_at]
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -122,26 +135,46 @@ class DiskSync:
         folder = save_weights(model, self.root / f"v{version}", state_dict)
         validate_weights_dir(folder)
         save_s = time.perf_counter() - t0
+        self.pauses = []  # [url, paused_at, resumed_at] per server, wall-clock seconds
         pauses = asyncio.run(self._reload_all(folder, version))
         self._prune(version)
         return {
             M.SYNC_SAVE_S: save_s,
             M.SYNC_PAUSE_S: max(pauses),
             M.SYNC_S: time.perf_counter() - t0,
+            M.SYNC_PAUSES: self.pauses,
         }
 
     async def _reload_all(self, folder: Path, version: int) -> list[float]:
         """Reload every server; each runs to its end (no server is abandoned mid-way,
         paused forever), then one error names every server that failed."""
         async with VLLMClient(self.cfg.timeout_s) as client:
-            jobs = (reload_on_server(client, u, folder, version, self.cfg) for u in self.urls)
-            results = await asyncio.gather(*jobs, return_exceptions=True)
+            jobs = (self._reload_within(client, u, folder, version) for u in self.urls)
+            if self.cfg.mode == "rolling":  # one server at a time: the others keep serving
+                results = [await _settle(job) for job in jobs]
+            else:
+                results = await asyncio.gather(*jobs, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             if len(failed) == 1:
                 raise failed[0]
             raise WeightSyncError("; ".join(str(e) for e in failed)) from failed[0]
         return list(results)
+
+    async def _reload_within(self, client: VLLMClient, url: str, folder: Path, version: int):
+        """One server's whole sync within `sync.timeout_s`: a hang is a failure too."""
+        paused_at = time.time()
+        try:
+            paused_s = await asyncio.wait_for(
+                reload_on_server(client, url, folder, version, self.cfg), self.cfg.timeout_s
+            )
+            self.pauses.append([url, paused_at, time.time()])  # resumed: serving again
+            return paused_s
+        except TimeoutError:
+            raise WeightSyncError(
+                f"{url}: the sync of version {version} did not finish within "
+                f"sync.timeout_s={self.cfg.timeout_s:g}s; the server is left paused (restart it)"
+            ) from None
 
     def _prune(self, version: int) -> None:
         kept = sorted(
