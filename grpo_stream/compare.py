@@ -248,10 +248,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "compare"
 
 
-def write_doc(doc: Path, title: str, markdown: str, images: list[Path]) -> None:
-    """Put `markdown` (its image links rewritten) into `doc`'s section for `title`,
-    replacing an earlier one; the images are copied to DOC_STEM/SLUG/ beside `doc`."""
-    slug = _slug(title)
+DOC_HEADER = """# Experiments
+
+Each section below is written by `grpo-stream compare --write-doc` from the run folders
+it names (the shipped sweeps, `grpo-stream sweep configs/sweeps/epochs.toml` and
+`configs/sweeps/models.toml`, call it when their last point is done); rerunning it
+replaces that section. A sweep that has not been run has no section here. Numbers,
+conclusions and their uncertainty are generated from the runs' `metrics.jsonl`.
+"""
+
+
+def write_doc(doc: Path, section_id: str, markdown: str, images: list[Path]) -> None:
+    """Put `markdown` (its image links rewritten) into `doc`'s section `section_id`,
+    replacing an earlier one; the images are copied to DOC_STEM/SECTION_ID/ beside `doc`."""
+    slug = _slug(section_id)
     img_dir = doc.parent / doc.stem / slug
     img_dir.mkdir(parents=True, exist_ok=True)
     for img in images:
@@ -259,9 +269,7 @@ def write_doc(doc: Path, title: str, markdown: str, images: list[Path]) -> None:
         markdown = markdown.replace(f"]({img.name})", f"]({doc.stem}/{slug}/{img.name})")
     begin, end = f"<!-- compare:{slug} -->", f"<!-- /compare:{slug} -->"
     section = f"{begin}\n{markdown.rstrip()}\n{end}"
-    text = doc.read_text() if doc.is_file() else (
-        "# Experiments\n\nEach section below is written by `grpo-stream compare --write-doc` "
-        "from the run folders it names; rerunning it replaces the section.\n")  # fmt: skip
+    text = doc.read_text() if doc.is_file() else DOC_HEADER
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + section + rest.split(end, 1)[1]
@@ -283,6 +291,7 @@ def compare_cli(argv: list[str]) -> int:
     ap.add_argument("--smooth", type=int, default=3, help="trailing mean window (steps)")
     ap.add_argument("--title", default=None, help="heading (default: the output folder)")
     ap.add_argument("--write-doc", default=None, metavar="FILE", help="also write into FILE")
+    ap.add_argument("--section", default=None, help="--write-doc's section id (default: title)")
     args = ap.parse_args(argv)
     if args.smooth < 1:
         raise CompareError(f"--smooth: must be >= 1 (got {args.smooth})")
@@ -295,7 +304,7 @@ def compare_cli(argv: list[str]) -> int:
     (out / "compare.md").write_text(md)
     (out / "summary.json").write_text(json.dumps(summary_json(runs, settings, thr), indent=1))
     if args.write_doc:
-        write_doc(Path(args.write_doc), title, md, images)
+        write_doc(Path(args.write_doc), args.section or title, md, images)
     print(md)
     print(f"[compare] {len(runs)} runs in {len(settings)} settings -> {out}")
     return 0

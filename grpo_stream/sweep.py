@@ -12,8 +12,8 @@ SWEEP.toml (paths relative to the SWEEP file, except `out_dir`: relative to the 
     overrides = ["eval.every=0"]         # for every point, before the point's own
     keep_weights = false                 # delete a done point's checkpoints/ and weights/
     compare = true                       # then `grpo-stream compare` into OUT/compare
-    doc = "../../docs/experiments.md"    # ... and into this file's section `title`
-    title = "μ epochs per batch"
+    doc = "../../docs/experiments.md"    # ... and into its section named by the file stem
+    title = "μ epochs per batch"         # the section's heading
 
     [sweep.budget]                       # the same for every point; one of:
     samples = 192                        # -> learner.max_steps = ceil(samples / (batch_groups * G))
@@ -341,7 +341,7 @@ def sweep_cli(argv: list[str]) -> int:
     if sw.compare and len(done) >= 1:
         from grpo_stream.compare import compare_cli
 
-        doc = ["--write-doc", str(sw.doc)] if sw.doc else []
+        doc = ["--write-doc", str(sw.doc), "--section", sw.path.stem] if sw.doc else []
         compare_cli([*map(str, done), "--out", str(sw.out_dir / "compare"), "--title", sw.title,
                      *doc])  # fmt: skip
     if failed:
