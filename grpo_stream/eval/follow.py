@@ -26,7 +26,7 @@ from grpo_stream.eval.record import EvalLog, EvalRow, read_eval_rows
 from grpo_stream.generator.pool import ServerPool
 from grpo_stream.progress import read_progress
 from grpo_stream.tasks.heldout import check_disjoint, heldout_prompts
-from grpo_stream.vllm_client import VLLMClient
+from grpo_stream.vllm_client import TRANSIENT_ERRORS, VLLMClient, is_transient
 
 POLL_S = 0.25
 
@@ -55,8 +55,14 @@ class Follower:
         self._stop.set()
 
     async def _server_version(self, client: VLLMClient, urls: list[str]) -> int | None:
-        """The version every server serves, or None while they disagree (mid-sync)."""
-        versions = set(await asyncio.gather(*(client.weight_version(u) for u in urls)))
+        """The version every server serves, or None while they disagree (mid-sync) or one
+        does not answer (`run` may be restarting it: keep watching)."""
+        try:
+            versions = set(await asyncio.gather(*(client.weight_version(u) for u in urls)))
+        except TRANSIENT_ERRORS as err:
+            if not is_transient(err):
+                raise
+            return None
         return versions.pop() if len(versions) == 1 else None
 
     def _final(self, version: int) -> bool:
