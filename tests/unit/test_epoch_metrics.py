@@ -50,10 +50,18 @@ def test_epoch_one_is_unclipped_and_later_epochs_move(tiny_model_dir, fused):
     assert overall == pytest.approx(per_epoch, rel=1e-6)
 
 
-def test_one_epoch_logs_one_epoch_index(tiny_model_dir):
-    m = _run(tiny_model_dir, epochs=1, lr=1e-3)
-    assert m[M.clip_frac_epoch(1)] == 0.0
+def test_one_epoch_is_exactly_on_policy(tiny_model_dir):
+    """One epoch, one optimizer step: the loss sees the proximal weights. Unfused, the
+    forward is the proximal pass's own, so the ratio is exactly 1; the fused output layer
+    computes the same log-probs in another order (ratio 1 within 2e-6)."""
+    m = _run(tiny_model_dir, epochs=1, lr=1e-3, fused=False)
+    assert m[M.RATIO_MIN] == 1.0 and m[M.RATIO_MAX] == 1.0
+    assert m[M.clip_frac_epoch(1)] == 0.0 and m[M.approx_kl_epoch(1)] == 0.0
     assert not any(k.startswith(M.CLIP_FRAC + M.EPOCH_SEP + "2") for k in m)
+    m = _run(tiny_model_dir, epochs=1, lr=1e-3, fused=True)
+    assert m[M.RATIO_MIN] == pytest.approx(1.0, abs=2e-6)
+    assert m[M.RATIO_MAX] == pytest.approx(1.0, abs=2e-6)
+    assert m[M.clip_frac_epoch(1)] == 0.0
 
 
 def test_behaviour_logprob_abs_diff_is_the_masked_mean():
