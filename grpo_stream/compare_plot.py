@@ -3,8 +3,8 @@
     paths = plot_comparison(runs, settings, threshold, out_dir)
 
 `curves.png`: trailing-mean reward against trained samples and against wall time (the
-threshold dashed), held-out accuracy against trained samples (when any run has
-eval.jsonl), and the approximate KL(pi_old || pi_theta) against trained samples.
+threshold dashed), held-out accuracy against both (when a run has eval.jsonl), the
+approximate KL(pi_old || pi_theta) and the KL to the reference against trained samples.
 `diagnostics.png`: the clip fraction per epoch index (bars per setting), the
 behaviour/proximal mismatch (mean |log pi_old - log pi_b|) and the TIS-truncated
 fraction against trained samples, the median time per step and the peak learner memory
@@ -91,22 +91,30 @@ def _clip_bars(ax, settings: list[Setting], colours) -> None:
 
 
 def _curves(plt, runs, settings, colours, threshold: float, out: Path) -> Path:
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     _lines(axes[0, 0], runs, colours, lambda r: (r.samples, r.smooth),
            "reward (trailing mean) vs trained samples", "trained samples")  # fmt: skip
     _lines(axes[0, 1], runs, colours, lambda r: (r.wall, r.smooth),
            "reward (trailing mean) vs learner wall time", "seconds")  # fmt: skip
-    for ax in axes[0]:
+    for ax in axes[0, :2]:
         ax.axhline(threshold, color="grey", linestyle="--", linewidth=0.8)
 
     def held_out(r: Run):
         pts = eval_points(r)
         return [p[0] for p in pts], [p[2] for p in pts]
 
+    def held_out_wall(r: Run):
+        pts = eval_points(r)
+        return [p[1] for p in pts], [p[2] for p in pts]
+
     _lines(axes[1, 0], runs, colours, held_out, "held-out accuracy vs trained samples",
            "trained samples")  # fmt: skip
-    _lines(axes[1, 1], runs, colours, _metric(M.APPROX_KL_PROXIMAL),
+    _lines(axes[1, 1], runs, colours, held_out_wall, "held-out accuracy vs learner wall time",
+           "seconds")  # fmt: skip
+    _lines(axes[0, 2], runs, colours, _metric(M.APPROX_KL_PROXIMAL),
            "approx KL(π_old‖π_θ) vs trained samples", "trained samples")  # fmt: skip
+    _lines(axes[1, 2], runs, colours, _metric(M.KL_REF),
+           "KL to the reference (loss.beta > 0) vs samples", "trained samples")  # fmt: skip
     axes[0, 0].legend(fontsize=6)
     fig.tight_layout()
     path = out / "curves.png"
