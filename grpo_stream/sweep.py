@@ -36,9 +36,11 @@ SWEEP.toml (paths relative to the SWEEP file, except `out_dir`: relative to the 
 Point names come from the point's values in axis order (the order in which the grids
 first name each key): `epochs=2,correction=tis,seed=0`. Each point runs `grpo-stream run
 --config BASE OVERRIDES... run.run_dir=OUT/NAME` in a subprocess. On success the sweep
-writes `OUT/NAME/sweep_done.json`; a later `sweep` skips such points. A point folder
-without it (killed, failed) is deleted and the point starts over in a fresh folder, so
-each point's curves (and its wall clock) come from one uninterrupted run. A failed point
+writes `OUT/NAME/sweep_done.json` (with the overrides it ran with); a later `sweep` skips
+such points. A point folder without it (killed, failed), or whose marker records other
+overrides (the sweep file or its budget changed since), is deleted and the point starts
+over in a fresh folder, so each point's curves (and its wall clock) come from one
+uninterrupted run with the current settings. A failed point
 is reported and the sweep goes on; it exits 1 if any point failed.
 """
 
@@ -260,21 +262,35 @@ def point_dir(sw: Sweep, pt: Point) -> Path:
     return sw.out_dir / pt.name
 
 
-def is_done(sw: Sweep, pt: Point) -> bool:
-    return (point_dir(sw, pt) / DONE_FILE).is_file()
+def all_overrides(sw: Sweep, pt: Point) -> list[str]:
+    """What the point runs with, besides its run folder (recorded in its done marker)."""
+    return [*sw.fixed, *pt.overrides, *pt.budget]
+
+
+def _marker(sw: Sweep, pt: Point) -> dict | None:
+    try:
+        return json.loads((point_dir(sw, pt) / DONE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def state(sw: Sweep, pt: Point) -> str:
-    """done (finished earlier), partial (a folder without the done marker) or new."""
-    if is_done(sw, pt):
-        return "done"
+    """done (finished with the overrides it would run with now), changed (finished with
+    others: the sweep file was edited since), partial (no done marker) or new."""
+    marker = _marker(sw, pt)
+    if marker is not None:
+        return "done" if marker.get("overrides") == all_overrides(sw, pt) else "changed"
     return "partial" if point_dir(sw, pt).exists() else "new"
+
+
+def is_done(sw: Sweep, pt: Point) -> bool:
+    return state(sw, pt) == "done"
 
 
 def argv_of(sw: Sweep, pt: Point) -> list[str]:
     run_dir = f"run.run_dir={toml_value(str(point_dir(sw, pt).resolve()))}"
     return [sys.executable, "-m", "grpo_stream.cli", "run", "--config", str(sw.base),
-            *sw.fixed, *pt.overrides, *pt.budget, run_dir]  # fmt: skip
+            *all_overrides(sw, pt), run_dir]  # fmt: skip
 
 
 def launch_subprocess(argv: list[str], run_dir: Path) -> int:
@@ -287,7 +303,7 @@ Launcher = Callable[[list[str], Path], int]
 
 def run_point(sw: Sweep, pt: Point, launch: Launcher) -> bool:
     rd = point_dir(sw, pt)
-    if rd.exists():  # partial: start over, so its curves come from one uninterrupted run
+    if rd.exists():  # partial or changed: start over, so its curves come from one run
         shutil.rmtree(rd)
     t0 = time.time()
     code = launch(argv_of(sw, pt), rd)
@@ -300,7 +316,7 @@ def run_point(sw: Sweep, pt: Point, launch: Launcher) -> bool:
     if not sw.keep_weights:  # compare reads metrics, eval and config only: free the disk
         for sub in ("checkpoints", "weights"):
             shutil.rmtree(rd / sub, ignore_errors=True)
-    record = {"point": pt.name, "choice": pt.choice, "overrides": pt.overrides + pt.budget,
+    record = {"point": pt.name, "choice": pt.choice, "overrides": all_overrides(sw, pt),
               "steps": steps, "wall_s": time.time() - t0, "finished": time.time()}  # fmt: skip
     (rd / DONE_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return True

@@ -13,6 +13,7 @@ import pytest
 from grpo_stream.sweep import (
     DONE_FILE,
     SweepError,
+    all_overrides,
     expand,
     load_sweep,
     point_config,
@@ -127,6 +128,24 @@ def test_bad_sweep_files_name_the_field(tmp_path, edit, message):
         expand(load_sweep(write(tmp_path, EPOCHS.replace(*edit, 1))))
 
 
+def finished(sw, p, overrides=None) -> None:
+    """A done marker as `sweep` writes it after a successful run."""
+    point_dir(sw, p).mkdir(parents=True)
+    record = {"overrides": all_overrides(sw, p) if overrides is None else overrides}
+    (point_dir(sw, p) / DONE_FILE).write_text(json.dumps(record))
+
+
+def test_a_point_finished_with_other_overrides_runs_again(tmp_path):
+    sw = load_sweep(write(tmp_path, EPOCHS))
+    p = expand(sw)[0]
+    older = all_overrides(sw, p)[:-1] + ["learner.max_steps=2"]  # an older, smaller budget
+    finished(sw, p, older)
+    assert state(sw, p) == "changed"
+    launched: list[str] = []
+    run_sweep(sw, _fake_launcher(launched, fail=set()))
+    assert launched[0] == p.name and state(sw, p) == "done"
+
+
 def _fake_launcher(launched: list[str], fail: set[str]):
     """Stands in for `grpo-stream run`: writes two metrics rows into run.run_dir."""
 
@@ -147,8 +166,7 @@ def test_resume_skips_done_points_and_restarts_partial_ones(tmp_path, capsys):
     sw = load_sweep(write(tmp_path, EPOCHS))
     points = expand(sw)
     for p in points[:2]:  # finished earlier
-        point_dir(sw, p).mkdir(parents=True)
-        (point_dir(sw, p) / DONE_FILE).write_text("{}")
+        finished(sw, p)
     partial = point_dir(sw, points[2])  # killed half-way: no done marker
     partial.mkdir(parents=True)
     (partial / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -161,7 +179,8 @@ def test_resume_skips_done_points_and_restarts_partial_ones(tmp_path, capsys):
     assert [p.name for p in failed] == [points[4].name]
     assert not (partial / "stale-file").exists()  # a fresh folder for the restarted point
     record = json.loads((partial / DONE_FILE).read_text())
-    assert record["steps"] == 2 and record["overrides"][-1] == "learner.max_steps=3"
+    assert record["steps"] == 2 and record["overrides"] == all_overrides(sw, points[2])
+    assert record["overrides"][-1] == "learner.max_steps=3"
     assert not (partial / "checkpoints").exists()  # keep_weights = false
     assert [state(sw, p) for p in points] == ["done"] * 4 + ["partial"] + ["done"] * 2
 
@@ -173,9 +192,7 @@ def test_resume_skips_done_points_and_restarts_partial_ones(tmp_path, capsys):
 
 def test_dry_run_lists_states_and_commands(tmp_path, capsys):
     sw = load_sweep(write(tmp_path, EPOCHS))
-    first = expand(sw)[0]
-    point_dir(sw, first).mkdir(parents=True)
-    (point_dir(sw, first) / DONE_FILE).write_text("{}")
+    finished(sw, expand(sw)[0])
     assert sweep_cli([str(tmp_path / "sweep.toml"), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["done", "epochs=1,correction=tis,seed=0"]
