@@ -70,6 +70,7 @@ def make_cfg(args: argparse.Namespace, url: str, model_dir: Path, run_dir: str) 
             f"generator.stop_after_groups={args.prompts}",
             f"generator.max_in_flight={args.concurrency}",
             "learner.batch_groups=100000",  # no learner here: keep the gate open
+            "generator.wait_for_learner=false",  # and do not wait for its first push
         ],
     )
 

@@ -39,6 +39,7 @@ CLIP_LOW_FRAC = "clip_low_frac"
 CLIP_HIGH_FRAC = "clip_high_frac"
 DUAL_CLIP_FRAC = "dual_clip_frac"
 TIS_TRUNCATED_FRAC = "tis_truncated_frac"
+BEHAVIOUR_LOGPROB_ABS_DIFF = "behaviour_logprob_abs_diff"  # mean |log pi_old - log pi_b|
 BEHAVIOUR_MASKED_FRAC = "behaviour_masked_frac"
 NUM_TOKENS = "num_tokens"  # weights for averaging over micro-batches; not logged
 NUM_SEQS = "num_seqs"
@@ -59,9 +60,16 @@ STALENESS_MEAN = "staleness_mean"  # learner version - sample version, over trai
 STALENESS_MAX = "staleness_max"
 STALE_GROUPS_DROPPED = "stale_groups_dropped"
 REWARD_FAILED_GROUPS = "reward_failed_groups"
+LINEAGE_GROUPS_DROPPED = "lineage_groups_dropped"  # stamped with another learner's lineage
+AHEAD_GROUPS_DROPPED = "ahead_groups_dropped"  # sampled at a version ahead of the learner's
 CURSOR_START = "cursor_start"
 CURSOR_END = "cursor_end"
 WAIT_S = "wait_s"  # time spent waiting for (and reading) the batch
+
+# ---- the rest of a learner step's time (learner.loop; the phases: grpo_stream.timing)
+GATHER_S = "gather_s"  # full weights / optimizer state gathered for a sync or checkpoint
+CHECKPOINT_S = "checkpoint_s"
+EVAL_WAIT_S = "eval_wait_s"  # waiting for the held-out evaluation before a sync
 
 # ---- the row as a whole
 STEP = "step"
@@ -69,6 +77,24 @@ POLICY_VERSION = "policy_version"  # after this step (and its sync, if one was d
 STEP_S = "step_s"
 KL = "kl"  # KL_REF when beta > 0, else APPROX_KL_PROXIMAL
 CLIP_FRAC = "clip_frac"  # CLIP_LOW_FRAC + CLIP_HIGH_FRAC
+PEAK_MEMORY_MB = "peak_memory_mb"  # learner process: CUDA max allocated, else peak RSS
+
+
+# ---- per epoch index e = 1..mu of a learner step (learner.step), so the mu effect shows in
+# every run: with learner.minibatches_per_epoch = 1, epoch 1 runs before any update of
+# this batch (ratio 1, clip fraction exactly 0)
+EPOCH_SEP = "/epoch"
+
+
+def clip_frac_epoch(epoch: int) -> str:
+    """`clip_frac/epochE`: CLIP_FRAC over the tokens of epoch `epoch` (1-based)."""
+    return f"{CLIP_FRAC}{EPOCH_SEP}{epoch}"
+
+
+def approx_kl_epoch(epoch: int) -> str:
+    """`approx_kl_proximal/epochE`: APPROX_KL_PROXIMAL over epoch `epoch` (1-based)."""
+    return f"{APPROX_KL_PROXIMAL}{EPOCH_SEP}{epoch}"
+
 
 # ---- weight sync (sync.disk, sync.nccl), only in the learner's rows
 SYNC_S = "sync_s"
@@ -76,9 +102,12 @@ SYNC_SAVE_S = "sync_save_s"
 SYNC_PAUSE_S = "sync_pause_s"
 SYNC_CONNECT_S = "sync_connect_s"
 SYNC_TRANSFER_S = "sync_transfer_s"
+SYNC_PAUSES = "sync_pauses"  # [[url, paused_at, resumed_at], ...] wall-clock seconds
 
 # wall-clock measurements: the only keys in which a replayed row may differ from the
 # learner's row for the same step
 WALL_CLOCK = (WAIT_S, PROXIMAL_S, TRAIN_S, TOKENS_PER_S, STEP_S)
-# written only by the learner process (it alone talks to the servers)
-LEARNER_ONLY = (SYNC_S, SYNC_SAVE_S, SYNC_PAUSE_S, SYNC_CONNECT_S, SYNC_TRANSFER_S)
+# written only by the learner process (it alone talks to the servers; its peak memory)
+LEARNER_ONLY = (SYNC_S, SYNC_SAVE_S, SYNC_PAUSE_S, SYNC_CONNECT_S, SYNC_TRANSFER_S, PEAK_MEMORY_MB,
+                SYNC_PAUSES, GATHER_S, CHECKPOINT_S, EVAL_WAIT_S,
+                LINEAGE_GROUPS_DROPPED, AHEAD_GROUPS_DROPPED)  # fmt: skip

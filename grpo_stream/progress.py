@@ -1,8 +1,8 @@
 """The learner's published progress, read by the generator's staleness gate.
 
 The learner writes `BUFFER/consumers/learner.json` ({"consumed_groups", "version",
-"step", "time", "finished", "pid", "host"}) atomically after every step. The generator,
-possibly on another machine, reads it to keep the buffer at most `max_ahead_batches`
+"step", "time", "finished", "pid", "host", "lineage"}) atomically after every step. The
+generator, possibly on another machine, reads it to keep the buffer at most `max_ahead_batches`
 learner batches ahead of what the learner has consumed: it pauses rather than produce
 data the learner would discard as stale. A learner that reaches `learner.max_steps`
 writes `finished = true` last, so a generator started by hand stops instead of waiting
@@ -30,6 +30,7 @@ class LearnerProgress:
     finished: bool = False  # the learner reached learner.max_steps: no more room will come
     pid: int = 0  # the writing process (rank 0), stamped by write_progress
     host: str = ""
+    lineage: str = ""  # the learner's lineage id, published once its weights are on the servers
 
 
 def _path(buffer_path: str) -> tuple[fsspec.AbstractFileSystem, str]:

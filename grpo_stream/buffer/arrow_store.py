@@ -28,6 +28,8 @@ The reading side is arrow_reader.py.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Sequence
 
@@ -115,7 +117,9 @@ class ArrowWriter:
         end = first + len(groups)
         rows = samples_to_table(groups)
         table = seal_table(rows, first, end, self._next_row, self.run_id, time.time(), self.version)
-        self._publish(segment_name(first, end), ipc_bytes(table))
+        data = ipc_bytes(table)
+        _fault_hook(self.sfs, segment_name(first, end), first, data)
+        self._publish(segment_name(first, end), data)
         self._next_group, self._next_row = end, row
         if self.max_groups is not None or self.max_age_s is not None:
             compact(self.sfs.url, keep_groups=self.max_groups, max_age_s=self.max_age_s)
@@ -148,6 +152,21 @@ class ArrowWriter:
 
     def close(self) -> None:
         self._lock.release()
+
+
+FAULT_ENV = "GRPO_STREAM_FAULT"  # fault injection only (tests/faults): "append:kill@N"
+
+
+def _fault_hook(sfs: StoreFS, name: str, first: int, data: pa.Buffer) -> None:
+    """FAULT INJECTION, for tests/faults only: with GRPO_STREAM_FAULT=append:kill@N, the
+    append of group N writes half its temporary segment file and SIGKILLs this process,
+    as a crash in the middle of an append would. Read nowhere else."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault != f"append:kill@{first}":
+        return
+    with open(sfs.join(f".{name}.tmp"), "wb") as f:
+        f.write(memoryview(data)[: len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def compact(

@@ -9,7 +9,11 @@ Groups the cursor cannot deliver are counted, never silently dropped: stale ones
 (`current_version - policy_version > max_staleness`) are returned as a count; groups
 deleted by retention before the cursor reached them are skipped (the cursor jumps to
 the oldest group on disk) and counted in `skipped_deleted`; groups in corrupt
-segments/chunks (reader on_corrupt="skip") are counted in `skipped_corrupt`.
+segments/chunks (reader on_corrupt="skip") are counted in `skipped_corrupt`. Given the
+learner's `lineage`, groups stamped with another lineage (`skipped_lineage`) and groups
+sampled at a version ahead of the learner's (`skipped_ahead`: weights the learner never
+had) are refused too. `last_drops` lists the groups the last call dropped, each as
+(group, reason) (reasons from grpo_stream.ledger), and `last_corrupt` the ids it could not read.
 
     cur = GroupCursor(open_reader(path))
     groups, n_stale = cur.next_groups(8, timeout_s=600, max_staleness=2, current_version=v)
@@ -26,7 +30,14 @@ from typing import Any
 from grpo_stream.buffer.base import GroupsDeletedError, RolloutReader
 from grpo_stream.buffer.schema import Group
 
-STATE_KEYS = ("position", "skipped_stale", "skipped_deleted", "skipped_corrupt")
+STATE_KEYS = (
+    "position",
+    "skipped_stale",
+    "skipped_deleted",
+    "skipped_corrupt",
+    "skipped_lineage",
+    "skipped_ahead",
+)
 
 
 def is_stale(version: int, current_version: int | None, max_staleness: int | None) -> bool:
@@ -45,6 +56,10 @@ class GroupCursor:
         self.skipped_stale = 0
         self.skipped_deleted = 0
         self.skipped_corrupt = 0
+        self.skipped_lineage = 0
+        self.skipped_ahead = 0
+        self.last_drops: list[tuple[Group, str]] = []
+        self.last_corrupt: list[int] = []
 
     def state(self) -> dict[str, Any]:
         return {k: int(getattr(self, k)) for k in STATE_KEYS}
@@ -95,17 +110,43 @@ class GroupCursor:
         timeout_s: float,
         max_staleness: int | None = None,
         current_version: int | None = None,
+        lineage: str | None = None,
     ) -> tuple[list[Group], int]:
-        """The next n published groups minus stale ones; returns (groups, skipped_stale)."""
+        """The next n published groups minus refused ones (another `lineage`, a version
+        ahead of `current_version`, stale); returns (groups, stale groups dropped)."""
         if n < 1:
             raise ValueError(f"next_groups: n must be >= 1 (got {n})")
+        start = self.position
         stop, groups = self._take(n, timeout_s)
         self.skipped_corrupt += n - len(groups)
-        fresh = [
-            g
-            for g in groups
-            if not is_stale(min(s.policy_version for s in g), current_version, max_staleness)
-        ]
+        seen = {g[0].group_id for g in groups}
+        self.last_corrupt = [i for i in range(start, stop) if i not in seen]
+        fresh, drops = [], []
+        for g in groups:
+            reason = refusal(g, current_version, max_staleness, lineage)
+            (drops.append((g, reason)) if reason else fresh.append(g))
         self.position = stop
-        self.skipped_stale += len(groups) - len(fresh)
-        return fresh, len(groups) - len(fresh)
+        self.last_drops = drops
+        stale = sum(r == "stale" for _, r in drops)
+        self.skipped_stale += stale
+        self.skipped_lineage += sum(r == "lineage" for _, r in drops)
+        self.skipped_ahead += sum(r == "ahead" for _, r in drops)
+        return fresh, stale
+
+
+def refusal(
+    group: Group, current: int | None, max_staleness: int | None, lineage: str | None
+) -> str:
+    """Why the learner must not train on `group` ("lineage", "ahead", "stale"), or ""."""
+    if lineage:
+        theirs = group[0].run_id.rpartition("@")[2] if "@" in group[0].run_id else ""
+        if theirs and theirs != lineage:  # rows without a lineage predate lineages
+            return "lineage"
+    if (
+        current is not None
+        and max(max(s.policy_version, s.policy_version_end) for s in group) > current
+    ):
+        return "ahead"
+    if is_stale(min(s.policy_version for s in group), current, max_staleness):
+        return "stale"
+    return ""

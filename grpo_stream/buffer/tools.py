@@ -1,4 +1,4 @@
-"""`grpo-stream buffer stats|show|export|convert|compact PATH`: inspect and maintain a store.
+"""`grpo-stream buffer stats|show|export|convert|compact|ledger PATH`: inspect and maintain a store.
 
 PATH is a store root, or a run dir whose store is PATH/buffer. Every command reads
 through the normal reader (corrupt segments are skipped and listed, never read as data).
@@ -8,6 +8,7 @@ through the normal reader (corrupt segments are skipped and listed, never read a
     grpo-stream buffer export runs/r1 --format parquet --out r1.parquet
     grpo-stream buffer convert runs/r1/buffer --to zarr --out /tmp/r1.zarr
     grpo-stream buffer compact runs/r1 --keep-groups 10000 --max-age-s 86400
+    grpo-stream buffer ledger runs/r1                # every prompt's one state (RUN dir)
 
 `run_cli(argv)` takes the arguments after `buffer` and returns the exit code.
 """
@@ -202,6 +203,15 @@ def _cmd_compact(args) -> int:
     return 0
 
 
+def _cmd_ledger(args) -> int:
+    """Counts per state; prompts in two states or none (exit 1 if any)."""
+    from grpo_stream.ledger import format_ledger, run_ledger
+
+    led = run_ledger(args.path)
+    print(format_ledger(led, limit=args.limit))
+    return 0 if led.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grpo-stream buffer", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -221,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compact", help="delete old groups (arrow: segments, zarr: chunks)")
     s.add_argument("--keep-groups", type=int, default=None)
     s.add_argument("--max-age-s", type=float, default=None)
+    s = sub.add_parser("ledger", help="where every started prompt ended (a run folder)")
+    s.add_argument("--limit", type=int, default=20, help="problem prompts listed")
     for sp in sub.choices.values():
         sp.add_argument("path", help="store root, or a run dir holding buffer/")
     return p
@@ -232,6 +244,7 @@ COMMANDS = {
     "export": _cmd_export,
     "convert": _cmd_convert,
     "compact": _cmd_compact,
+    "ledger": _cmd_ledger,
 }
 
 
@@ -247,7 +260,8 @@ def store_path(path: str) -> str:
 def run_cli(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.path = store_path(args.path)
+        if args.cmd != "ledger":  # the ledger reads the run folder, not only its store
+            args.path = store_path(args.path)
         return COMMANDS[args.cmd](args)
     except (UserError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,7 +12,12 @@ things in the same file:
   (a run about to be resumed) does not stop a new generator;
 - the learner **died** (its pid is gone on this host, without `finished`): the gate says
   so once, and keeps waiting for a restarted learner (`learn --resume`, or `run`'s
-  supervision).
+  supervision). The servers are watched too (`watch`, the pool's health check every
+  `WATCH_S`): a server that died meanwhile is said once and taken out of the pool;
+- the learner's **lineage**: published once its own weights are on the servers (a reused
+  server may hold another run's). `wait_for_lineage` holds the generator until then
+  (`generator.wait_for_learner`), and `lineage` (kept current on every read) is stamped
+  on each sample, so the learner can refuse groups of another lineage.
 
     gate = StalenessGate(buffer_path, allowance)
     await gate.start()                         # remembers the progress seen at start
@@ -27,6 +32,8 @@ import contextlib
 import os
 import socket
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from grpo_stream.progress import LearnerProgress, read_progress
@@ -43,6 +50,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+WATCH_S = 10.0  # how often a held generator checks the servers' health
+
+
 class StalenessGate:
     """See the module docstring."""
 
@@ -54,7 +64,12 @@ class StalenessGate:
         self._status = status  # an object whose `gated` shows "(waiting for learner)"
         self.finished_step: int | None = None  # set when the learner's finish stopped us
         self._said_dead: tuple[str, int] | None = None
+        # while held, every WATCH_S: async () -> servers found down (ServerPool.check)
+        self.watch: Callable[[], Awaitable[list[str]]] | None = None
+        self._next_watch = 0.0
+        self.learner_version = 0  # the policy version in the learner's last progress read
         self.gated = False
+        self.lineage = ""  # the newest learner lineage seen in its progress
 
     @property
     def gated(self) -> bool:
@@ -68,7 +83,41 @@ class StalenessGate:
             self._status.gated = value
 
     async def _read(self) -> LearnerProgress:
-        return await asyncio.to_thread(read_progress, self.buffer_path)
+        p = await asyncio.to_thread(read_progress, self.buffer_path)
+        self.learner_version = p.version
+        if p.lineage and self._current(p):
+            self.lineage = p.lineage
+        return p
+
+    def _current(self, p: LearnerProgress) -> bool:
+        """`p` is from a learner that is (or may be) running: written since `start()`,
+        or by a live process (on another host: cannot tell, so yes)."""
+        if p.finished:
+            return False
+        if p != self.initial or not p.pid or p.host != socket.gethostname():
+            return True
+        return pid_alive(p.pid)
+
+    async def wait_for_lineage(self, stop: asyncio.Event) -> str:
+        """Wait until a running learner has pushed its weights and published its lineage;
+        the lineage ("" when `stop` was set, or the learner finished, first)."""
+        if self.initial is None:
+            await self.start()
+        told = False
+        while not stop.is_set():
+            p = await self._read()
+            if self.lineage:
+                return self.lineage
+            if self.learner_finished(p):
+                self.finished_step = p.step
+                return ""
+            if not told:
+                print("[generate] waiting for the learner to push its weights to the servers "
+                      "(generator.wait_for_learner)", file=sys.stderr, flush=True)  # fmt: skip
+                told = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.poll_s)
+        return ""
 
     async def start(self) -> None:
         """Remember the progress as it is now: a finish already there is not ours."""
@@ -94,11 +143,23 @@ class StalenessGate:
                       "groups consumed); stopping", file=sys.stderr, flush=True)  # fmt: skip
                 return False
             self._say_if_dead(p)
+            await self._watch_servers()
             self.gated = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_s)  # progress is a file
         self.gated = False
         return False
+
+    async def _watch_servers(self) -> None:
+        """While held, the servers are still watched: one line per server that went down
+        (it is taken out of the pool until it answers /health again)."""
+        if self.watch is None or time.monotonic() < self._next_watch:
+            return
+        self._next_watch = time.monotonic() + WATCH_S
+        for url in await self.watch():
+            print(f"[generate] vLLM server {url} does not answer /health (noticed while "
+                  "waiting for the learner); taken out until it answers again",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     def _say_if_dead(self, p: LearnerProgress) -> None:
         """One line when the learner that wrote `p` is gone (same host only)."""

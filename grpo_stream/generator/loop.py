@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import uuid
 
+from grpo_stream import ledger
 from grpo_stream.buffer.schema import Group
 from grpo_stream.buffer.store import open_writer
 from grpo_stream.config import Config
@@ -31,6 +33,7 @@ from grpo_stream.generator.sampler import (
     request_group,
 )
 from grpo_stream.generator.stats import GenStats
+from grpo_stream.timing import GeneratorClocks
 from grpo_stream.vllm_client import VLLMClient
 
 log = logging.getLogger(__name__)
@@ -57,15 +60,29 @@ class Generator:
         self._make_source = make_prompt_source
         self.rewards = RewardRunner(cfg.reward)  # validates reward names now
         self.run_id = os.path.basename(os.path.normpath(run_dir)) or uuid.uuid4().hex[:8]
-        self.stats = GenStats(os.path.join(run_dir, "generator_metrics.jsonl"))
+        self.clocks = GeneratorClocks(cfg.server.resolved_urls())  # grpo_stream.timing
+        self.stats = GenStats(os.path.join(run_dir, "generator_metrics.jsonl"), self.clocks)
         self._stop = asyncio.Event()
         ahead = cfg.learner.batch_groups * (1 + cfg.generator.max_ahead_batches)
-        self.gate = StalenessGate(self.buffer_path, ahead, status=self.stats)
+        # polled as often as the learner polls the buffer: in sync mode (run --sync) each
+        # step's generation starts one poll after the learner's sync
+        poll_s = cfg.buffer.poll_s
+        self.gate = StalenessGate(self.buffer_path, ahead, poll_s=poll_s, status=self.stats)
         self._queue: asyncio.Queue[Group | None] = asyncio.Queue()
         self.failed_prompts = 0
         self._outstanding = 0  # prompts started but not yet written (or failed)
         self._failed_at_last_success = 0
         self._max_consecutive_failures = 3 * cfg.generator.max_in_flight + 5
+
+    def _continue_prompts(self):
+        """The prompts not started yet (grpo_stream.ledger): a restarted generator first
+        regenerates, once, those in flight when it died, and repeats none."""
+        started, oldest = ledger.started_prompts(self.buffer_path, self.run_dir)
+        if started:
+            print(f"[generate] {len(started)} prompts already started; continuing after "
+                  "them", file=sys.stderr, flush=True)  # fmt: skip
+        source = self._make_source(self.cfg.task, exclude=self.heldout)
+        return ledger.continue_prompts(source, started, oldest)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -90,6 +107,7 @@ class Generator:
         try:
             text, ids = render_prompt(prompt, self.tokenizer, self.cfg.task)
             req = SampleRequest(prompt, text, ids)
+            run_id = ledger.stamp(self.run_id, self.gate.lineage)  # NAME@LINEAGE, at start
             g = self.cfg.generator
             outs, v0, v1, lat, url = await request_group(
                 pool,
@@ -100,11 +118,14 @@ class Generator:
                 g.max_retries,
                 g.retry_budget_s,
             )
-            rewards = await self.rewards.score_group(prompt, [o.text for o in outs])
-            group = build_group(self.run_id, req, outs, rewards, (v0, v1), lat, url)
+            with self.clocks.rewarding():
+                rewards = await self.rewards.score_group(prompt, [o.text for o in outs])
+            group = build_group(run_id, req, outs, rewards, (v0, v1), lat, url)
             self.stats.add_group(group)
             await self._queue.put(group)
         except PromptFailed as err:
+            # the ledger's record: this prompt ended here (a restart does not retry it)
+            await asyncio.to_thread(ledger.record_failure, self.run_dir, prompt.prompt_id, str(err))
             self.failed_prompts += 1
             self.stats.failed += 1
             self._outstanding -= 1
@@ -166,11 +187,15 @@ class Generator:
                 **self.cfg.buffer.writer_opts(),
             )
             self.stats.written = writer.num_groups()
-            if self.stats.written:  # a restarted generator continues the prompt stream
-                self.prompts = self._make_source(
-                    self.cfg.task, start=self.stats.written, exclude=self.heldout
-                )
-            pool = ServerPool(urls, client, wait_timeout_s=self.cfg.server.startup_timeout_s)
+            self.prompts = await asyncio.to_thread(self._continue_prompts)
+            if self.cfg.generator.wait_for_learner:  # a reused server holds others' weights
+                if not await self.gate.wait_for_lineage(self._stop):
+                    self._stop.set()  # stopped, or the learner finished, while waiting
+            wait_s = self.cfg.server.startup_timeout_s
+            pool = ServerPool(urls, client, wait_timeout_s=wait_s, busy=self.clocks.requests)
+            self.gate.watch = pool.check  # a held generator still notices a dead server
+            stale = self.cfg.learner.max_staleness  # a server back from a restart: used
+            pool.min_version = lambda: max(0, self.gate.learner_version - stale)  # once synced
             writer_task = asyncio.create_task(self._writer(writer), name="buffer-writer")
             reporter = asyncio.create_task(self.stats.report_every(10.0, pool), name="reporter")
             try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +83,31 @@ def list_checkpoints(run_dir: str) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    """The newest whole checkpoint; an incomplete one (a file or weight shard missing,
+    e.g. damaged after it was published) is skipped, and the learner says so."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        missing = missing_files(ckpt)
+        if not missing:
+            return ckpt
+        print(f"[learn] checkpoint {ckpt} is incomplete (missing {', '.join(missing)}); "
+              "using the one before it", file=sys.stderr, flush=True)  # fmt: skip
+    return None
+
+
+def missing_files(ckpt: Path) -> list[str]:
+    """The files a checkpoint lacks: state.json, trainer.pt, model/config.json and every
+    weight shard its index names (or model.safetensors when unsharded)."""
+    need = ["state.json", "trainer.pt", "model/config.json"]
+    index = ckpt / "model" / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError):
+            return [str(index.relative_to(ckpt)) + " (unreadable)"]
+        need += [f"model/{s}" for s in shards]
+    else:
+        need.append("model/model.safetensors")
+    return [n for n in need if not (ckpt / n).is_file()]
 
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler, load_optimizer=None) -> dict:

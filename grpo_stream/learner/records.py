@@ -3,14 +3,16 @@ checkpoints.
 
     records = RunRecords(cfg, run_dir, resumed_step) if dist.is_rank0 else NoRecords()
     records.batch(step, group_ids, info)     # RUN/trained_batches.jsonl (replay reads it)
+    records.dropped(rows)                    # RUN/dropped_groups.jsonl (grpo_stream.ledger)
     records.log(row)                         # RUN/metrics.jsonl, TensorBoard, console line
     records.progress(position, version, step, finished)  # BUFFER/consumers/learner.json
     records.checkpoint(step, model, opt, sched, state, weights, opt_state)
     records.close()
 
 The other ranks get `NoRecords`, whose methods do nothing, so the learner's loop has no
-rank checks. A resumed run cuts both logs back to the checkpoint's step, so they follow
-the checkpoint's lineage.
+rank checks. A resumed run cuts both logs back to the checkpoint's step (and the drops back to its cursor
+position), so they follow the checkpoint's lineage. `lineage` (set by the learner) is
+published with the progress.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 
+from grpo_stream import ledger
 from grpo_stream import metric_names as M
 from grpo_stream.config import Config
 from grpo_stream.learner.checkpoint import save_checkpoint
@@ -39,8 +42,9 @@ def truncate_log(path: str, step: int) -> None:
 class RunRecords:
     """Rank 0's run files; see the module docstring."""
 
-    def __init__(self, cfg: Config, run_dir: str, resumed_step: int | None = None):
-        self.run_dir = run_dir
+    def __init__(self, cfg: Config, run_dir: str, resumed_step: int | None = None,
+                 resumed_position: int = 0):  # fmt: skip
+        self.run_dir, self.lineage = run_dir, ""
         self.buffer_path = cfg.buffer_path(run_dir)
         self.eval_cfg = cfg.eval
         self.trained_batches = os.path.join(run_dir, "trained_batches.jsonl")
@@ -48,6 +52,7 @@ class RunRecords:
         if resumed_step is not None:
             truncate_log(self.trained_batches, resumed_step)
             truncate_log(self.metrics.path, resumed_step)
+            ledger.truncate_drops(run_dir, resumed_position)
 
     def batch(self, step: int, group_ids: list[int], info: dict) -> None:
         """The groups step `step` was given, in order, and where the cursor found them."""
@@ -56,12 +61,17 @@ class RunRecords:
         with open(self.trained_batches, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def dropped(self, rows: list[dict]) -> None:
+        """Groups the learner refused, each with its reason (grpo_stream.ledger)."""
+        ledger.append_jsonl(os.path.join(self.run_dir, ledger.FILE_DROPS), rows)
+
     def log(self, row: dict) -> None:
         self.metrics.log(row)
 
     def progress(self, consumed_groups: int, version: int, step: int, finished=False) -> None:
         """`finished` (at learner.max_steps) tells a waiting generator to stop."""
-        progress = LearnerProgress(consumed_groups, version, step, finished=finished)
+        progress = LearnerProgress(consumed_groups, version, step, finished=finished,
+                                   lineage=self.lineage)  # fmt: skip
         write_progress(self.buffer_path, progress)
 
     def wait_for_eval(self, version: int) -> dict:
@@ -82,7 +92,12 @@ class RunRecords:
 class NoRecords:
     """The records of a rank other than 0: nothing is written."""
 
+    lineage = ""
+
     def batch(self, step: int, group_ids: list[int], info: dict) -> None:
+        pass
+
+    def dropped(self, rows: list[dict]) -> None:
         pass
 
     def log(self, row: dict) -> None:

@@ -55,6 +55,7 @@ def test_buffer_settings_take_effect_in_generate_and_learn(
         f"generator.stop_after_groups={GROUPS}",
         "generator.groups_per_write=1",
         "generator.max_ahead_batches=10",  # no learner runs meanwhile: room for all 10
+        "generator.wait_for_learner=false",  # ... nor is one waited for
         "generator.group_size=2",
         "generator.max_tokens=4",
         "task.use_chat_template=false",

@@ -86,6 +86,7 @@ def make_cfg(tiny: Path, run_dir: Path, urls: list[str], n: int, *overrides: str
         "generator.max_in_flight=4",
         "generator.request_timeout_s=120",
         "reward.num_workers=1",
+        "generator.wait_for_learner=false",  # no learner: sample at once
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
     return load_config(None, base + list(overrides))

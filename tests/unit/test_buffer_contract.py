@@ -191,6 +191,8 @@ def test_cursor_filters_stale_groups(where, backend):
         "skipped_stale": 3,
         "skipped_deleted": 0,
         "skipped_corrupt": 0,
+        "skipped_lineage": 0,
+        "skipped_ahead": 0,
     }
 
 

@@ -1,0 +1,328 @@
+"""The exactly-once ledger: where every prompt the generator started ended up.
+
+Every started prompt ends in exactly one state: trained in step N; dropped by the
+learner (stale, reward failed, another lineage, a version ahead of the learner's, an
+unreadable segment), with the reason; dropped because generation failed after retries,
+with the reason; or still in the buffer. The facts live in four places, and this module
+joins them by prompt id:
+
+  BUFFER                    one group per sampled prompt (prompt_id, run_id = NAME@LINEAGE)
+  RUN/trained_batches.jsonl the group ids each learner step was given
+  RUN/dropped_groups.jsonl  the learner's drops: {group_id, reason, detail}  (FILE_DROPS)
+  RUN/generator_failures.jsonl  prompts whose generation failed: {prompt_id, reason}
+
+A group listed in a step's batch and dropped there for a failed reward counts once, as
+dropped. A prompt with no state at a position before the newest started one was lost.
+
+    led = compute_ledger(run_dir); print(format_ledger(led)); led.ok
+    started = started_prompts(buffer_path, run_dir)           # generator restart:
+    prompts = continue_prompts(make_prompt_source(...), started)  # gaps first, no repeats
+
+Lineage: a fresh learner makes a lineage id, pushes its weights as version 0 to every
+server and publishes the id in its progress; the generator stamps `run_id =
+"NAME@LINEAGE"` on each sample (`stamp`), and the learner refuses groups of another
+lineage (`lineage_of`; rows without "@" predate lineages and are accepted).
+
+Appends here are one JSON line each, fsynced; a line torn by a kill is ignored on read
+and cut before the next append.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+FILE_DROPS = "dropped_groups.jsonl"
+FILE_FAILURES = "generator_failures.jsonl"
+FILE_TRAINED = "trained_batches.jsonl"
+FILE_LINEAGE = "lineage"
+
+STALE, REWARD_FAILED, LINEAGE, AHEAD, CORRUPT = (
+    "stale",
+    "reward_failed",
+    "lineage",
+    "ahead",
+    "corrupt",
+)
+GENERATION_FAILED = "generation_failed"
+STATES = ("trained", STALE, REWARD_FAILED, GENERATION_FAILED, LINEAGE, AHEAD, CORRUPT, "in_buffer")
+
+
+# --- JSONL records -------------------------------------------------------------------
+
+
+def append_jsonl(path: str, rows: Iterable[dict], fsync: bool = True) -> None:
+    """Append rows as JSON lines, after cutting a line torn by a killed writer."""
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    if not data:
+        return
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":  # a torn last line: cut it back to the last newline
+                f.seek(0)
+                keep = f.read().rfind(b"\n") + 1
+                f.truncate(keep)
+        f.write(data.encode())
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The whole rows of a JSONL file ([] if missing); a torn or bad line is skipped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn by a kill
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def truncate_drops(run_dir: str, position: int) -> None:
+    """Keep the drops of groups before `position` (a resumed learner's cursor): the
+    groups after it are read again and decided again."""
+    path = os.path.join(run_dir, FILE_DROPS)
+    if not os.path.exists(path):
+        return
+    rows = [r for r in read_jsonl(path) if r.get("group_id", 0) < position]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def record_failure(run_dir: str, prompt_id: str, reason: str) -> None:
+    """The generator gave up on a prompt: RUN/generator_failures.jsonl (fsynced)."""
+    row = {"prompt_id": prompt_id, "reason": reason[:500], "time": _now()}
+    append_jsonl(os.path.join(run_dir, FILE_FAILURES), [row])
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+# --- lineage --------------------------------------------------------------------------
+
+
+def stamp(run_name: str, lineage: str) -> str:
+    """A sample's run_id: NAME@LINEAGE (NAME alone while no lineage is known)."""
+    return f"{run_name}@{lineage}" if lineage else run_name
+
+
+def lineage_of(run_id: str) -> str:
+    """The lineage in a sample's run_id; "" for rows written before lineages."""
+    return run_id.rpartition("@")[2] if "@" in run_id else ""
+
+
+def new_lineage(run_dir: str) -> str:
+    """A fresh learner's lineage id, also written to RUN/lineage."""
+    lineage = uuid.uuid4().hex[:12]
+    path = os.path.join(run_dir, FILE_LINEAGE)
+    with open(path + ".tmp", "w") as f:
+        f.write(lineage + "\n")
+    os.replace(path + ".tmp", path)
+    return lineage
+
+
+def read_lineage(run_dir: str) -> str:
+    path = os.path.join(run_dir, FILE_LINEAGE)
+    return open(path).read().strip() if os.path.exists(path) else ""
+
+
+def group_drops(groups, reason: str) -> list[dict]:
+    """Drop rows for groups the learner refused, each with a detail naming why."""
+    rows = []
+    for g in groups:
+        s = g[0]
+        if reason == REWARD_FAILED:
+            bad = next((x for x in g if x.reward_error or not math.isfinite(x.reward)), s)
+            detail = bad.reward_error or f"reward {bad.reward}"
+        elif reason == LINEAGE:
+            detail = f"run_id {s.run_id}"
+        else:
+            detail = f"policy_version {max(x.policy_version for x in g)}"
+        rows.append({"group_id": s.group_id, "prompt_id": s.prompt_id, "reason": reason,
+                     "detail": detail})  # fmt: skip
+    return rows
+
+
+# --- generator restart ------------------------------------------------------------------
+
+
+def started_prompts(buffer_path: str, run_dir: str) -> tuple[set[str], str | None]:
+    """(prompt ids already started: a readable group or a failure record, the prompt id
+    of the oldest group kept when retention deleted older ones, else None)."""
+    from grpo_stream.buffer.store import open_reader
+
+    ids = {r["prompt_id"] for r in read_jsonl(os.path.join(run_dir, FILE_FAILURES))}
+    try:
+        reader = open_reader(buffer_path)
+    except FileNotFoundError:
+        return ids, None
+    try:
+        first, end = reader.first_group(), reader.num_groups()
+        table = reader.read_table(first, end, ["prompt_id"])
+        column = table.column("prompt_id").to_pylist()
+        ids.update(column)
+        return ids, (column[0] if first > 0 and column else None)
+    finally:
+        reader.close()
+
+
+def continue_prompts(source: Iterator, started: set[str], oldest_kept: str | None = None):
+    """The prompts of `source` not yet started, in stream order: the gaps a killed
+    generator left (prompts in flight when it died) come first, once each, then the
+    rest. With retention (`oldest_kept`), prompts before the oldest kept one are done."""
+    remaining = set(started)
+    skipping = oldest_kept is not None
+    for p in source:
+        if skipping:
+            remaining.discard(p.prompt_id)
+            skipping = p.prompt_id != oldest_kept
+            continue
+        if p.prompt_id in remaining:
+            remaining.discard(p.prompt_id)
+            continue
+        yield p
+
+
+# --- the ledger -------------------------------------------------------------------------
+
+
+@dataclass
+class Ledger:
+    counts: dict[str, int]  # state -> prompts
+    multi: dict[str, list[str]]  # prompt id -> its states (two or more)
+    none: list[str]  # prompts started (before the newest started one) with no state
+    duplicated_groups: int  # groups beyond the first of a prompt
+    unreadable_groups: list[int] = field(default_factory=list)  # in records, not readable
+    prompts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.multi and not self.none and not self.duplicated_groups
+
+
+def _buffer_groups(buffer_path: str) -> dict[int, str]:
+    """group id -> prompt id, for every readable group."""
+    from grpo_stream.buffer.store import open_reader
+
+    try:
+        reader = open_reader(buffer_path)
+    except FileNotFoundError:
+        return {}
+    try:
+        t = reader.read_table(reader.first_group(), reader.num_groups(), ["group_id", "prompt_id"])
+        return dict(
+            zip(t.column("group_id").to_pylist(), t.column("prompt_id").to_pylist(), strict=True)
+        )
+    finally:
+        reader.close()
+
+
+def _group_states(run_dir: str) -> dict[int, list[str]]:
+    """group id -> the states the learner's records give it."""
+    states: dict[int, list[str]] = defaultdict(list)
+    drops = {}
+    for r in read_jsonl(os.path.join(run_dir, FILE_DROPS)):
+        drops.setdefault(r["group_id"], []).append(r)
+    for row in read_jsonl(os.path.join(run_dir, FILE_TRAINED)):
+        for gid in row.get("group_ids", []):
+            if any(d["reason"] == REWARD_FAILED for d in drops.get(gid, [])):
+                continue  # given to the step, dropped there: the drop row says it
+            states[gid].append(f"trained:{row['step']}")
+    for gid, rows in drops.items():
+        states[gid].extend(f"{d['reason']}:{d.get('detail', '')}" for d in rows)
+    return states
+
+
+def compute_ledger(run_dir: str, buffer_path: str | None = None, source=None) -> Ledger:
+    """Join the buffer, the learner's records and the generator's failures by prompt.
+    `source` (prompts in stream order) finds prompts started but in no state."""
+    if buffer_path is None:
+        from grpo_stream.config import load_run_config
+
+        buffer_path = load_run_config(run_dir, role="generate").buffer_path(run_dir)
+    groups = _buffer_groups(buffer_path)
+    gstates = _group_states(run_dir)
+    by_prompt: dict[str, list[str]] = defaultdict(list)
+    per_prompt_groups: dict[str, int] = defaultdict(int)
+    for gid, pid in groups.items():
+        per_prompt_groups[pid] += 1
+        by_prompt[pid].extend(gstates.get(gid) or ["in_buffer:"])
+    for r in read_jsonl(os.path.join(run_dir, FILE_FAILURES)):
+        by_prompt[r["prompt_id"]].append(f"{GENERATION_FAILED}:{r.get('reason', '')}")
+    counts = dict.fromkeys(STATES, 0)
+    multi = {}
+    for pid, sts in by_prompt.items():
+        if len(sts) > 1:
+            multi[pid] = sts
+        counts[sts[0].split(":", 1)[0]] += 1
+    none = _missing(source, set(by_prompt)) if source is not None else []
+    return Ledger(
+        counts=counts,
+        multi=multi,
+        none=none,
+        duplicated_groups=sum(n - 1 for n in per_prompt_groups.values()),
+        unreadable_groups=sorted(set(gstates) - set(groups)),
+        prompts=len(by_prompt),
+    )
+
+
+def _missing(source: Iterator, known: set[str]) -> list[str]:
+    """Prompts before the last known one (in stream order) that are not known."""
+    missing, left = [], set(known)
+    for p in source:
+        if not left:
+            break
+        if p.prompt_id in left:
+            left.discard(p.prompt_id)
+        else:
+            missing.append(p.prompt_id)
+    return missing
+
+
+def run_ledger(run_dir: str) -> Ledger:
+    """The ledger of a run folder, with the run's own prompt source (for gaps)."""
+    from grpo_stream.config import load_run_config
+    from grpo_stream.tasks import make_prompt_source
+    from grpo_stream.tasks.heldout import training_exclusion
+
+    cfg = load_run_config(run_dir, role="generate")
+    buffer_path = cfg.buffer_path(run_dir)
+    _, oldest = started_prompts(buffer_path, run_dir)
+    source = make_prompt_source(cfg.task, exclude=training_exclusion(cfg))
+    if oldest is not None:  # retention deleted older groups: no gaps before the oldest kept
+        source = continue_prompts(source, set(), oldest)
+    return compute_ledger(run_dir, buffer_path, source)
+
+
+def format_ledger(led: Ledger, limit: int = 20) -> str:
+    parts = [f"{k} {v}" for k, v in led.counts.items() if v or k in ("trained", "in_buffer")]
+    lines = [f"ledger: {led.prompts} prompts: " + ", ".join(parts)]
+    lines.append(
+        f"  in two states: {len(led.multi)}; in none: {len(led.none)}; "
+        f"duplicated groups: {led.duplicated_groups}"
+    )
+    for pid, sts in list(led.multi.items())[:limit]:
+        lines.append(f"  two states: {pid}: {' | '.join(sts)}")
+    for pid in led.none[:limit]:
+        lines.append(f"  no state: {pid}")
+    if led.unreadable_groups:
+        shown = ", ".join(map(str, led.unreadable_groups[:limit]))
+        lines.append(f"  groups in the learner's records but unreadable: {shown}")
+    return "\n".join(lines)
