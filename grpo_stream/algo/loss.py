@@ -127,6 +127,7 @@ def grpo_loss(
     logged = {M.PG_LOSS: weighted, M.RATIO_MEAN: ratio, M.BEHAVIOUR_WEIGHT_MEAN: weight}
     logged[M.APPROX_KL_PROXIMAL] = kl_k3(old, lp.detach())  # KL(pi_old || pi_theta)
     logged[M.APPROX_KL_BEHAVIOUR] = kl_k3(behaviour, old)  # KL(pi_b || pi_old)
+    logged[M.BEHAVIOUR_LOGPROB_ABS_DIFF] = (old - behaviour).abs()  # [B, T] 0 at padding
     if kl is not None:
         logged[M.KL_REF] = kl
     if entropy is not None:

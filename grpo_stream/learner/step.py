@@ -107,6 +107,18 @@ class MetricMean:
         return out
 
 
+def epoch_metrics(meters: list[MetricMean], world: int) -> dict[str, float]:
+    """The clip fraction and approximate KL(pi_old || pi_theta) of each epoch index
+    (`clip_frac/epoch1`, ...): where the policy moves within a batch, and the clip acts."""
+    out = {}
+    for e, meter in enumerate(meters, start=1):
+        r = meter.result(world)  # collective under torchrun: every rank, same keys
+        out[M.clip_frac_epoch(e)] = r.get(M.CLIP_LOW_FRAC, 0.0) + r.get(M.CLIP_HIGH_FRAC, 0.0)
+        if M.APPROX_KL_PROXIMAL in r:
+            out[M.approx_kl_epoch(e)] = r[M.APPROX_KL_PROXIMAL]
+    return out
+
+
 def _global(values: dict[str, float], world: int) -> dict[str, float]:
     """Sums over ranks under torchrun (the loss normalisers must be batch-global)."""
     if world == 1:
@@ -187,7 +199,7 @@ class StepRunner:
             ref = [self._logprobs(self.ref, mb)[0].float() for mb in mbs]
         return old, ref
 
-    def _optimizer_step(self, mbs, old, ref, order, meter: MetricMean) -> float:
+    def _optimizer_step(self, mbs, old, ref, order, meter: MetricMean, epoch_meter=None) -> float:
         local = {
             "tokens": float(sum(mbs[i].num_tokens for i in order)),
             "seqs": float(sum(self.real_seqs[i] for i in order)),
@@ -199,6 +211,8 @@ class StepRunner:
             loss, m = self._micro_batch_loss(mbs[i], old[i], ref[i], totals)
             loss.backward()
             meter.add(m, mbs[i].num_tokens)
+            if epoch_meter is not None:  # this epoch index's own means (epoch_metrics)
+                epoch_meter.add(m, mbs[i].num_tokens)
         meter.end_step()
         gn = self._clip_grad()
         self.opt.step()
@@ -219,13 +233,15 @@ class StepRunner:
         old, ref = self._frozen_logprobs(mbs)
         t1 = time.perf_counter()
         meter, grad_norms = MetricMean(), []
+        epoch_meters = [MetricMean() for _ in range(lc.epochs)]
         n_mini = min(lc.minibatches_per_epoch, len(mbs))
-        for _ in range(lc.epochs):
+        for e in range(lc.epochs):
             order = random.sample(range(len(mbs)), len(mbs))
             for k in range(n_mini):
-                grad_norms.append(self._optimizer_step(mbs, old, ref, order[k::n_mini], meter))
+                part = order[k::n_mini]
+                grad_norms.append(self._optimizer_step(mbs, old, ref, part, meter, epoch_meters[e]))
         t2 = time.perf_counter()
-        out = meter.result(self.world)
+        out = meter.result(self.world) | epoch_metrics(epoch_meters, self.world)
         counts = {M.TOKENS: sum(int(mb.attention_mask.sum()) for mb in mbs),
                   M.COMPLETION_TOKENS: sum(mb.num_tokens for mb in mbs)}  # fmt: skip
         times = {M.PROXIMAL_S: t1 - t0, M.TRAIN_S: t2 - t1}
