@@ -68,7 +68,7 @@ class Supervisor:
         self.learner: Child | None = None
         self.evaluator: Child | None = None
         self.gave_up: tuple[str, int | None] | None = None  # (child, exit code)
-        self._restarted_at: dict[int, float] = {}  # server index -> wall time of its restart
+        self._restarted_at: dict[int, float] = {}  # server index -> wall time it was back
         self._learner_since = time.time()
         self._stall_seen: float | None = None
         self._next_stall_check = 0.0
@@ -129,8 +129,8 @@ class Supervisor:
         return 1
 
     def _after_sync_failure(self) -> bool:
-        """Restart the servers the learner's failed sync names (not those already
-        restarted since); False when one may not be."""
+        """Restart the servers the learner's failed sync names, except those that came
+        back after it failed (it failed on the dead one); False when one may not be."""
         failure = take_sync_failure(str(self.rd)) or {"error": "", "time": 0.0, "step": None}
         self.log.event("sync_failed", "learner", step=failure["step"], error=failure["error"])
         named = failed_urls(failure["error"], [s.url for s in self.servers])
@@ -172,14 +172,14 @@ class Supervisor:
             return False
         print(f"[run] vLLM server {old.url} {why} (code {code}); restarting it "
               f"({self._count(name)})", flush=True)  # fmt: skip
-        t0, self._restarted_at[i] = time.monotonic(), time.time()
+        t0 = time.monotonic()
         try:
             new, version = restart_server(old, self.cfg, self.rd,
                                           on_started=lambda s: self.servers.__setitem__(i, s))  # fmt: skip
         except UserError as err:  # did not come back, or could not be re-synced
             self._give_up(name, code, old.log_file, f"its restart failed: {err}")
             return False
-        dt = time.monotonic() - t0
+        dt, self._restarted_at[i] = time.monotonic() - t0, time.time()
         print(f"[run] vLLM server {new.url} back in {dt:.1f}s, serving version {version}",
               flush=True)  # fmt: skip
         self.log.event("restart", name, exit_code=code, restart_s=dt, version=version, why=why)

@@ -94,9 +94,14 @@ async def reload_on_server(
         step = "/reset_prefix_cache"
         await client.reset_prefix_cache(url)
     except Exception as e:
+        state = (
+            "it did not answer (down?)"  # nothing was loaded
+            if step == "/pause"
+            else "the server is left paused, not resumed (its weights may be half-loaded: "
+            "restart it)"
+        )
         raise WeightSyncError(
-            f"{url}: {step} failed while syncing version {version} from {folder}; the server "
-            f"is left paused, not resumed (its weights may be half-loaded: restart it): {e}"
+            f"{url}: {step} failed while syncing version {version} from {folder}; {state}: {e}"
         ) from e
     try:
         await client.resume(url)

@@ -193,3 +193,99 @@ def test_newest_complete_weights_skips_a_torn_folder(tmp_path) -> None:
     f.write_bytes(f.read_bytes()[:-4])  # torn
     assert newest_weights(tmp_path) == (tmp_path / "v2", 2)
     assert newest_weights(tmp_path / "none") is None
+
+
+def test_a_generator_held_at_the_gate_notices_a_dead_server(tmp_path, capsys) -> None:
+    """Defect 2: a generator waiting for the learner printed "(waiting for learner)"
+    forever and never noticed that its server had died."""
+    import asyncio
+
+    from grpo_stream.generator import gate as gate_mod
+    from grpo_stream.generator.gate import StalenessGate
+    from grpo_stream.generator.pool import ServerPool
+    from grpo_stream.vllm_client import VLLMClient
+    from tests.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: a dead server
+
+    async def main() -> tuple[bool, dict]:
+        async with VLLMClient(5.0) as client:
+            pool = ServerPool([dead], client)
+            gate = StalenessGate(str(tmp_path / "buffer"), allowance=0, poll_s=0.05)
+            gate.watch = pool.check
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(1.0, stop.set)
+            room = await gate.wait_for_room(0, stop)  # held: the learner consumed nothing
+            alive = dict(pool.alive)
+            await pool.close()
+            return room, alive
+
+    old, gate_mod.WATCH_S = gate_mod.WATCH_S, 0.2
+    try:
+        room, alive = asyncio.run(main())
+    finally:
+        gate_mod.WATCH_S = old
+    assert room is False and alive == {dead: False}
+    err = capsys.readouterr().err
+    assert err.count(f"vLLM server {dead} does not answer /health") == 1  # said once
+
+
+def test_a_restarted_server_is_used_again_only_once_resynced() -> None:
+    """A server back from a restart serves the initial model (version 0) until the
+    supervisor re-syncs it; the pool must not route to it before (samples would be stale)."""
+    import asyncio
+
+    from fake_vllm import CannedServer
+
+    from grpo_stream.generator.pool import ServerPool
+    from grpo_stream.vllm_client import VLLMClient
+
+    async def main() -> list[bool]:
+        async with CannedServer() as srv, VLLMClient(5.0) as client:
+            srv.script["/health"] = [(200, "")] * 10
+            srv.script["/weight_info"] = [(200, '{"weight_version": "0"}')] * 2 + [
+                (200, '{"weight_version": "5"}')
+            ] * 8
+            pool = ServerPool([srv.url], client)
+            pool.min_version = lambda: 7 - 2  # learner at version 7, max_staleness 2
+            return [await pool._ready(srv.url) for _ in range(3)]
+
+    assert asyncio.run(main()) == [False, False, True]
+
+
+def test_a_sync_slower_than_sync_timeout_s_in_all_fails_naming_the_server(tmp_path) -> None:
+    """Each call answers within its own deadline, but the whole sync (pause, reload,
+    version, cache) takes longer than sync.timeout_s: a hang in slices is a hang too."""
+    import asyncio
+
+    import torch
+    from aiohttp import web
+    from fake_vllm import OK_JSON, CannedServer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from grpo_stream.config import SyncConfig
+    from grpo_stream.sync import WeightSyncError
+    from grpo_stream.sync.disk import DiskSync
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2))  # fmt: skip
+
+    async def slow(_request):
+        await asyncio.sleep(0.6)
+        return web.Response(text="{}", content_type="application/json")
+
+    async def main():
+        routes = ["/pause", "/collective_rpc", "/update_weight_version", "/reset_prefix_cache"]
+        async with CannedServer({r: [slow] for r in routes} | {"/resume": [OK_JSON]}) as srv:
+            sync = DiskSync(SyncConfig(timeout_s=1.0), [srv.url], tmp_path / "w", rank=0)
+            t0 = time.monotonic()
+            with pytest.raises(WeightSyncError) as info:
+                await asyncio.to_thread(sync.push, model, 1)
+            return str(info.value), time.monotonic() - t0, srv.paths(), srv.url
+
+    message, took, paths, url = asyncio.run(main())
+    assert message.startswith(f"{url}: the sync of version 1 did not finish within")
+    assert "sync.timeout_s=1s" in message and "/resume" not in paths
+    assert took < 2.0  # not the 2.4 s the four calls take
