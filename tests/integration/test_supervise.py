@@ -6,8 +6,9 @@ server is back; the supervisor restarts the server, re-syncs it (its /weight_inf
 version the learner published, not the initial 0), resumes the learner from its
 checkpoint, and the run trains to learner.max_steps with every step in
 trained_batches.jsonl exactly once, the cursor ranges touching end to end.
-A second run (`stopped`) is sent SIGTERM mid-run: the children stop in order, the last
-trained step is checkpointed, the buffer reads whole, and no child process is left.
+A second run (`stopped`): its generator is SIGKILLed and restarted (no prompt twice in
+the buffer), then `run` is sent SIGTERM: the children stop in order, the last trained
+step is checkpointed, the buffer reads whole, and no child process is left.
 """
 
 from __future__ import annotations
@@ -143,8 +144,13 @@ def stopped(tmp_path_factory, tiny_model_dir):
     run_dir = tmp_path_factory.mktemp("sup") / "stopped"
     run_dir.mkdir()
     proc, _ = _start(run_dir, tiny_model_dir, "learner.checkpoint_every=100")
+    sup = run_dir / "supervisor.jsonl"
     try:
-        _wait(lambda: _step(run_dir) >= 3, "step 3", proc)
+        _wait(lambda: _step(run_dir) >= 1, "step 1", proc)
+        gen = _wait(lambda: _child(proc, "grpo_stream.cli", "generate"), "generator", proc)
+        gen.kill()
+        _wait(lambda: [r for r in _rows(sup) if r["child"] == "generator"], "restart", proc)
+        _wait(lambda: _step(run_dir) >= 4, "step 4", proc)
         family = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(300)
@@ -158,13 +164,17 @@ def test_sigterm_checkpoints_the_last_step_and_leaves_nothing(stopped) -> None:
     rd = stopped["dir"]
     assert stopped["code"] == 130, _output(rd)[-3000:]
     last = _step(rd)
-    assert 3 <= last < MAX_STEPS
+    assert 4 <= last < MAX_STEPS
     ckpt = latest_checkpoint(str(rd))
     assert ckpt is not None and ckpt.name == f"step-{last}"  # checkpoint_every=100: the stop's
     assert json.loads((ckpt / "state.json").read_text())["step"] == last
     reader = open_reader(str(rd / "buffer"))
     groups = reader.read_groups(0, reader.num_groups())
     assert len(groups) >= last * 2 and all(len(g) == 4 for g in groups)
+    prompts = [g[0].prompt_id for g in groups]
+    assert len(prompts) == len(set(prompts))  # the restarted generator repeated none
+    restarts = [r for r in _rows(rd / "supervisor.jsonl") if r["event"] == "restart"]
+    assert [(r["child"], r["exit_code"]) for r in restarts] == [("generator", -signal.SIGKILL)]
     time.sleep(1.0)
     alive = [p for p in stopped["family"] if p.is_running() and p.status() != "zombie"]
     assert not alive, [" ".join(p.cmdline()) for p in alive]

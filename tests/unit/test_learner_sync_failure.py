@@ -1,0 +1,83 @@
+"""Defect 2 (issue 12): a vLLM server that dies between two syncs killed the learner
+with a raw ClientConnectorError at its next sync, losing the step it had just trained.
+
+Now the learner (the real `grpo-stream learn` entry point, in-process, tiny model, real
+Arrow buffer) checkpoints that step, keeps its metrics row, leaves RUN/sync_failure.json
+naming the server for `run`'s supervisor, and exits with EXIT_SYNC_FAILED and one line.
+The server is a scripted HTTP server (fault injection) that accepts the first push and
+then cuts the connection, as a killed server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+from aiohttp import web
+from fake_vllm import OK_JSON, CannedServer
+from test_learner_loop import append, groups_with, read_jsonl, tiny  # noqa: F401 (fixture)
+
+from grpo_stream.cli import main
+from grpo_stream.sync.failure import EXIT_SYNC_FAILED
+
+
+class ServerThread:
+    """A CannedServer on its own event loop in a thread (the learner blocks this one)."""
+
+    def __init__(self, script: dict) -> None:
+        self.srv = CannedServer(script)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.srv.__aenter__())
+        self._ready.set()
+        self.loop.run_forever()
+
+    def __enter__(self) -> CannedServer:
+        self._thread.start()
+        self._ready.wait(10)
+        return self.srv
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.srv.__aexit__(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+async def cut(request: web.Request) -> web.StreamResponse:
+    """The server dies mid-call: the connection is dropped, no answer."""
+    request.transport.close()
+    return web.Response(text="{}")
+
+
+def test_a_dead_server_at_sync_keeps_the_trained_step(tiny, tmp_path: Path, capsys) -> None:  # noqa: F811
+    run = tmp_path / "run"
+    run.mkdir()
+    append(run, groups_with(set(), [0, 0, 0, 0]))
+    routes = ["/collective_rpc", "/update_weight_version", "/reset_prefix_cache", "/resume"]
+    script = {"/pause": [OK_JSON, cut]} | {r: [OK_JSON] for r in routes}
+    with ServerThread(script) as srv:
+        overrides = [f"run.run_dir={run}", f"model.path={tiny}", f'server.urls=["{srv.url}"]',
+                     "sync.transport=disk", "sync.timeout_s=10", "learner.device=cpu",
+                     "learner.num_threads=1", "learner.max_steps=2", "learner.batch_groups=2",
+                     "learner.micro_batch_size=4", "learner.checkpoint_every=100",
+                     "learner.wait_timeout_s=60"]  # fmt: skip
+        code = main(["learn", *overrides])
+        paths = srv.paths()
+    err = capsys.readouterr().err
+    assert code == EXIT_SYNC_FAILED, err[-2000:]
+    assert paths[:5] == ["/pause", *routes]  # the fresh learner's push of version 0
+    assert set(paths[5:]) == {"/pause"}  # then only the cut /pause (and its retries)
+    state = json.loads((run / "checkpoints" / "step-1" / "state.json").read_text())
+    assert (state["step"], state["version"]) == (1, 1)
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+    assert [r["step"] for r in read_jsonl(run / "trained_batches.jsonl")] == [1]
+    failure = json.loads((run / "sync_failure.json").read_text())
+    assert failure["step"] == 1 and failure["error"].startswith(f"{srv.url}: /pause failed")
+    assert "[learn] weight sync failed after step 1 (checkpoint step-1; " in err
+    assert "Traceback" not in err
