@@ -165,6 +165,10 @@ def plot_cli(argv: list[str]) -> int:
         return 2
     out = plot_metrics(rows, args.out or args.run_dir / "plots.png", title=args.run_dir.name)
     print(f"[plot] {len(rows)} steps → {out}")
+    from grpo_stream.timing_plot import plot_timing  # where the time went
+
+    if (timing_out := plot_timing(args.run_dir)) is not None:
+        print(f"[plot] step phases and utilisation → {timing_out}")
     from grpo_stream.eval.plot import plot_eval  # held-out curves, when the run has eval.jsonl
 
     if (eval_out := plot_eval(args.run_dir)) is not None:

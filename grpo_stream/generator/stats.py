@@ -19,8 +19,9 @@ from grpo_stream.vllm_client import VLLMError
 
 
 class GenStats:
-    def __init__(self, path: str):
+    def __init__(self, path: str, clocks=None):
         self.path = path
+        self.clocks = clocks  # grpo_stream.timing.GeneratorClocks: where the time goes
         self.t0 = time.perf_counter()
         self.samples = 0
         self.tokens = 0
@@ -31,6 +32,17 @@ class GenStats:
         self.last_version = 0
         self._rewards: list[float] = []
         self.server: dict[str, float] = {}
+
+    @property
+    def gated(self) -> bool:
+        """The staleness gate holds the generator right now (timed in `clocks`)."""
+        return self._gated
+
+    @gated.setter
+    def gated(self, value: bool) -> None:
+        self._gated = value
+        if self.clocks is not None:
+            self.clocks.gated.set(value)
 
     def add_group(self, group: Group) -> None:
         self.samples += len(group)
@@ -59,6 +71,7 @@ class GenStats:
             "gated": self.gated,
             "servers_alive": sum(pool.alive.values()) if pool else 0,
             **self.server,
+            **(self.clocks.snapshot() if self.clocks is not None else {}),
         }
 
     def report(self, pool) -> dict:
