@@ -76,6 +76,7 @@ class Supervisor:
     # -- starting and stopping -------------------------------------------------------
     def start(self) -> None:
         logs, c = self.rd / "logs", self.cmds
+        take_sync_failure(str(self.rd))  # one left by an earlier run (run --resume) is old
         self.generator = Child("generator", c.generator, logs / "generator.log", echo=False)
         self.learner = Child("learner", c.learner(c.resume), logs / "learner.log", echo=True,
                              env=c.learner_env)  # fmt: skip
@@ -122,16 +123,20 @@ class Supervisor:
     def _learner_exited(self, code: int) -> int | None:
         if code == 0:
             return 0
-        if code == EXIT_SYNC_FAILED and not self._after_sync_failure():
-            return 1
+        # under torchrun the exit code is torchrun's: the file says the sync failed
+        failure = take_sync_failure(str(self.rd)) if self.rd is not None else None
+        if code == EXIT_SYNC_FAILED or failure is not None:
+            print("[run] the learner's weight sync failed (its step is checkpointed)", flush=True)
+            if not self._after_sync_failure(failure):
+                return 1
         if self._restart_child("learner", code):
             return None
         return 1
 
-    def _after_sync_failure(self) -> bool:
+    def _after_sync_failure(self, failure: dict | None) -> bool:
         """Restart the servers the learner's failed sync names, except those that came
         back after it failed (it failed on the dead one); False when one may not be."""
-        failure = take_sync_failure(str(self.rd)) or {"error": "", "time": 0.0, "step": None}
+        failure = failure or {"error": "", "time": 0.0, "step": None}
         self.log.event("sync_failed", "learner", step=failure["step"], error=failure["error"])
         named = failed_urls(failure["error"], [s.url for s in self.servers])
         for i, s in enumerate(self.servers):

@@ -116,7 +116,8 @@ def test_a_crashed_learner_is_resumed_and_a_finished_one_ends_the_run(tmp_path) 
     ]
 
 
-def test_a_failed_sync_is_handed_over_and_the_learner_resumed(tmp_path) -> None:
+@pytest.mark.parametrize("code", [EXIT_SYNC_FAILED, 1])  # 1: torchrun's own exit code
+def test_a_failed_sync_is_handed_over_and_the_learner_resumed(tmp_path, code) -> None:
     cfg = _cfg(tmp_path)
     marker = tmp_path / "synced-once"
     learn = (
@@ -124,7 +125,7 @@ def test_a_failed_sync_is_handed_over_and_the_learner_resumed(tmp_path) -> None:
         f"if not os.path.exists({str(marker)!r}):\n"
         f"    open({str(marker)!r}, 'w').close()\n"
         f"    write_sync_failure({str(tmp_path)!r}, 4, 4, RuntimeError('http://x:1: boom'))\n"
-        f"    sys.exit({EXIT_SYNC_FAILED})"
+        f"    sys.exit({code})"
     )
     sup = _supervisor(tmp_path, cfg, "import time; time.sleep(60)", learn)
     sup.start()
