@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,47 @@ def tiny_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     with VLLMServer(tiny_model_dir, "policy", free_port(), cfg, log) as srv:
         srv.wait_healthy()
         yield srv
+
+
+# The fault suite's session hooks (tests/faults): the table of cases (case, outcome, prompts
+# lost, groups duplicated) is printed at the end of the run and written to
+# tests/faults/RESULTS.md. They live here, not in a tests/faults/conftest.py, because a
+# second module named `conftest` would shadow this one for `from conftest import free_port`.
+FAULTS = ROOT / "tests" / "faults"
+
+
+def _fault_results() -> list:
+    harness = sys.modules.get("faults_harness")  # imported only when fault cases ran
+    return list(getattr(harness, "RESULTS", []))
+
+
+def _fault_table(results: list) -> list[str]:
+    lines = ["| case | outcome | prompts lost | duplicated |", "|---|---|---|---|"]
+    lines += [f"| {c} | {o} | {lost} | {dup} |" for c, o, lost, dup in results]
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    results = _fault_results()
+    if results:
+        terminalreporter.write_sep("=", "fault injection: every prompt exactly once")
+        for line in _fault_table(results):
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    results = _fault_results()
+    if not results:
+        return
+    head = [
+        "# Fault-injection results",
+        "",
+        "Written by `tests/conftest.py` at the end of the last run of the suite "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Each case runs the real "
+        "pipeline (tiny model, real vLLM CPU server, the `generate` and `learn` processes) "
+        "and checks the buffer, the ledger (`grpo-stream buffer ledger RUN`) and the "
+        "checkpoints. Prompts lost: started but in no state; duplicated: groups beyond "
+        "one per prompt plus prompts in two states.",
+        "",
+    ]
+    (FAULTS / "RESULTS.md").write_text("\n".join(head + _fault_table(results)) + "\n")

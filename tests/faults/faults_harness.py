@@ -38,6 +38,18 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "grpo_stream.cli", *args]
 
 
+def split_flags(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(--flags with their values, dotted overrides): flags go before the overrides."""
+    flags, overrides, take = [], [], False
+    for a in args:
+        if take or a.startswith("--"):
+            flags.append(a)
+            take = a == "--config"
+        else:
+            overrides.append(a)
+    return flags, overrides
+
+
 class Run:
     """One run folder and the overrides every process of it gets."""
 
@@ -73,8 +85,9 @@ class Run:
     def start(self, role: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
         self._n += 1
         log = open(self.dir / "logs" / f"{role}.{self._n}.log", "wb")
+        flags, more = split_flags(extra)
         proc = subprocess.Popen(
-            cli(role, *self.overrides, *extra),
+            cli(role, *flags, *self.overrides, *more),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -91,9 +104,9 @@ class Run:
             raise AssertionError(f"timed out; log tail:\n{log_tail(proc)}") from None
 
     def run(self, role: str, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            cli(role, *self.overrides, *extra), capture_output=True, text=True, timeout=timeout
-        )
+        flags, more = split_flags(extra)
+        argv = cli(role, *flags, *self.overrides, *more)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
     def ledger(self) -> Ledger:
         return run_ledger(str(self.dir))
@@ -130,8 +143,8 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def steps_logged(run: Run) -> int:
-    path = run.dir / "metrics.jsonl"
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip().endswith("}")]

@@ -15,9 +15,10 @@ import subprocess
 import textwrap
 
 import pytest
-from faults_harness import Run, kill, log_tail, record, steps_logged, wait_until
+from faults_harness import Run, cli, kill, log_tail, record, steps_logged, wait_until
 
 from grpo_stream.buffer.store import open_reader
+from grpo_stream.ledger import read_jsonl, run_ledger
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,12 @@ def test_generator_killed_mid_append_restarts_without_repeat_or_gap(
     assert not any(n.endswith(".tmp") for n in os.listdir(run.buffer))
     assert "prompts already started" in log_tail(gen)
     _increasing(run.trained())
+    if not run.drops():  # the learner never noticed: an uninterrupted run's batches
+        assert run.trained() == [[0, 1], [2, 3], [4, 5]]
     assert len(run.metrics()) == STEPS
+    out = subprocess.run(cli("buffer", "ledger", str(run.dir)), capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "in two states: 0; in none: 0; duplicated groups: 0" in out.stdout
     record("generator SIGKILLed mid-append", "restarted; in-flight prompts regenerated once",
            _exactly_once(run))  # fmt: skip
 
@@ -143,7 +149,9 @@ def test_a_truncated_segment_is_skipped_and_its_prompts_regenerated(
     _finish(run, gen, learn)
     corrupt = [d for d in run.drops() if d["reason"] == "corrupt"]
     assert [d["group_id"] for d in corrupt] == [1]
-    assert open_reader(run.buffer).corrupt() == [seg]
+    r = open_reader(run.buffer)
+    r.read_groups(0, r.num_groups())
+    assert r.corrupt() == [seg]  # named, never read as data
     _increasing(run.trained())
     record("truncated segment file", "segment skipped and named; its prompt regenerated",
            _exactly_once(run))  # fmt: skip
@@ -152,7 +160,7 @@ def test_a_truncated_segment_is_skipped_and_its_prompts_regenerated(
 def test_learner_killed_mid_step_resumes_from_its_checkpoint(tmp_path, tiny_server, tiny_model_dir):
     run = Run(tmp_path, tiny_server.url, tiny_model_dir, "learner.max_steps=4")
     gen, learn = run.start("generate"), run.start("learn")
-    wait_until(lambda: steps_logged(run) >= 1, 300, "learner step 1")
+    wait_until(lambda: steps_logged(run.dir) >= 1, 300, "learner step 1")
     kill(learn)  # in step 2: reading, training, syncing or checkpointing
     learn = run.start("learn", "--resume")
     _finish(run, gen, learn)
@@ -201,7 +209,8 @@ def test_a_full_disk_stops_the_generator_cleanly(tmp_path, tiny_server, tiny_mod
     try:
         run = Run(tmp_path, tiny_server.url, tiny_model_dir, f"buffer.path={disk}/buffer",
                   "buffer.rollup_segments=0", "buffer.fsync=true")  # fmt: skip
-        out = run.run("generate", "generator.wait_for_learner=false", "generator.stop_after_groups=500",
+        # no stop_after_groups: preflight's free-space estimate has nothing to refuse
+        out = run.run("generate", "generator.wait_for_learner=false",
                       "generator.max_ahead_batches=1000", timeout=300)  # fmt: skip
         assert out.returncode != 0
         assert "No space left on device" in out.stderr, out.stderr[-3000:]
@@ -215,3 +224,74 @@ def test_a_full_disk_stops_the_generator_cleanly(tmp_path, tiny_server, tiny_mod
                led)  # fmt: skip
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_learner_killed_mid_checkpoint_resumes_from_the_one_before(
+    tmp_path, tiny_server, tiny_model_dir
+):
+    run = Run(tmp_path, tiny_server.url, tiny_model_dir, "learner.max_steps=4")
+    gen, learn = run.start("generate"), run.start("learn")
+    ckpts = run.dir / "checkpoints"
+    writing = lambda: ckpts.is_dir() and any(p.suffix == ".tmp" for p in ckpts.iterdir())  # noqa: E731
+    wait_until(lambda: writing() or learn.poll() is not None, 300, "a checkpoint being written",
+               poll=0.002)  # fmt: skip
+    kill(learn)  # while step-N.tmp is being written (or just after: then it is whole)
+    half = sorted(p.name for p in ckpts.iterdir())
+    learn = run.start("learn", "--resume")
+    _finish(run, gen, learn)
+    assert [m["step"] for m in run.metrics()] == [1, 2, 3, 4]
+    assert not any(p.suffix == ".tmp" for p in ckpts.iterdir())  # the torn one was replaced
+    _increasing(run.trained())
+    record("learner SIGKILLed mid-checkpoint", f"resumed from the whole one ({', '.join(half)})",
+           _exactly_once(run))  # fmt: skip
+
+
+def _run_child(proc, *words: str):
+    import psutil
+
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if all(w in " ".join(p.cmdline()) for w in words):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def test_server_killed_mid_request_is_restarted_and_nothing_lost(tmp_path, tiny_model_dir):
+    """`run` with its own server: SIGKILL it while the generator's requests are in flight;
+    run's supervision restarts and re-syncs it (grpo_stream/supervise), the generator
+    retries elsewhere or later, and every prompt still ends exactly once."""
+    from conftest import free_port
+
+    run_dir = tmp_path / "run"
+    argv = [*cli_run(), "--config", "configs/tiny.toml", f"run.run_dir={run_dir}",
+            f"model.path={tiny_model_dir}", f"server.port={free_port()}",
+            "server.startup_timeout_s=600", "learner.max_steps=4", "learner.checkpoint_every=1",
+            "generator.retry_budget_s=600"]  # fmt: skip
+    out = open(tmp_path / "run.out", "w")
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: steps_logged(run_dir) >= 1 or proc.poll() is not None, 600, "step 1",
+                   poll=0.3)  # fmt: skip
+        server = _run_child(proc, "vllm.entrypoints.openai.api_server")
+        assert server is not None and proc.poll() is None
+        server.kill()
+        code = proc.wait(900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = (tmp_path / "run.out").read_text()
+    assert code == 0, said[-3000:]
+    assert [m["step"] for m in read_jsonl(str(run_dir / "metrics.jsonl"))] == [1, 2, 3, 4]
+    led = run_ledger(str(run_dir))
+    assert led.none == [] and led.multi == {} and led.duplicated_groups == 0, led
+    assert "[run] ledger:" in said
+    record("vLLM server SIGKILLed mid-request (under run)", "restarted, re-synced; run finished",
+           led)  # fmt: skip
+
+
+def cli_run() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "grpo_stream.cli", "run"]
