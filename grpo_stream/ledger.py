@@ -284,16 +284,20 @@ def compute_ledger(run_dir: str, buffer_path: str | None = None, source=None) ->
 
 
 def _missing(source: Iterator, known: set[str]) -> list[str]:
-    """Prompts before the last known one (in stream order) that are not known."""
-    missing, left = [], set(known)
-    for p in source:
-        if not left:
+    """Prompts before the last known one (in stream order) that are not known. Ids the
+    source never yields (another task config) end the walk after a bounded look."""
+    missing: list[tuple[int, str]] = []
+    left, last = set(known), -1
+    bound = 2 * len(known) + 10_000
+    for i, p in enumerate(source):
+        if not left or i > bound:
             break
         if p.prompt_id in left:
             left.discard(p.prompt_id)
+            last = i
         else:
-            missing.append(p.prompt_id)
-    return missing
+            missing.append((i, p.prompt_id))
+    return [pid for i, pid in missing if i < last]
 
 
 def run_ledger(run_dir: str) -> Ledger:

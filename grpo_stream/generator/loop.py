@@ -70,6 +70,7 @@ class Generator:
         self.gate = StalenessGate(self.buffer_path, ahead, poll_s=poll_s, status=self.stats)
         self._queue: asyncio.Queue[Group | None] = asyncio.Queue()
         self.failed_prompts = 0
+        self.write_error: OSError | None = None  # the buffer append that stopped us
         self._outstanding = 0  # prompts started but not yet written (or failed)
         self._failed_at_last_success = 0
         self._max_consecutive_failures = 3 * cfg.generator.max_in_flight + 5
@@ -151,7 +152,12 @@ class Generator:
             if pending and (
                 done or len(pending) >= self.cfg.generator.groups_per_write or self._queue.empty()
             ):
-                await asyncio.to_thread(writer.append_groups, pending)
+                try:
+                    await asyncio.to_thread(writer.append_groups, pending)
+                except OSError as err:  # a full disk, a lost mount: stop, naming it
+                    self.write_error = err
+                    self._stop.set()
+                    return  # nothing of this append was published (atomic)
                 self.stats.written += len(pending)
                 self._outstanding -= len(pending)
                 pending = []
@@ -210,4 +216,10 @@ class Generator:
                 await asyncio.to_thread(writer.close)
                 await self.rewards.aclose()
                 self.stats.report(pool)
+        if self.write_error is not None:
+            raise GeneratorError(
+                f"buffer {self.buffer_path}: an append failed ({self.write_error}); the "
+                f"{self.stats.written} groups published before it are whole: free the space "
+                "and start the generator again (it continues where it stopped)"
+            ) from self.write_error
         return self.stats.written

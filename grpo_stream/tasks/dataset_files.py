@@ -28,6 +28,8 @@ def _read_with_datasets(path: Path, fmt: str) -> list[dict[str, Any]]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
+    datasets.disable_progress_bars()  # a failure must read as one line, not a progress bar
+    datasets.logging.set_verbosity_error()
     # a throwaway cache: the rows are materialised below, nothing is worth keeping
     with tempfile.TemporaryDirectory(prefix="grpo-stream-datasets-") as cache:
         ds = datasets.load_dataset(
@@ -62,6 +64,8 @@ def read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
     try:
         return _read_with_datasets(path, fmt)
     except Exception as e:  # datasets wraps parse errors in many types; name the file
+        if fmt == "json":  # the plain reader names the bad line ("path:2: not valid JSON")
+            _read_fallback(path, fmt)
         raise TaskError(f"{path}: could not read as {fmt}: {type(e).__name__}: {e}") from e
 
 

@@ -174,3 +174,9 @@ def test_a_finished_learners_lineage_is_not_taken(tmp_path) -> None:
 
     assert asyncio.run(main()) == ""
     assert gate.lineage == ""
+
+
+def test_an_id_the_source_never_yields_does_not_make_later_prompts_lost() -> None:
+    # p0, p2 started, p1 in between is lost; "other-7" (another config) is never found:
+    # the walk stops at its bound, and the prompts after p2 were never started
+    assert ledger._missing(_prompts(10**9), {"p0", "p2", "other-7"}) == ["p1"]
