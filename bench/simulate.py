@@ -132,7 +132,8 @@ class Outcome:
     stale_dropped: int = 0
     staleness: list[int] = field(default_factory=list)
     train_s: float = 0.0  # simulated
-    wall_s: float = 0.0  # simulated
+    wall_s: float = 0.0  # simulated: from the start to the learner's last step
+    t_end: float = 0.0  # real monotonic time of the learner's last step
     gated_s: float = 0.0  # simulated
     buffer_versions: list[int] = field(default_factory=list)
 
@@ -174,7 +175,7 @@ def sim_learner(cfg: Config, servers: SimServers, out: Outcome, errors: list) ->
                 if step % cfg.sync.every == 0:
                     servers.sync(version)
             publish()
-        out.steps = step
+        out.steps, out.t_end = step, time.monotonic()  # in-flight requests after it don't count
         publish(finished=True)
     except BaseException as e:  # noqa: BLE001 - reported by the caller
         errors.append(e)
@@ -217,7 +218,7 @@ def simulate_point(cfg: Config, p: SimParams, model_dir: str, seed: int = 0) -> 
         with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
             out.groups_generated = asyncio.run(gen.run())
         learner.join()
-        out.wall_s = (time.monotonic() - t0) / p.scale
+        out.wall_s = (out.t_end - t0) / p.scale
         out.gated_s = gen.clocks.gated.seconds() / p.scale
     finally:
         gen_loop.VLLMClient = old_client
