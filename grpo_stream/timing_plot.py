@@ -10,7 +10,6 @@ busy / paused / idle), the utilisation and idle ratios of the end-of-run summary
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -35,10 +34,11 @@ def _shares(t: dict) -> list[tuple[str, float, float, float]]:
 
 def plot_timing(run_dir: Path, out: Path | None = None) -> Path | None:
     """Draw RUN/timing.png; None when the run has no metrics rows."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    from grpo_stream.plot import read_rows  # a torn last line (a learner mid-write) left out
+
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
         return None
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = read_rows(Path(run_dir))
     if not rows:
         return None
     import matplotlib
