@@ -88,11 +88,24 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         "# Fault-injection results",
         "",
         "Written by `tests/conftest.py` at the end of the last run of the suite "
-        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Each case runs the real "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; a partial run keeps the "
+        "other cases' last rows). Each case runs the real "
         "pipeline (tiny model, real vLLM CPU server, the `generate` and `learn` processes) "
         "and checks the buffer, the ledger (`grpo-stream buffer ledger RUN`) and the "
         "checkpoints. Prompts lost: started but in no state; duplicated: groups beyond "
         "one per prompt plus prompts in two states.",
         "",
     ]
-    (FAULTS / "RESULTS.md").write_text("\n".join(head + _fault_table(results)) + "\n")
+    (FAULTS / "RESULTS.md").write_text("\n".join(head + _fault_table(_merged(results))) + "\n")
+
+
+def _merged(results: list) -> list:
+    """A partial run (-k) keeps the last rows of the cases it did not run, before its own."""
+    old, path = [], FAULTS / "RESULTS.md"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 4 and cells[2].isdigit() and cells[3].isdigit():
+                old.append((cells[0], cells[1], int(cells[2]), int(cells[3])))
+    ran = {r[0] for r in results}
+    return [r for r in old if r[0] not in ran] + results

@@ -19,6 +19,23 @@ import numpy as np
 import torch
 
 from grpo_stream.atomic import fresh_dir, publish_dir
+from grpo_stream.errors import UserError
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (a full disk); the message names the last whole one."""
+
+
+def checkpoint_write_error(run_dir: str, step: int, err: BaseException) -> CheckpointWriteError:
+    """One line: what failed, the free space left there, the checkpoint to resume from."""
+    root = Path(run_dir) / "checkpoints"
+    free = shutil.disk_usage(root if root.exists() else run_dir).free / 2**20
+    last = latest_checkpoint(run_dir)
+    return CheckpointWriteError(
+        f"checkpoint step-{step} could not be written ({type(err).__name__}: {err}; "
+        f"{free:.1f} MiB free under {root}); the last whole one is {last or 'none'}: free "
+        "space, then `learn --resume` continues from it"
+    )
 
 
 def rng_state() -> dict:

@@ -30,6 +30,7 @@ from grpo_stream import metric_names as M
 from grpo_stream.buffer.cursor import GroupCursor
 from grpo_stream.buffer.schema import Group
 from grpo_stream.config import Config, LearnerConfig
+from grpo_stream.learner.checkpoint import checkpoint_write_error
 from grpo_stream.learner.distributed import (
     broadcast_object,
     gathered_optimizer_state,
@@ -266,6 +267,9 @@ class Learner:
         """Checkpoint the current step (weights/opt_state: gathered under FSDP, else None)."""
         s = self.s
         state = {"version": self.version, "cursor": self.source.state()}
-        self.records.checkpoint(self.step, unwrap(s.model), s.opt, s.sched, state,
-                                weights, opt_state)  # fmt: skip
+        try:
+            self.records.checkpoint(self.step, unwrap(s.model), s.opt, s.sched, state,
+                                    weights, opt_state)  # fmt: skip
+        except (OSError, RuntimeError) as err:  # a full disk (torch.save says RuntimeError)
+            raise checkpoint_write_error(s.run_dir, self.step, err) from err
         self.saved_step = self.step

@@ -7,7 +7,7 @@ purpose, then checked through the exactly-once ledger.
     run.wait(learn); run.wait(gen)
     led = run.ledger(); record("case", "outcome", led)
 
-Every case records one row (case, outcome, prompts lost, groups duplicated); conftest.py
+Every case records one row (case, outcome, prompts lost, groups duplicated); tests/conftest.py
 prints them as a table and writes tests/faults/RESULTS.md when the session ends.
 """
 

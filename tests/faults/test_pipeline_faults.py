@@ -240,6 +240,37 @@ def test_a_full_disk_stops_the_generator_cleanly(tmp_path, tiny_server, tiny_mod
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def test_a_full_disk_at_a_checkpoint_stops_the_learner_and_keeps_the_last(
+    tmp_path, tiny_server, tiny_model_dir
+):
+    """RUN/checkpoints on a file system with room for one checkpoint (~150 MB here): the
+    second fails (one line); once space is freed, `learn --resume` continues from the
+    first, and nothing is trained twice or lost."""
+    disk = tmp_path / "ckpt-disk"
+    if not _tmpfs(disk, "200m"):
+        record("full disk during checkpoint", "SKIPPED: cannot mount a tmpfs here", None)
+        pytest.skip("cannot mount a tmpfs (not root, or no mount namespace)")
+    try:
+        run = Run(tmp_path, tiny_server.url, tiny_model_dir, "learner.max_steps=3")
+        (run.dir / "checkpoints").symlink_to(disk)
+        gen, learn = run.start("generate"), run.start("learn")
+        assert run.wait(learn, 400) != 0
+        said = log_tail(learn)
+        assert "step-2 could not be written" in said and "Traceback" not in said, said
+        assert "MiB free" in said and "the last whole one is" in said, said
+        assert sorted(p.name for p in disk.iterdir() if not p.name.endswith(".tmp")) == ["step-1"]
+        mount = ["mount", "-o", "remount,size=600m", str(disk)]
+        assert subprocess.run(mount).returncode == 0  # space freed
+        learn = run.start("learn", "--resume")
+        _finish(run, gen, learn)
+        assert [m["step"] for m in run.metrics()] == [1, 2, 3]
+        _increasing(run.trained())
+        record("full disk during checkpoint", "learner stopped, naming the disk; resumed from "
+               "step-1 once space was freed", _exactly_once(run))  # fmt: skip
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 def test_learner_killed_mid_checkpoint_resumes_from_the_one_before(
     tmp_path, tiny_server, tiny_model_dir
 ):
@@ -275,37 +306,57 @@ def _run_child(proc, *words: str):
     return None
 
 
-def test_server_killed_mid_request_is_restarted_and_nothing_lost(tmp_path, tiny_model_dir):
-    """`run` with its own server: SIGKILL it while the generator's requests are in flight;
-    run's supervision restarts and re-syncs it (grpo_stream/supervise), the generator
-    retries elsewhere or later, and every prompt still ends exactly once."""
+def _versions(run_dir) -> set[str]:
+    root = run_dir / "weights"
+    return (
+        {p.name for p in root.iterdir() if not p.name.endswith(".tmp")} if root.is_dir() else set()
+    )
+
+
+def test_server_killed_mid_request_and_mid_reload_nothing_lost(tmp_path, tiny_model_dir):
+    """`run` with its own server: SIGKILL it while the generator's requests are in flight,
+    then again as the learner publishes new weights (its reload); run's supervision
+    (grpo_stream/supervise) restarts and re-syncs it, resumes the learner whose sync
+    failed, and every prompt still ends exactly once."""
     from conftest import free_port
 
     run_dir = tmp_path / "run"
     argv = [*cli_run(), "--config", "configs/tiny.toml", f"run.run_dir={run_dir}",
             f"model.path={tiny_model_dir}", f"server.port={free_port()}",
-            "server.startup_timeout_s=600", "learner.max_steps=4", "learner.checkpoint_every=1",
-            "generator.retry_budget_s=600"]  # fmt: skip
+            "server.startup_timeout_s=600", "learner.max_steps=5", "learner.checkpoint_every=1",
+            "generator.retry_budget_s=900", "run.max_restarts=6"]  # fmt: skip
     out = open(tmp_path / "run.out", "w")
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    alive = lambda: proc.poll() is None  # noqa: E731
     try:
-        wait_until(lambda: steps_logged(run_dir) >= 1 or proc.poll() is not None, 600, "step 1",
-                   poll=0.3)  # fmt: skip
+        wait_until(lambda: steps_logged(run_dir) >= 1 or not alive(), 900, "step 1", poll=0.3)
         server = _run_child(proc, "vllm.entrypoints.openai.api_server")
-        assert server is not None and proc.poll() is None
-        server.kill()
+        assert server is not None and alive(), (tmp_path / "run.out").read_text()[-3000:]
+        server.kill()  # mid-request: the generator always has requests in flight
+        at = steps_logged(run_dir)
+        wait_until(lambda: steps_logged(run_dir) > at or not alive(), 900, "a step after it",
+                   poll=0.3)  # fmt: skip
+        seen = _versions(run_dir)
+        wait_until(lambda: _versions(run_dir) - seen or not alive(), 600, "new weights",
+                   poll=0.005)  # fmt: skip
+        server = _run_child(proc, "vllm.entrypoints.openai.api_server")
+        if server is not None:
+            server.kill()  # mid-reload: the learner is pausing/reloading it right now
         code = proc.wait(900)
     finally:
         if proc.poll() is None:
             proc.kill()
     said = (tmp_path / "run.out").read_text()
     assert code == 0, said[-3000:]
-    assert [m["step"] for m in read_jsonl(str(run_dir / "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert [m["step"] for m in read_jsonl(str(run_dir / "metrics.jsonl"))] == [1, 2, 3, 4, 5]
+    restarts = [r for r in read_jsonl(str(run_dir / "supervisor.jsonl"))
+                if r.get("event") == "restart"]  # fmt: skip
     led = run_ledger(str(run_dir))
     assert led.none == [] and led.multi == {} and led.duplicated_groups == 0, led
     assert "[run] ledger:" in said
-    record("vLLM server SIGKILLed mid-request (under run)", "restarted, re-synced; run finished",
-           led)  # fmt: skip
+    kinds = sorted({r["child"] for r in restarts})
+    record("vLLM server SIGKILLed mid-request, then mid-reload (under run)",
+           f"restarted {len(restarts)}x ({', '.join(kinds)}); run finished", led)  # fmt: skip
 
 
 def cli_run() -> list[str]:
