@@ -5,6 +5,7 @@ disk weight-sync pause.
     python -m bench.learner --part step       # only (a);  --part sync: only (b)
     python -m bench.learner --part sweep      # (c): the shared-prefix threshold for "auto"
     python -m bench.learner --groups 4        # groups of G = 8 per step (default: the demo's 4)
+    python -m bench.learner --threads 1       # torch threads (results/learner.json: 1, see note)
 
 (a) The demo's real shapes, side by side in one run. Model: SmolLM2-135M (prepared,
 float32). Batch: `--groups` groups of G = 8: the demo's chat-templated arithmetic prompts
@@ -31,7 +32,7 @@ step, after a warm-up (AdamW state exists; gradients are freed between steps), t
 smaller (shared) first. Times: median over `--reps` rounds in rotating order after one
 warm-up of each.
 
-(c) sweep: the same step on 2 groups with prompts of 2..44 tokens, padded / shared time
+(c) sweep: the same step on 1 group with prompts of 2..16 tokens, padded / shared time
 against the share of tokens the shared layout skips (`learner.plan.shared_prefix_saving`):
 the break-even sets `learner.plan.AUTO_MIN_SAVED`. Recorded in config["sweep"].
 
@@ -74,6 +75,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "learner.json"
 GROUP_SIZE, EPOCHS, MICRO_BATCH, COMPLETION_LENS = 8, 2, 32, (4, 16)
 PORT = 8300
+SWEEP_PROMPT_TOKENS = (2, 6, 16)
 
 
 def demo_prompts(n: int, model_dir: Path) -> list[list[int]]:
@@ -226,22 +228,24 @@ def bench_step(n_groups: int, reps: int, device: torch.device) -> tuple[list[dic
 
 
 def bench_sweep(reps: int, device: torch.device) -> tuple[list[dict], dict]:
-    """Padded / shared step time against the tokens the shared layout skips."""
+    """Padded / shared step time against the tokens the shared layout skips (1 group)."""
     run = Variants(device)
-    demo = demo_prompts(2, run.model_dir)
+    demo = demo_prompts(1, run.model_dir)
     rows = []
-    run("shared", *make_batch(demo, run.cfg["padded"], seed=9))  # warm-up
-    run("padded", *make_batch(demo, run.cfg["padded"], seed=9))
-    for plen in (2, 4, 8, 16, 44):
-        prompts = [p[-plen:] for p in demo]  # the prompt's tail: distinct per group
+    for name in ("shared", "padded"):  # warm-up
+        run(name, *make_batch(demo, run.cfg["padded"], seed=9))
+    for plen in SWEEP_PROMPT_TOKENS:
+        prompts = [p[-plen:] for p in demo]  # the prompt's tail
         samples, advs = make_batch(prompts, run.cfg["padded"])
+        cpu0 = time.process_time()
         times = time_rounds(run, ["shared", "padded"], samples, advs, reps, f"P={plen:2d} ")
         med = {k: statistics.median(v) for k, v in times.items()}
         saved = shared_prefix_saving(samples)
         rows.append({"prompt_tokens": plen, "saving": round(saved, 4),
-                     "speedup": round(med["padded"] / med["shared"], 4), "seconds": times})  # fmt: skip
+                     "speedup": round(med["padded"] / med["shared"], 4), "seconds": times,
+                     "cpu_s": time.process_time() - cpu0})  # fmt: skip
         print(f"  P={plen:2d}: saving {saved:.3f}, speedup {rows[-1]['speedup']:.2f}", flush=True)
-    return [], {"groups": 2, "group_size": GROUP_SIZE, "reps": reps, "rows": rows}
+    return [], {"groups": 1, "group_size": GROUP_SIZE, "reps": reps, "rows": rows}
 
 
 def _weight_version(url: str) -> str:
@@ -315,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=["step", "sync", "sweep", "all"], default="all")
     p.add_argument("--groups", type=int, default=4, help="groups of 8 per step (demo: 4)")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--pushes", type=int, default=3)
     args = p.parse_args(argv)
+    if args.threads:  # on a box shared with other jobs, 1 thread avoids OpenMP barrier stalls
+        torch.set_num_threads(args.threads)
     device = pick_device("auto")
     load = {"before": os.getloadavg()}
     figures, config = [], {"device": device.type, "model": "SmolLM2-135M-Instruct float32"}

@@ -19,9 +19,12 @@ from grpo_stream.learner.distributed import all_reduce_scalars, print0, unwrap
 from grpo_stream.learner.prefix import unsupported_reason
 
 # "auto" takes the shared-prefix forward when it skips at least this share of the padded
-# layout's tokens. Measured with `python -m bench.learner --part sweep` (SmolLM2-135M, fp32,
-# CPU, G = 8, completions of 24 tokens; bench/results/learner.json, "sweep"): see there.
-AUTO_MIN_SAVED = 0.3
+# layout's tokens. Measured (`python -m bench.learner --part sweep --threads 1`: SmolLM2-135M
+# fp32 on 2 shared CPU cores, 1 group of 8, completions of 4..16 tokens; bench/results/
+# learner.json config.sweep): padded / shared step time 1.01 at a saving of 0.165 (prompts
+# of 2 tokens), 1.15 at 0.359, 1.31 at 0.569, 1.85 at 0.717 (the demo's batch, config.step).
+# Break-even lies near 0.17, so 0.25 keeps a margin for the two-pass overhead.
+AUTO_MIN_SAVED = 0.25
 
 _reported: set[str] = set()
 
