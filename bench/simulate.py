@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -273,12 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, default=None, help="real s per simulated s")
     ap.add_argument("--out", default="bench/results/simulate.json")
     ap.add_argument("--results-md", default="bench/RESULTS.md")
+    ap.add_argument("--rows", default=None,
+                    help="re-report the rows of an earlier simulate.json (no simulation)")  # fmt: skip
     args = ap.parse_args(argv)
     p = SimParams()
     if args.scale:
         p.scale = args.scale
     if args.fit:
         p.len_mu, p.len_sigma = fit_lengths(args.fit)
+    if args.rows:
+        config = json.loads(Path(args.rows).read_text())["config"]
+        rows = config.pop("rows")
+        config.pop("saturation", None)
+        report(rows, config, Path(args.out), Path(args.results_md))
+        return 0
     servers = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64]
     stal = [0, 4] if args.quick else [0, 1, 2, 4, 8]
     steps = args.steps or (4 if args.quick else 8)
