@@ -21,7 +21,7 @@ lint: env
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -m "not gpu" -p no:cacheprovider $(ARGS)
+	$(PY) -m pytest -m "not gpu" -p no:cacheprovider --durations=30 $(ARGS)
 
 unit: env
 	$(PY) -m pytest tests/unit -m "not gpu" $(ARGS)
