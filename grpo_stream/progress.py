@@ -33,20 +33,28 @@ class LearnerProgress:
     lineage: str = ""  # the learner's lineage id, published once its weights are on the servers
 
 
-def _path(buffer_path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def consumer_file(buffer_path: str, name: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of `BUFFER/consumers/NAME` (also `eval.progress`'s file)."""
     fs, root = fsspec.core.url_to_fs(buffer_path)
-    return fs, f"{root.rstrip('/')}/consumers/learner.json"
+    return fs, f"{root.rstrip('/')}/consumers/{name}"
+
+
+def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, data: dict) -> None:
+    """Write `data` as JSON to `path` through a `.tmp` file and a rename."""
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    fs.mv(path + ".tmp", path)  # a rename on local disk: readers never see half a file
+
+
+def _path(buffer_path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return consumer_file(buffer_path, "learner.json")
 
 
 def write_progress(buffer_path: str, progress: LearnerProgress) -> None:
-    fs, path = _path(buffer_path)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = path + ".tmp"
     progress.time = time.time()
     progress.pid, progress.host = os.getpid(), socket.gethostname()
-    with fs.open(tmp, "w") as f:
-        json.dump(asdict(progress), f)
-    fs.mv(tmp, path)  # a rename on local disk: readers never see half a file
+    write_json_atomic(*_path(buffer_path), asdict(progress))
 
 
 def read_progress(buffer_path: str) -> LearnerProgress:

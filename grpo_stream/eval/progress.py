@@ -6,7 +6,7 @@ for evaluation (`eval_due`: version 0 and every `eval.every`-th), the learner wa
 the file says that version is done, at most `eval.wait_timeout_s`: so each due version
 is evaluated exactly at its weights, and the learner stalls only for the part of an
 evaluation that did not fit in its own next step. Works on any fsspec path, like
-`grpo_stream.progress` (imports nothing else of the project).
+`grpo_stream.progress` (whose consumer-file helpers it uses; nothing else of the project).
 
     waited = wait_for_eval(buffer_path, cfg.eval, version)   # learner, before a sync
     write_eval_progress(buffer_path, version)                # evaluator, after a row
@@ -21,6 +21,8 @@ from typing import Any
 
 import fsspec
 
+from grpo_stream.progress import consumer_file, write_json_atomic
+
 EVAL_WAIT_S = "eval_wait_s"  # the learner's metric: seconds it waited for the evaluator
 POLL_S = 0.2
 
@@ -32,16 +34,11 @@ def eval_due(every: int, version: int) -> bool:
 
 
 def _path(buffer_path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(buffer_path)
-    return fs, f"{root.rstrip('/')}/consumers/eval.json"
+    return consumer_file(buffer_path, "eval.json")
 
 
 def write_eval_progress(buffer_path: str, version: int) -> None:
-    fs, path = _path(buffer_path)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path + ".tmp", "w") as f:
-        json.dump({"version": version, "time": time.time()}, f)
-    fs.mv(path + ".tmp", path)  # a rename on local disk: readers never see half a file
+    write_json_atomic(*_path(buffer_path), {"version": version, "time": time.time()})
 
 
 def read_eval_progress(buffer_path: str) -> int:
