@@ -5,32 +5,19 @@ TRL's single update), later epochs move; and the behaviour/proximal mismatch met
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from learner_helpers import step_setup
 
-from bench.synth import make_groups
 from grpo_stream import metric_names as M
 from grpo_stream.algo import grpo_loss
 from grpo_stream.config import Config
-from grpo_stream.learner.optim import build_optimizer
-from grpo_stream.learner.policy import load_causal_lm
-from grpo_stream.learner.step import StepRunner, batch_advantages
 
 
 def _run(tiny_model_dir, epochs: int, lr: float, fused: bool = True) -> dict:
-    cfg = Config()
-    cfg.generator.temperature = 1.0
-    for k, v in {"lr": lr, "epochs": epochs, "micro_batch_size": 4, "fused_loss": fused}.items():
-        setattr(cfg.learner, k, v)
-    torch.manual_seed(0)
-    random.seed(0)
-    model = load_causal_lm(str(tiny_model_dir), torch.device("cpu"))
-    opt, sched = build_optimizer(model, cfg.learner)
-    runner = StepRunner(cfg, model, None, opt, sched, torch.device("cpu"), pad_id=0)
-    groups = make_groups(2, group_size=4, prompt_len=6, completion_len=5)
-    samples, advs, _ = batch_advantages(groups, cfg)
+    _, _, runner, samples, advs = step_setup(
+        tiny_model_dir, lr=lr, epochs=epochs, micro_batch_size=4, fused_loss=fused
+    )
     return runner.run(samples, advs)
 
 

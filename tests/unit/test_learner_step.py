@@ -3,31 +3,9 @@ change the update, and the first epoch is exactly on-policy (ratio 1, no clippin
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-
-from bench.synth import make_groups
-from grpo_stream.config import Config
-from grpo_stream.learner.optim import build_optimizer
-from grpo_stream.learner.policy import load_causal_lm
-from grpo_stream.learner.step import StepRunner, batch_advantages
-
-
-def _setup(tiny_model_dir, **learner):
-    cfg = Config()
-    cfg.generator.temperature = 1.0
-    for k, v in {"lr": 1e-3, "epochs": 1, "micro_batch_size": 8, **learner}.items():
-        setattr(cfg.learner, k, v)
-    torch.manual_seed(0)
-    random.seed(0)
-    model = load_causal_lm(str(tiny_model_dir), torch.device("cpu"))
-    opt, sched = build_optimizer(model, cfg.learner)
-    runner = StepRunner(cfg, model, None, opt, sched, torch.device("cpu"), pad_id=0)
-    groups = make_groups(2, group_size=4, prompt_len=6, completion_len=5)
-    samples, advs, _ = batch_advantages(groups, cfg)
-    return cfg, model, runner, samples, advs
+from learner_helpers import step_setup
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -35,7 +13,7 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 
 def test_parameters_change_after_one_step(tiny_model_dir):
-    _, model, runner, samples, advs = _setup(tiny_model_dir)
+    _, model, runner, samples, advs = step_setup(tiny_model_dir)
     before = _params(model)
     m = runner.run(samples, advs)
     after = _params(model)
@@ -50,7 +28,7 @@ def test_parameters_change_after_one_step(tiny_model_dir):
 def test_micro_batch_split_gives_the_same_update(tiny_model_dir):
     results = []
     for mbs in (8, 3):
-        _, model, runner, samples, advs = _setup(tiny_model_dir, micro_batch_size=mbs)
+        _, model, runner, samples, advs = step_setup(tiny_model_dir, micro_batch_size=mbs)
         m = runner.run(samples, advs)
         results.append((_params(model), m))
     (p1, m1), (p2, m2) = results
@@ -60,7 +38,7 @@ def test_micro_batch_split_gives_the_same_update(tiny_model_dir):
 
 
 def test_second_epoch_sees_a_ratio_away_from_one(tiny_model_dir):
-    _, _, runner, samples, advs = _setup(tiny_model_dir, epochs=2, lr=1e-2)
+    _, _, runner, samples, advs = step_setup(tiny_model_dir, epochs=2, lr=1e-2)
     m = runner.run(samples, advs)
     assert m["ratio_max"] > 1.0 + 1e-3 or m["ratio_min"] < 1.0 - 1e-3
 
@@ -71,7 +49,7 @@ def test_fused_loss_gives_the_same_update_as_log_probs_then_loss(tiny_model_dir,
     chunk 7 < T puts one sequence in each chunk."""
     results = []
     for fused in (False, True):
-        _, model, runner, samples, advs = _setup(
+        _, model, runner, samples, advs = step_setup(
             tiny_model_dir, epochs=2, lr=1e-2, fused_loss=fused, logprob_chunk_size=chunk
         )
         runner.cfg.generator.temperature = runner.temperature = 0.7
