@@ -71,22 +71,32 @@ def _supervisor(tmp_path: Path, cfg: Config, gen: str, learn: str) -> Supervisor
     return Supervisor(cfg, tmp_path, cmds)
 
 
+def _run_to_end(sup: Supervisor) -> int:
+    """Start the children, supervise until the run ends (its exit code), shut down."""
+    sup.start()
+    try:
+        return sup.run()
+    finally:
+        sup.shutdown()
+
+
+def _rows(tmp_path: Path) -> list[dict]:
+    """The supervisor's event log (`RUN_DIR/supervisor.jsonl`)."""
+    return [json.loads(x) for x in (tmp_path / "supervisor.jsonl").read_text().splitlines()]
+
+
 def test_a_child_crashing_again_within_the_window_stops_the_run(tmp_path, capsys) -> None:
     cfg = _cfg(tmp_path, "run.max_restarts=2", "run.restart_window_s=60")
     crash = "import sys; print('generator: out of prompts, crashing'); sys.exit(7)"
     sup = _supervisor(tmp_path, cfg, crash, "import time; time.sleep(60)")
-    sup.start()
     t0 = time.monotonic()
-    try:
-        assert sup.run() == 1
-    finally:
-        sup.shutdown()
+    assert _run_to_end(sup) == 1
     assert time.monotonic() - t0 < 30
     out = capsys.readouterr().out
     assert "[run] stopping the run: generator exited with code 7" in out
     assert "3 crashes within 60s (run.max_restarts = 2)" in out
     assert "generator: out of prompts, crashing" in out  # its log tail
-    rows = [json.loads(x) for x in (tmp_path / "supervisor.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path)
     assert [(r["event"], r["child"], r["exit_code"]) for r in rows] == [
         ("restart", "generator", 7), ("restart", "generator", 7), ("gave_up", "generator", 7)
     ]  # fmt: skip
@@ -103,14 +113,10 @@ def test_a_crashed_learner_is_resumed_and_a_finished_one_ends_the_run(tmp_path) 
         "time.sleep(1)"
     )
     sup = _supervisor(tmp_path, cfg, "import time; time.sleep(60)", learn)
-    sup.start()
-    try:
-        assert sup.run() == 0
-    finally:
-        sup.shutdown()
+    assert _run_to_end(sup) == 0
     argvs = [json.loads(x) for x in (tmp_path / "learner_argv.jsonl").read_text().splitlines()]
     assert argvs == [[], ["--resume"]]
-    rows = [json.loads(x) for x in (tmp_path / "supervisor.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path)
     assert [(r["event"], r["child"], r["exit_code"]) for r in rows] == [
         ("restart", "learner", -signal.SIGKILL)
     ]
@@ -128,12 +134,8 @@ def test_a_failed_sync_is_handed_over_and_the_learner_resumed(tmp_path, code) ->
         f"    sys.exit({code})"
     )
     sup = _supervisor(tmp_path, cfg, "import time; time.sleep(60)", learn)
-    sup.start()
-    try:
-        assert sup.run() == 0
-    finally:
-        sup.shutdown()
-    rows = [json.loads(x) for x in (tmp_path / "supervisor.jsonl").read_text().splitlines()]
+    assert _run_to_end(sup) == 0
+    rows = _rows(tmp_path)
     assert [(r["event"], r.get("step")) for r in rows] == [("sync_failed", 4), ("restart", None)]
     assert "http://x:1: boom" in rows[0]["error"]
     assert not (tmp_path / "sync_failure.json").exists()  # taken once
@@ -163,7 +165,7 @@ def test_a_stalled_learner_is_reported_once(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert out.count("the learner has made no progress for") == 1
     assert "(step 2; learner.stall_timeout_s = 0.5)" in out
-    rows = [json.loads(x) for x in (tmp_path / "supervisor.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path)
     assert [(r["event"], r["step"]) for r in rows] == [("stall", 2)]
 
 
