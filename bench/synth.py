@@ -15,6 +15,7 @@ module-level so `multiprocessing` (spawn) can start them.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 import time
@@ -68,6 +69,28 @@ def make_group(
 
 def make_groups(n: int, start: int = 0, **kw) -> list[Group]:
     return [make_group(start + i, **kw) for i in range(n)]
+
+
+def ragged_samples(
+    shapes: list[tuple[int, list[int]]], seed: int, run_id: str, vocab: int = 49152
+) -> tuple[list[Sample], list[float]]:
+    """Samples and advantages for groups of `(prompt length, completion lengths)`: one
+    shared random prompt per group, random completions, behaviour log-probs in
+    [-11.5, -10], reward 0/1 alternating, advantages in [-1.5, 1.5] (the shared-prefix
+    tests' batches)."""
+    rng = random.Random(seed)
+    samples, advs = [], []
+    for g, (p, cs) in enumerate(shapes):
+        prompt = [rng.randrange(3, vocab) for _ in range(p)]
+        for k, c in enumerate(cs):
+            samples.append(Sample(
+                run_id=run_id, prompt_id=f"p{g}", sample_index=k, policy_version=0,
+                prompt_ids=prompt, completion_ids=[rng.randrange(3, vocab) for _ in range(c)],
+                behaviour_logprobs=[-rng.uniform(10.0, 11.5) for _ in range(c)],
+                reward=float(k % 2), row_id=len(samples),
+            ))  # fmt: skip
+            advs.append(rng.uniform(-1.5, 1.5))
+    return samples, advs
 
 
 def writer_worker(path: str, backend: str, n: int, per_append: int, version_every: int) -> None:

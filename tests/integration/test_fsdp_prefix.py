@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.synth import ragged_samples
 from grpo_stream.buffer.schema import Sample
 from grpo_stream.config import Config
 
@@ -30,19 +31,7 @@ SHAPES = [(9, [5, 1, 7, 3]), (4, [6]), (12, [1, 1]), (6, [2, 8, 4]), (3, [4])]
 
 
 def batch() -> tuple[list[Sample], list[float]]:
-    rng = random.Random(3)
-    samples, advs = [], []
-    for g, (p, cs) in enumerate(SHAPES):
-        prompt = [rng.randrange(3, VOCAB) for _ in range(p)]
-        for k, c in enumerate(cs):
-            samples.append(Sample(
-                run_id="fsdp-prefix", prompt_id=f"p{g}", sample_index=k, policy_version=0,
-                prompt_ids=prompt, completion_ids=[rng.randrange(3, VOCAB) for _ in range(c)],
-                behaviour_logprobs=[-rng.uniform(10.0, 11.5) for _ in range(c)],
-                reward=float(k % 2), row_id=len(samples),
-            ))  # fmt: skip
-            advs.append(rng.uniform(-1.5, 1.5))
-    return samples, advs
+    return ragged_samples(SHAPES, 3, "fsdp-prefix", VOCAB)
 
 
 def config(shared: bool) -> Config:

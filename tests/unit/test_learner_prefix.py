@@ -15,6 +15,7 @@ import random
 import pytest
 import torch
 
+from bench.synth import ragged_samples
 from grpo_stream.algo import grpo_loss
 from grpo_stream.buffer.schema import Sample
 from grpo_stream.config import Config
@@ -53,19 +54,7 @@ def _model(arch: str, attn: str = "sdpa", seed: int = 0):
 
 
 def _samples(shapes=SHAPES, seed: int = 1) -> tuple[list[Sample], list[float]]:
-    rng = random.Random(seed)
-    samples, advs = [], []
-    for g, (p, cs) in enumerate(shapes):
-        prompt = [rng.randrange(3, VOCAB) for _ in range(p)]
-        for k, c in enumerate(cs):
-            samples.append(Sample(
-                run_id="prefix", prompt_id=f"p{g}", sample_index=k, policy_version=0,
-                prompt_ids=prompt, completion_ids=[rng.randrange(3, VOCAB) for _ in range(c)],
-                behaviour_logprobs=[-rng.uniform(10.0, 11.5) for _ in range(c)],
-                reward=float(k % 2), row_id=len(samples),
-            ))  # fmt: skip
-            advs.append(rng.uniform(-1.5, 1.5))
-    return samples, advs
+    return ragged_samples(shapes, seed, "prefix", VOCAB)
 
 
 def _place(mb, per_sample: list[list[float]]) -> torch.Tensor:
