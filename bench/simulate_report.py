@@ -45,8 +45,10 @@ def _why(k, r: dict) -> str:
         return ("each batch waits for its slowest group (the long tail) and the gate lets "
                 "no work start ahead")  # fmt: skip
     if r["gated_s"] > 0.1 * r["wall_s"]:
-        return (f"the staleness bound: the gate held the generator {r['gated_s']:.0f}s of "
-                f"{r['wall_s']:.0f}s while late groups of the long tail filled the allowance")
+        return (
+            f"the staleness bound: the gate held the generator {r['gated_s']:.0f}s of "
+            f"{r['wall_s']:.0f}s while late groups of the long tail filled the allowance"
+        )
     return (f"neither the learner (busy {r['learner_busy']:.0%}) nor the gate holds it: the "
             "real generator/buffer code's own CPU time, run 1/scale times faster than "
             "simulated time, is the limit: a limit of the simulation on this machine "
