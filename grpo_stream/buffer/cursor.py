@@ -111,9 +111,11 @@ class GroupCursor:
         max_staleness: int | None = None,
         current_version: int | None = None,
         lineage: str | None = None,
+        refuse_ahead: bool = True,
     ) -> tuple[list[Group], int]:
         """The next n published groups minus refused ones (another `lineage`, a version
-        ahead of `current_version`, stale); returns (groups, stale groups dropped)."""
+        ahead of `current_version` unless `refuse_ahead` is off, stale); returns (groups,
+        stale groups dropped)."""
         if n < 1:
             raise ValueError(f"next_groups: n must be >= 1 (got {n})")
         start = self.position
@@ -123,7 +125,7 @@ class GroupCursor:
         self.last_corrupt = [i for i in range(start, stop) if i not in seen]
         fresh, drops = [], []
         for g in groups:
-            reason = refusal(g, current_version, max_staleness, lineage)
+            reason = refusal(g, current_version, max_staleness, lineage, refuse_ahead)
             (drops.append((g, reason)) if reason else fresh.append(g))
         self.position = stop
         self.last_drops = drops
@@ -135,15 +137,22 @@ class GroupCursor:
 
 
 def refusal(
-    group: Group, current: int | None, max_staleness: int | None, lineage: str | None
+    group: Group,
+    current: int | None,
+    max_staleness: int | None,
+    lineage: str | None,
+    refuse_ahead: bool = True,
 ) -> str:
-    """Why the learner must not train on `group` ("lineage", "ahead", "stale"), or ""."""
+    """Why the learner must not train on `group` ("lineage", "ahead", "stale"), or "".
+    `refuse_ahead=False` where the learner does not version the servers (no weight sync):
+    their version numbers are then not the learner's, and none is "ahead" of it."""
     if lineage:
         theirs = group[0].run_id.rpartition("@")[2] if "@" in group[0].run_id else ""
         if theirs and theirs != lineage:  # rows without a lineage predate lineages
             return "lineage"
     if (
-        current is not None
+        refuse_ahead
+        and current is not None
         and max(max(s.policy_version, s.policy_version_end) for s in group) > current
     ):
         return "ahead"

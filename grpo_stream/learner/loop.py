@@ -59,9 +59,14 @@ class BatchSource:
     """Rank 0 reads the next batch with its cursor; every rank gets it by broadcast
     (ranks never disagree on the batch, and a time-out cannot strike one rank alone)."""
 
-    def __init__(self, cursor: GroupCursor | None, cfg: LearnerConfig):
+    def __init__(
+        self, cursor: GroupCursor | None, cfg: LearnerConfig, versions_servers: bool = True
+    ):
         self.cursor, self.cfg = cursor, cfg
         self.lineage = ""  # groups stamped with another lineage are refused
+        # with sync.transport = "none" the servers' versions are not the learner's (it
+        # never pushes), so a sample's version is never "ahead" of the learner's
+        self.refuse_ahead = versions_servers
 
     @property
     def position(self) -> int:
@@ -79,7 +84,7 @@ class BatchSource:
             print0(f"[learn] waiting for the first {lc.batch_groups} groups in the buffer ...")
         groups, stale = self.cursor.next_groups(
             lc.batch_groups, lc.wait_timeout_s, lc.max_staleness, current_version=version,
-            lineage=self.lineage,
+            lineage=self.lineage, refuse_ahead=self.refuse_ahead,
         )  # fmt: skip
         info = {M.CURSOR_START: start, M.CURSOR_END: self.cursor.position,
                 M.STALE_GROUPS_DROPPED: stale, M.WAIT_S: time.perf_counter() - t0}  # fmt: skip
@@ -120,7 +125,7 @@ class Learner:
         self.saved_step = s.step  # the last checkpointed step (a resume's own)
         self.stop = StopSignals(enabled=s.dist.world_size == 1)  # torchrun: default handlers
         self.t_train, self.out_of_time = time.monotonic(), False  # learner.max_wall_s
-        self.source = BatchSource(s.cursor, cfg.learner)
+        self.source = BatchSource(s.cursor, cfg.learner, cfg.sync.transport != "none")
         self.records: RunRecords | NoRecords = NoRecords()
         self.sync = None
         try:

@@ -67,6 +67,27 @@ def test_the_cursor_refuses_another_lineage_a_version_ahead_and_stale(tmp_path) 
     g = make_group(5, version=3, run_id="r@mine")
     g[1].policy_version_end = 4
     assert refusal(g, 3, None, "mine") == "ahead"
+    # a learner that never versions the servers (sync.transport = "none") refuses none as
+    # ahead: a shared server left at another run's version 7 is not "the future"
+    assert refusal(g, 3, None, "mine", refuse_ahead=False) == ""
+    assert refusal(make_group(6, version=7, run_id="r"), 0, 1000, "mine", False) == ""
+    assert refusal(make_group(7, version=0, run_id="r@theirs"), 3, None, "mine", False) == (
+        "lineage"
+    )
+
+
+def test_no_weight_sync_means_no_ahead_refusal(tmp_path) -> None:
+    """The learner's batch source knows whether it versions the servers."""
+    from grpo_stream.config import load_config
+    from grpo_stream.learner.loop import BatchSource
+
+    path = str(tmp_path / "buf")
+    open_writer(path, run_id="r").append_groups([make_group(0, version=7, run_id="r")])
+    cfg = load_config(None, ["learner.batch_groups=1", "learner.max_staleness=1000"])
+    src = BatchSource(GroupCursor(open_reader(path)), cfg.learner, versions_servers=False)
+    assert [g[0].group_id for g in src.next(0).groups] == [0]
+    src = BatchSource(GroupCursor(open_reader(path)), cfg.learner, versions_servers=True)
+    assert src.next(0).groups == [] and src.cursor.skipped_ahead == 1
 
 
 def _write_run(tmp_path, n_groups: int, prompt_of=lambda g: f"p{g}"):
