@@ -74,7 +74,10 @@ def plan_micro_batches(
     order = list(range(len(samples)))
     packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens, shared)
     if world > 1:  # same layout and number of forward calls on every rank
-        if shared and not all_reduce_scalars({"shared": float(shared)}, "min")["shared"]:
+        # every rank joins this collective: one whose shard does not pay off (auto) must
+        # still vote, or the ranks' collectives fall out of step
+        agreed = bool(all_reduce_scalars({"shared": float(shared)}, "min")["shared"])
+        if shared and not agreed:
             shared = False
             packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens)
         most = all_reduce_scalars({"count": float(len(packs))}, "max")["count"]
