@@ -84,7 +84,7 @@ def load_models(cfg: Config, weights: str, initial: str, dist: DistInfo, tag: st
         ref = load_causal_lm(initial, load_to, trainable=False)
     if dist.world_size > 1:
         mp = mixed_precision_dtype(cfg.learner.dtype, dist.device)
-        print0(f"[{tag}] sharding over {dist.world_size} processes (FSDP2) ...")
+        print0(f"[{tag}] FSDP2 over {dist.world_size} processes on {dist.device}: sharding ...")
         model = shard_model(model, dist, mp)
         ref = shard_model(ref, dist, mp) if ref is not None else None
     print0(f"[{tag}] models ready in {time.perf_counter() - t0:.1f}s")
