@@ -110,8 +110,8 @@ def cmd_learn(args) -> int:
         learner.run()
     except WeightSyncError as err:  # the trained step is checkpointed (learner/loop.py)
         return _sync_failed(run_dir, learner, err)
-    shutdown_distributed()  # only after a clean run: a failed rank must not wait here
-    return 128 + learner.stop.requested if learner.stop.requested else 0
+    code = 128 + learner.stop.requested if learner.stop.requested else 0
+    return shutdown_distributed(code)  # after a clean run only: a failed rank must not wait
 
 
 def _sync_failed(run_dir: str, learner, err: Exception) -> int:
