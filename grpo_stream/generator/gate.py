@@ -71,14 +71,9 @@ class StalenessGate:
         self.gated = False
         self.lineage = ""  # the newest learner lineage seen in its progress
 
-    @property
-    def gated(self) -> bool:
-        """Waiting right now."""
-        return self._gated
-
-    @gated.setter
-    def gated(self, value: bool) -> None:
-        self._gated = value
+    def _hold(self, value: bool) -> None:
+        """Mark the generator held (or released) here and on the status object."""
+        self.gated = value  # waiting right now
         if self._status is not None:
             self._status.gated = value
 
@@ -135,19 +130,20 @@ class StalenessGate:
         while not stop.is_set():
             p = await self._read()
             if reserved < p.consumed_groups + self.allowance:
-                self.gated = False
+                self._hold(False)
                 return True
             if self.learner_finished(p):
-                self.gated, self.finished_step = False, p.step
+                self._hold(False)
+                self.finished_step = p.step
                 print(f"[generate] the learner finished (step {p.step}, {p.consumed_groups} "
                       "groups consumed); stopping", file=sys.stderr, flush=True)  # fmt: skip
                 return False
             self._say_if_dead(p)
             await self._watch_servers()
-            self.gated = True
+            self._hold(True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_s)  # progress is a file
-        self.gated = False
+        self._hold(False)
         return False
 
     async def _watch_servers(self) -> None:

@@ -64,8 +64,8 @@ class BatchSource:
     ):
         self.cursor, self.cfg = cursor, cfg
         self.lineage = ""  # groups stamped with another lineage are refused
-        # with sync.transport = "none" the servers' versions are not the learner's (it
-        # never pushes), so a sample's version is never "ahead" of the learner's
+        # without weight sync the servers' versions are not the learner's (it never
+        # pushes), so no sample's version is "ahead" (the transport's `versions_servers`)
         self.refuse_ahead = versions_servers
 
     @property
@@ -125,7 +125,7 @@ class Learner:
         self.saved_step = s.step  # the last checkpointed step (a resume's own)
         self.stop = StopSignals(enabled=s.dist.world_size == 1)  # torchrun: default handlers
         self.t_train, self.out_of_time = time.monotonic(), False  # learner.max_wall_s
-        self.source = BatchSource(s.cursor, cfg.learner, cfg.sync.transport != "none")
+        self.source = BatchSource(s.cursor, cfg.learner)
         self.records: RunRecords | NoRecords = NoRecords()
         self.sync = None
         try:
@@ -137,6 +137,7 @@ class Learner:
                 self.source.lineage = (resume and ledger.read_lineage(run_dir)) or (
                     ledger.new_lineage(run_dir))  # fmt: skip
             self.sync = make_weight_sync(cfg, run_dir)  # every rank: each knows its part
+            self.source.refuse_ahead = self.sync.versions_servers
         except BaseException:
             self.close()
             raise
@@ -176,6 +177,8 @@ class Learner:
             self._stopped()
             return
         self._publish_progress(finished=True)  # a generator started by hand stops
+        last = f"step-{self.saved_step}" if self.saved_step else "none"
+        print0(f"[learn] finished at step {self.step} (last checkpoint: {last})")
 
     def _stopped(self) -> None:
         """After a stop signal: checkpoint the last completed step (if not yet)."""

@@ -31,6 +31,9 @@ class WeightSyncError(UserError, RuntimeError):
 @runtime_checkable
 class WeightSync(Protocol):
     needs_state_dict: bool
+    # push makes the servers serve the learner's own versions, so a sample stamped with a
+    # newer version than the learner's came from elsewhere (the learner refuses it)
+    versions_servers: bool
 
     def push(self, model: Any, version: int, state_dict: dict | None = None) -> dict[str, float]:
         """Make the servers serve `model`'s weights as policy version `version`."""
@@ -45,6 +48,7 @@ class NoSync:
     """`sync.transport = "none"`: the servers keep their weights; nothing is sent."""
 
     needs_state_dict = False
+    versions_servers = False  # the servers' versions are not the learner's
 
     def push(self, model: Any, version: int, state_dict: dict | None = None) -> dict[str, float]:
         return {}

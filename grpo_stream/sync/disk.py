@@ -122,6 +122,7 @@ class DiskSync:
     """`WeightSync` over a shared folder and vLLM's in-place `reload_weights`."""
 
     needs_state_dict = True  # rank 0 saves the gathered FSDP weights
+    versions_servers = True
 
     def __init__(
         self, cfg: SyncConfig, urls: list[str], weights_root: Path, rank: int | None = None

@@ -168,6 +168,7 @@ class NCCLSync:
     trainer rank (only rank 0 talks to the servers)."""
 
     needs_state_dict = False  # the parameters themselves are streamed
+    versions_servers = True
 
     def __init__(
         self,

@@ -91,6 +91,7 @@ def test_two_process_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
         cmd = [*_torchrun(), *args, f"run.run_dir={run_dir}", f"learner.max_steps={steps}"]
         done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert f"[learn] finished at step {steps} (last checkpoint: step-{steps})" in done.stderr
 
     learn(whole, 4)
     learn(split, 2)  # stops after step 2's checkpoint, as a killed run would have left it

@@ -207,6 +207,8 @@ def test_factory_picks_by_table_and_every_transport_is_a_weight_sync(tmp_path: P
     assert [type(s).__name__ for s in made.values()] == ["DiskSync", "NCCLSync", "NoSync"]
     assert all(isinstance(s, WeightSync) for s in made.values())
     assert [s.needs_state_dict for s in made.values()] == [True, False, False]
+    # only a transport that pushes makes a sample newer than the learner's "ahead"
+    assert [s.versions_servers for s in made.values()] == [True, True, False]
     assert NoSync().push(None, 5) == {}
     for s in made.values():
         s.close()
