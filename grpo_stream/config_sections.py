@@ -39,7 +39,12 @@ class RunConfig(_Section):
         description="the run folder (path) for checkpoints, metrics, logs, config.toml and "
         "buffer/; set by `run`, given explicitly to `generate`/`learn` started alone",
     )
-    seed: int = Field(0, description="RNG seed of the learner and of replay (Python, NumPy, torch)")
+    seed: int = Field(
+        0,
+        description="RNG seed of the learner and of replay (Python, NumPy, torch), and of the "
+        "generator's sampling (each prompt's vLLM request gets a seed from it and the prompt "
+        "id); the prompts themselves come from `task.seed`",
+    )
     max_restarts: int = Field(
         3,
         ge=0,
