@@ -8,10 +8,15 @@ The conclusion is generated from the numbers: for the final reward and for the s
 to reach the threshold it names the best and the worst setting, and compares the
 difference of their means with the largest seed spread (max - min over one setting's
 seeds). When the spread is at least the difference it says "seeds disagree more than
-settings differ"; with one seed per setting it says the spread is unknown.
+settings differ"; with one seed per setting it says the spread is unknown. Where two
+settings or more were evaluated, the held-out accuracy gets the same verdict; and where
+the settings score with different `reward.functions`, it says that their rewards are not
+comparable and the held-out accuracy is the measure to read.
 """
 
 from __future__ import annotations
+
+import json
 
 from grpo_stream.compare import Run, Setting, fmt
 
@@ -129,15 +134,31 @@ def _verdict(settings: list[Setting], key: str, what: str, sign: int, digits: in
             f"{n} seed(s) per setting this is weak evidence{note}.")  # fmt: skip
 
 
+def _reward_definitions(settings: list[Setting]) -> int:
+    """How many different `reward.functions` the settings' runs score with."""
+    return len({json.dumps(r.config.get("reward.functions"), sort_keys=True)
+                for s in settings for r in s.runs})  # fmt: skip
+
+
 def conclusion(settings: list[Setting], threshold: float) -> list[str]:
+    """The verdicts: final reward, samples to `threshold`, and the held-out accuracy where
+    two settings or more were evaluated; a warning when the rewards are not comparable."""
     if len(settings) < 2:
         return ["One setting only: nothing to compare."]
-    return [
+    out = [
         _verdict(settings, "final_reward", "final reward", +1, 3),
         _verdict(
             settings, "samples_to_threshold", f"samples to reach reward {fmt(threshold)}", -1, 0
         ),
     ]
+    if sum(s.summary("eval") is not None for s in settings) >= 2:
+        out.append(_verdict(settings, "eval", "held-out accuracy (last evaluation)", +1, 3))
+    if _reward_definitions(settings) > 1:
+        out.append("**The settings score with different `reward.functions`**, so their rewards "
+                   "are on different scales and the two reward verdicts compare unlike "
+                   "numbers; the held-out accuracy, scored alike for all, is the one to "
+                   "read.")  # fmt: skip
+    return out
 
 
 def markdown_report(title: str, runs: list[Run], settings: list[Setting], threshold: float,

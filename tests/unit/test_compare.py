@@ -17,12 +17,13 @@ from grpo_stream.compare_table import conclusion
 
 
 def make_run(root: Path, name: str, epochs: int, seed: int, rewards: list[float],
-             clip2: float = 0.2, evals: list[tuple[int, float]] = ()) -> Path:  # fmt: skip
+             clip2: float = 0.2, evals: list[tuple[int, float]] = (),
+             reward: str = "numeric_answer") -> Path:  # fmt: skip
     """A run folder: 8 samples and 10 s per step, clip 0 in epoch 1."""
     rd = root / name
     rd.mkdir(parents=True)
     config = {"run": {"seed": seed, "run_dir": str(rd)}, "learner": {"epochs": epochs},
-              "loss": {"beta": 0.0}}  # fmt: skip
+              "loss": {"beta": 0.0}, "reward": {"functions": [{"name": reward}]}}  # fmt: skip
     (rd / "config.toml").write_text(tomli_w.dumps(config))
     rows = []
     for i, r in enumerate(rewards, 1):
@@ -99,6 +100,25 @@ def test_settings_that_differ_more_than_their_seeds(tmp_path):
         and "larger than the largest seed spread (0.050)" in verdict
     )
     assert "disagree" not in verdict
+
+
+def test_different_rewards_are_flagged_and_held_out_accuracy_judged(tmp_path):
+    paths = [make_run(tmp_path, "rule", 2, 0, [0.2, 0.6], evals=[(2, 0.5)]),
+             make_run(tmp_path, "len", 2, 0, [0.1, 0.3], evals=[(2, 0.75)],
+                      reward="length_penalty")]  # fmt: skip
+    _, settings, _ = compare_runs([str(p) for p in paths], threshold=0.25, window=1)
+    assert [s.name for s in settings] == ["functions=numeric_answer", "functions=length_penalty"]
+    verdicts = conclusion(settings, 0.25)
+    assert len(verdicts) == 4
+    assert verdicts[0].startswith("On the final reward, the best setting is "
+                                  "`functions=numeric_answer` (0.600)")  # fmt: skip
+    assert verdicts[2].startswith("On the held-out accuracy (last evaluation), the best "
+                                  "setting is `functions=length_penalty` (0.750)")  # fmt: skip
+    assert "different `reward.functions`" in verdicts[3]
+    same = [make_run(tmp_path / "b", n, e, 0, [0.2, 0.6], evals=[(2, 0.5)])
+            for n, e in (("one", 1), ("two", 2))]  # fmt: skip
+    _, settings, _ = compare_runs([str(p) for p in same], threshold=0.25, window=1)
+    assert not any("reward.functions" in v for v in conclusion(settings, 0.25))
 
 
 def test_cli_writes_table_pngs_and_doc_section(runs, tmp_path):
