@@ -155,6 +155,8 @@ class Config(_Section):
             raise ValueError(f"task.path is required for task.name = {self.task.name!r}")
         if self.sync.transport == "nccl" and self.server.weight_transfer_backend is None:
             self.server.weight_transfer_backend = "nccl"
+        if self.server.seed is None:  # the launched servers sample with the run's seed
+            self.server.seed = self.run.seed
         if self.loss.aggregation == "constant" and self.loss.constant_normalizer is None:
             # Dr. GRPO divides by a constant: the longest completion the generator can make
             self.loss.constant_normalizer = float(self.generator.max_tokens)

@@ -42,8 +42,7 @@ class RunConfig(_Section):
     seed: int = Field(
         0,
         description="RNG seed of the learner and of replay (Python, NumPy, torch), and of the "
-        "generator's sampling (each prompt's vLLM request gets a seed from it and the prompt "
-        "id); the prompts themselves come from `task.seed`",
+        "vLLM servers launched here (`server.seed` unset); the prompts follow `task.seed`",
     )
     max_restarts: int = Field(
         3,
@@ -89,6 +88,11 @@ class ServerConfig(_Section):
         300.0, gt=0, description="max wait for a server's /health at start (seconds)"
     )
     enforce_eager: bool = Field(True, description="vLLM --enforce-eager (no CUDA graphs)")
+    seed: int | None = Field(
+        None,
+        description="vLLM --seed of the servers launched here (their sampling RNG); unset: "
+        "`run.seed`, so two seeds of a sweep draw different samples",
+    )
     extra_args: list[str] = Field(
         default_factory=list, description="more vLLM command-line arguments, appended as given"
     )

@@ -91,6 +91,9 @@ def build_command(model_dir: Path, served_name: str, port: int, cfg: ServerConfi
     ]
     if cfg.enforce_eager:
         cmd.append("--enforce-eager")
+    if cfg.seed is not None:  # vLLM's sampling RNG (a per-request `seed` would crash vLLM
+        # 0.32 on CPU when a chunked prefill rewinds it: "CPU Generator does not use offset")
+        cmd += ["--seed", str(cfg.seed)]
     if cfg.gpu_memory_utilization is not None:
         cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
     if cfg.weight_transfer_backend:  # vLLM's native weight transfer (sync.transport = "nccl")

@@ -31,7 +31,6 @@ from grpo_stream.generator.sampler import (
     SampleRequest,
     build_group,
     request_group,
-    request_seed,
 )
 from grpo_stream.generator.stats import GenStats
 from grpo_stream.timing import GeneratorClocks
@@ -111,13 +110,12 @@ class Generator:
             req = SampleRequest(prompt, text, ids)
             run_id = ledger.stamp(self.run_id, self.gate.lineage)  # NAME@LINEAGE, at start
             g = self.cfg.generator
-            seed = request_seed(self.cfg.run.seed, prompt.prompt_id)
             outs, v0, v1, lat, url = await request_group(
                 pool,
                 self.cfg.model.served_name,
                 req,
                 g.group_size,
-                {**self.sampling_params(), "seed": seed},
+                self.sampling_params(),
                 g.max_retries,
                 g.retry_budget_s,
             )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +28,6 @@ class SampleRequest:
     prompt: Any  # grpo_stream.tasks.Prompt
     prompt_text: str
     prompt_ids: list[int]
-
-
-def request_seed(run_seed: int, prompt_id: str) -> int:
-    """vLLM's per-request `seed` for one prompt's G samples: fixed by `run.seed` and the
-    prompt, so a run is repeatable on the same weights (a retried or regenerated prompt
-    draws the same samples) and two seeds of a sweep draw different ones."""
-    return zlib.crc32(f"{run_seed}\0{prompt_id}".encode()) & 0x7FFFFFFF
 
 
 async def _request_once(

@@ -190,21 +190,6 @@ def test_cli_generate_two_urls_share_the_load(server, tiny, tokenizer, tmp_path)
     assert last["groups_written"] == n and last["samples"] == n * G
 
 
-def test_run_seed_fixes_the_samples_and_another_seed_changes_them(server, tiny, tmp_path) -> None:
-    def completions(name: str, seed: int) -> dict[tuple[str, int], list[int]]:
-        # one request at a time: a batch-mate cannot shift the logits by a rounding
-        cfg = make_cfg(tiny, tmp_path / name, [server.url], 2, f"run.seed={seed}",
-                       "generator.max_in_flight=1", "generator.temperature=1.0")  # fmt: skip
-        run_generator(cfg, tiny)
-        return {(s.prompt_id, s.sample_index): s.completion_ids for g in read_all(cfg) for s in g}
-
-    first, again, other = completions("a", 0), completions("b", 0), completions("c", 1)
-    assert len(first) == 2 * G and first.keys() == again.keys() == other.keys()
-    assert first == again  # the same run.seed, the same weights: the same samples
-    differ = sum(first[k] != other[k] for k in first)
-    assert differ == len(first)  # run.seed reaches vLLM: every sample drawn anew
-
-
 def test_dead_url_is_taken_out_and_no_prompt_lost(server, tiny, tokenizer, tmp_path) -> None:
     with socket.socket() as s:  # the dead URL must really have nothing behind it
         assert s.connect_ex(("127.0.0.1", DEAD_PORT)) != 0

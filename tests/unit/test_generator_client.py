@@ -20,12 +20,7 @@ from aiohttp import web
 from fake_vllm import CannedServer
 
 from grpo_stream.generator.pool import ServerPool
-from grpo_stream.generator.sampler import (
-    PromptFailed,
-    SampleRequest,
-    request_group,
-    request_seed,
-)
+from grpo_stream.generator.sampler import PromptFailed, SampleRequest, request_group
 from grpo_stream.tasks import Prompt
 from grpo_stream.vllm_client import (
     ServerHTTPError,
@@ -317,12 +312,3 @@ def test_retry_budget_outlasts_a_long_pause() -> None:
     assert [o.token_ids for o in outs] == [[10, 20, 30], [11, 21, 31]]
     with pytest.raises(PromptFailed, match=r"2 attempts failed in .*retry_budget_s=0"):
         run(main(0.0))
-
-
-def test_request_seed_follows_run_seed_and_prompt() -> None:
-    # crc32(b"0\0arithmetic-s0-0") & 0x7FFFFFFF, worked out once in a shell: a fixed number,
-    # so a run's samples stay the same across versions of this code
-    assert request_seed(0, "arithmetic-s0-0") == 740189454
-    seeds = {request_seed(s, p) for s in (0, 1) for p in ("arithmetic-s0-0", "arithmetic-s0-1")}
-    assert len(seeds) == 4  # another run seed or another prompt: another sample stream
-    assert all(0 <= s < 2**31 for s in seeds)  # what vLLM's `seed` (a C int) accepts

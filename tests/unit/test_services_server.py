@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from grpo_stream.config import ConfigError, ServerConfig
+from grpo_stream.config import ConfigError, ServerConfig, load_config
 from grpo_stream.vllm_client import ServerUnavailable, wait_for_server
 from services.vllm_server import (
     ServerStartError,
@@ -38,6 +38,17 @@ def test_build_command_has_the_required_flags() -> None:
     assert _flag(cmd, "--generation-config") == "vllm"
     assert "--enforce-eager" in cmd
     assert cmd[-2:] == ["--seed", "3"]
+
+
+def test_the_servers_sample_with_the_runs_seed_unless_their_own_is_set() -> None:
+    def seed_flag(*overrides: str) -> str:
+        return _flag(build_command(Path("m"), "p", 8000, load_config(None, [*overrides]).server),
+                     "--seed")  # fmt: skip
+
+    assert seed_flag("run.seed=7") == "7"  # two seeds of a sweep: two sample streams
+    assert seed_flag("run.seed=7", "server.seed=2") == "2"
+    assert seed_flag() == "0"
+    assert "--seed" not in build_command(Path("m"), "p", 8000, ServerConfig())
 
 
 def test_build_command_without_eager() -> None:
