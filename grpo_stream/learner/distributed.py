@@ -131,8 +131,8 @@ def shutdown_distributed(code: int = 0) -> int:
     A rank that exits while its peer still tears down gloo can take the peer down with
     SIGABRT, hence the barrier. And `destroy_process_group` does not free the gloo objects
     that FSDP modules still reference: the interpreter's own teardown frees them later and
-    can abort ("terminate called without an active exception", seen once in ~40 two-
-    process runs; pytorch/pytorch#179291). So a rank flushes its output and leaves with
+    can abort ("terminate called without an active exception", seen once in CI, rank 1
+    of a 2-process run; pytorch/pytorch#179291). So a rank flushes its output and leaves with
     `os._exit` after a clean destroy, skipping that teardown (everything of ours is closed).
     """
     if not is_distributed():
