@@ -8,6 +8,7 @@ locally from it.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
 import time
@@ -24,6 +25,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A folder for one module's shared fixtures (runs, checkpoints), removed when the
+    module ends unless one of its tests failed: a whole session's runs and checkpoints
+    add up to about 13 GB, more than a CI machine's disk may have free (pyproject.toml's
+    `tmp_path_retention_policy = "failed"` does the same for each test's `tmp_path`)."""
+    failed_before = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

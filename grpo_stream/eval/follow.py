@@ -35,6 +35,17 @@ def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def eval_line(row: EvalRow) -> str:
+    """'pass@1 (greedy) 0.625 | mean@2 0.375 | pass@2 0.562 | reward 0.275 | 42.2s',
+    leaving out what the settings did not measure (eval.greedy = false, eval.k = 0)."""
+    parts = (
+        [f"pass@1 (greedy) {_f(row.greedy_pass_at_1)}"] if row.greedy_pass_at_1 is not None else []
+    )
+    if row.k > 0:
+        parts += [f"mean@{row.k} {_f(row.mean_at_k)}", f"pass@{row.k} {_f(row.pass_at_k)}"]
+    return " | ".join([*parts, f"reward {_f(row.reward_mean)}", f"{row.eval_s:.1f}s"])
+
+
 def say(msg: str) -> None:
     print(f"[eval] {msg}", file=sys.stderr, flush=True)
 
@@ -78,11 +89,7 @@ class Follower:
         self.done.add(version)
         await asyncio.to_thread(write_eval_progress, self.buffer_path, version)
         mixed = f" (versions {row.versions_seen}: marked)" if row.version_mismatch else ""
-        say(
-            f"v{row.policy_version}: pass@1 (greedy) {_f(row.greedy_pass_at_1)} | mean@{row.k} "
-            f"{_f(row.mean_at_k)} | pass@{row.k} {_f(row.pass_at_k)} | reward "
-            f"{_f(row.reward_mean)} | {row.eval_s:.1f}s{mixed}"
-        )
+        say(f"v{row.policy_version}: {eval_line(row)}{mixed}")
         return row
 
     async def run(self) -> int:

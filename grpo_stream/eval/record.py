@@ -164,9 +164,11 @@ def summary_line(rows: list[dict[str, Any]]) -> str | None:
 
 
 def run_summary(run_dir: str, metrics_rows: list[dict[str, Any]]) -> str | None:
-    """The eval line `grpo-stream run` prints at the end, with what evaluation cost: its
-    busy time as a share of the span from the first evaluation's start to the last's end,
-    and the learner's waits before syncs (`eval_wait_s` in metrics.jsonl)."""
+    """The eval line `grpo-stream run` prints at the end, with how much evaluation ran:
+    its busy time as a share of the span from the first evaluation's start to the last's
+    end, and the learner's waits before syncs (`eval_wait_s` in metrics.jsonl). Busy time
+    overlaps training, so it is not the cost in wall time: that is what the same run with
+    `eval.every=0` saves, measured by a pair of runs (README)."""
     from grpo_stream.eval.progress import EVAL_WAIT_S
 
     rows = read_eval_rows(run_dir)
@@ -176,5 +178,5 @@ def run_summary(run_dir: str, metrics_rows: list[dict[str, Any]]) -> str | None:
     waited = sum(r.get(EVAL_WAIT_S) or 0.0 for r in metrics_rows)
     busy = sum(r.get("eval_s") or 0.0 for r in rows)
     span = rows[-1]["time"] - (rows[0]["time"] - (rows[0].get("eval_s") or 0.0))
-    share = f" = {100 * busy / span:.0f}% of {span:.0f} s" if span > 0 else ""
+    share = f", busy {100 * busy / span:.0f}% of the {span:.0f} s they spanned" if span > 0 else ""
     return f"{line[:-1]}{share}); the learner waited {waited:.0f} s for it"  # inside (...)

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir):
-    run_dir = tmp_path_factory.mktemp("eval-run")
+def run(module_tmp, tiny_model_dir):
+    run_dir = module_tmp / "eval-run"
     overrides = [
         f"run.run_dir={run_dir}",
         f"model.path={tiny_model_dir}",

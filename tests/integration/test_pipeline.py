@@ -68,10 +68,10 @@ def _wait_groups(path: str, n: int, timeout: float) -> int:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model_dir, tiny_server):
+def pipeline(module_tmp, tiny_model_dir, tiny_server):
     url = tiny_server.url
     before = greedy(url)
-    run_dir = tmp_path_factory.mktemp("run")
+    run_dir = module_tmp / "run"
     overrides = [
         f"run.run_dir={run_dir}",
         f'server.urls=["{url}"]',

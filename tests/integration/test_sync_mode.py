@@ -59,8 +59,8 @@ def _batches(run_dir: Path) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, tiny_server):
-    base = tmp_path_factory.mktemp("sync-mode")
+def runs(module_tmp, tiny_model_dir, tiny_server):
+    base = module_tmp
     out = {}
     out["sync"] = (base / "sync", _run(base / "sync", tiny_server.url, tiny_model_dir, "--sync"))
     zero = ["learner.max_staleness=0", "generator.max_ahead_batches=0"]

@@ -90,4 +90,20 @@ def test_run_summary_reports_the_cost(tmp_path):
         log.write(row)
     metrics = [{"step": 1, "eval_wait_s": 0.5}, {"step": 2}, {"step": 5, "eval_wait_s": 2.0}]
     line = run_summary(str(tmp_path), metrics)
-    assert line.endswith("(3 evals, 30 s = 15% of 200 s); the learner waited 2 s for it")
+    assert line.endswith(
+        "(3 evals, 30 s, busy 15% of the 200 s they spanned); the learner waited 2 s for it"
+    )
+
+
+def test_the_printed_line_leaves_out_what_was_not_measured():
+    from grpo_stream.eval.follow import eval_line
+
+    both = summarize(results(), k=4, greedy=True, eval_s=2.5, step=3, model="")
+    assert eval_line(both) == (
+        "pass@1 (greedy) 0.500 | mean@4 0.125 | pass@4 0.500 | reward 0.125 | 2.5s"
+    )
+    greedy_only = [PromptResult(r.greedy, [], r.failed) for r in results()]
+    for r in greedy_only:
+        r.versions = {3}
+    row = summarize(greedy_only, k=0, greedy=True, eval_s=1.0, step=3, model="")
+    assert eval_line(row) == "pass@1 (greedy) 0.500 | reward 0.500 | 1.0s"
