@@ -2,6 +2,11 @@
 
 One learner step makes `epochs × minibatches_per_epoch` optimizer steps; `max_steps`
 learner steps therefore give the schedule its horizon.
+
+AdamW is torch's fused kernel where every parameter lives on a device it supports (CPU,
+CUDA; plain or FSDP2-sharded): one pass over each tensor instead of ~6 elementwise
+kernels. On SmolLM2-135M, 2 CPU threads, an AdamW step takes 0.15 s fused against
+0.58 s for the default loop (bench/learner.py's step makes two).
 """
 
 from __future__ import annotations
@@ -30,8 +35,14 @@ def lr_lambda(cfg: LearnerConfig):
     return f
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(model, cfg: LearnerConfig):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     return opt, sched
