@@ -21,11 +21,16 @@ layout a group (the rows with one prompt) is never split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from grpo_stream.buffer.schema import Sample
+
+# `completion_chunks`: at most this many completion passes per micro-batch, and the extra
+# pass's cost in completion tokens (kernel calls, a KV-cache concat per layer)
+MAX_COMPLETION_CHUNKS = 4
+CHUNK_COST_TOKENS = 16
 
 
 @dataclass
@@ -36,6 +41,10 @@ class PrefixLayout:
     group_of: torch.Tensor  # [B] long in 0..N-1: the prompt (index into prompt_rows) of a row
     prompt_lens: torch.Tensor  # [B] long: P_b, real prompt tokens of each row
     prompt_width: int  # Lp: prompt columns of input_ids
+    # the completion pass by length (`completion_chunks`); empty: one pass of every row
+    chunks: list[torch.Tensor] = field(default_factory=list)  # [b_i] long rows, by length
+    chunk_widths: list[int] = field(default_factory=list)  # Lc_i: completion columns of each
+    unsort: torch.Tensor | None = None  # [B] long: row b's position in cat(chunks)
 
     def to(self, device: torch.device | str) -> PrefixLayout:
         return PrefixLayout(
@@ -43,6 +52,9 @@ class PrefixLayout:
             self.group_of.to(device),
             self.prompt_lens.to(device),
             self.prompt_width,
+            [c.to(device) for c in self.chunks],
+            self.chunk_widths,
+            None if self.unsort is None else self.unsort.to(device),
         )
 
 
@@ -114,11 +126,56 @@ def collate(
     )
 
 
+def completion_chunks(
+    lens: list[int], max_chunks: int = MAX_COMPLETION_CHUNKS, cost: int = CHUNK_COST_TOKENS
+) -> list[list[int]]:
+    """Rows split into at most `max_chunks` runs of the completion pass, by completion
+    length: the split (of the rows sorted by length) that minimises the padded completion
+    tokens, sum of rows x max(2, longest), plus `cost` tokens per extra pass. [[all rows]]
+    when splitting does not pay."""
+    order = sorted(range(len(lens)), key=lambda i: lens[i])
+    w = [max(2, lens[i]) for i in order]
+    cuts = [0] + [j for j in range(1, len(w) + 1) if j == len(w) or w[j] != w[j - 1]]
+    # best[k][e]: (tokens, previous cut) of the first e sorted rows in k passes
+    best: list[dict[int, tuple[int, int]]] = [{0: (0, -1)}]
+    for _ in range(max_chunks):
+        layer: dict[int, tuple[int, int]] = {}
+        for s, (c0, _) in best[-1].items():
+            for e in (e for e in cuts if e > s):
+                c = c0 + (e - s) * w[e - 1] + cost
+                if e not in layer or c < layer[e][0]:
+                    layer[e] = (c, s)
+        best.append(layer)
+    k = min((k for k in range(1, len(best)) if len(w) in best[k]), key=lambda k: best[k][len(w)])
+    ends, e = [], len(w)
+    while k > 0:
+        ends.append(e)
+        e, k = best[k][e][1], k - 1
+    bounds = [0, *reversed(ends)]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def _chunked(lay: PrefixLayout, lens: list[int]) -> PrefixLayout:
+    chunks = completion_chunks(lens)
+    if len(chunks) > 1:
+        lay.chunks = [torch.tensor(c, dtype=torch.long) for c in chunks]
+        lay.chunk_widths = [max(2, max(lens[i] for i in c)) for c in chunks]
+        flat = [i for c in chunks for i in c]
+        lay.unsort = torch.argsort(torch.tensor(flat, dtype=torch.long))  # [B]
+    return lay
+
+
 def collate_shared(
-    samples: list[Sample], advantages: list[float], index: list[int], pad_id: int
+    samples: list[Sample],
+    advantages: list[float],
+    index: list[int],
+    pad_id: int,
+    split_completions: bool = True,
 ) -> MicroBatch:
     """The shared-prefix layout (module docstring). Lc >= 2, so the completion forward
-    always runs (every FSDP rank must make the same calls) even for one-token completions."""
+    always runs (every FSDP rank must make the same calls) even for one-token completions.
+    `split_completions`: run the completion pass in chunks of similar length
+    (`completion_chunks`; off under FSDP, whose ranks must make the same calls)."""
     lens = [_check(s) for s in samples]
     Lp = max(p for p, _ in lens)
     Lc = max(2, max(c for _, c in lens))
@@ -147,6 +204,8 @@ def collate_shared(
         prompt_lens=torch.tensor([p for p, _ in lens], dtype=torch.long),  # [B]
         prompt_width=Lp,
     )
+    if split_completions:
+        prefix = _chunked(prefix, [c for _, c in lens])
     return MicroBatch(
         input_ids=input_ids,
         attention_mask=attn,
@@ -219,9 +278,15 @@ def collate_packs(
     packs: list[list[int]],
     pad_id: int,
     shared: bool,
+    split_completions: bool = True,
 ) -> list[MicroBatch]:
-    make = collate_shared if shared else collate
-    return [make([samples[i] for i in ix], [advantages[i] for i in ix], ix, pad_id) for ix in packs]
+    def make(ix: list[int]) -> MicroBatch:
+        ss, advs = [samples[i] for i in ix], [advantages[i] for i in ix]
+        if shared:
+            return collate_shared(ss, advs, ix, pad_id, split_completions)
+        return collate(ss, advs, ix, pad_id)
+
+    return [make(ix) for ix in packs]
 
 
 def make_micro_batches(

@@ -8,7 +8,8 @@
 * `learner.micro_batch_tokens`: micro-batches packed by token budget instead of
   `micro_batch_size` sequences (`batch.make_micro_batches`).
 * Under torchrun every rank must make the same model calls: the layout is shared only if
-  every rank chooses it, and ranks with fewer micro-batches split their largest ones.
+  every rank chooses it, ranks with fewer micro-batches split their largest ones, and the
+  completion pass is not split by length (`batch.completion_chunks`, single process only).
 """
 
 from __future__ import annotations
@@ -82,4 +83,5 @@ def plan_micro_batches(
             packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens)
         most = all_reduce_scalars({"count": float(len(packs))}, "max")["count"]
         packs = _split_to(packs, int(most))
-    return collate_packs(samples, advantages, packs, pad_id, shared)
+    # chunks by completion length would give ranks different numbers of forward calls
+    return collate_packs(samples, advantages, packs, pad_id, shared, split_completions=world == 1)

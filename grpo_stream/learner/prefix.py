@@ -12,6 +12,9 @@ G completions continue from that prompt's KV cache (Prefix Grouper, arXiv 2506.0
 3. Completion pass: completion[:, :-1] [B, Lc - 1] against that cache, with position ids
    P_b + j and a [B, Lp + Lc - 1] padding mask (prompt pads sit between prompt and
    completion; they are masked, and no query row is ever fully masked).
+   With `prefix.chunks` (`batch.completion_chunks`) step 3 runs once per chunk of rows
+   of similar completion length, each only as wide as its longest completion, on a
+   cache reset to the prompt's keys/values: less padding, the same numbers.
 4. Completion token 0 is predicted from the prompt's LAST position: that hidden state
    (prompt pass, column P_b - 1) is put in front of the completion pass's states. So the
    hidden state behind every completion token is the one the padded layout computes, up
@@ -24,6 +27,7 @@ uses the padded layout and logs the reason once, see `learner.plan`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from grpo_stream.learner.batch import MicroBatch
 
@@ -50,21 +54,43 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _widen_cache(cache, group_of: torch.Tensor, n_prompts: int) -> None:
-    """Each layer's [N, h, Lp, d] keys/values -> [B, h, Lp, d], row b = its prompt's."""
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            kv = getattr(layer, name)  # [N, h, Lp, d]
+def _widen_cache(cache, prompt_kv: list, group_of: torch.Tensor, n_prompts: int) -> None:
+    """Each layer's [N, h, Lp, d] prompt keys/values -> [b, h, Lp, d], row i = its prompt's
+    (`group_of` [b]); resets what a previous completion pass appended."""
+    for layer, kv_pair in zip(cache.layers, prompt_kv, strict=True):
+        for name, kv in zip(("keys", "values"), kv_pair, strict=True):  # kv [N, h, Lp, d]
             if n_prompts == 1:
-                wide = kv.expand(group_of.shape[0], *kv.shape[1:])  # [B, h, Lp, d] view
+                wide = kv.expand(group_of.shape[0], *kv.shape[1:])  # [b, h, Lp, d] view
             else:
-                wide = kv.index_select(0, group_of)  # [B, h, Lp, d]
+                wide = kv.index_select(0, group_of)  # [b, h, Lp, d]
             setattr(layer, name, wide)
+
+
+def _completion_pass(base, mb: MicroBatch, cache, prompt_kv, rows, width: int, last):
+    """Hidden states [b, width, H] of the completion rows `rows` ([b] long, or None: all),
+    their first `width` completion columns, against their prompts' cached keys/values."""
+    lay, Lp = mb.prefix, mb.prefix.prompt_width
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if rows is None else t.index_select(0, rows)
+
+    _widen_cache(cache, prompt_kv, pick(lay.group_of), lay.prompt_rows.shape[0])
+    steps = torch.arange(width - 1, device=mb.input_ids.device)  # [width - 1]
+    out = base(
+        input_ids=pick(mb.input_ids[:, Lp : Lp + width - 1]),  # [b, width - 1]
+        attention_mask=pick(mb.attention_mask[:, : Lp + width - 1]),  # [b, Lp + width - 1]
+        position_ids=pick(lay.prompt_lens)[:, None] + steps,  # [b, width - 1]
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return torch.cat([pick(last)[:, None], out.last_hidden_state], dim=1)  # [b, width, H]
 
 
 def shared_prefix_hidden(model, mb: MicroBatch) -> torch.Tensor:
     """Final hidden states [B, Lc, H] behind each completion token of `mb` (shared layout):
-    row b, column j predicts mb.targets[b, j]."""
+    row b, column j predicts mb.targets[b, j]. With `lay.chunks` the completion pass runs
+    once per chunk of similar-length rows, each only as wide as its longest completion;
+    the columns past a row's own completion (masked) are zeros."""
     lay = mb.prefix
     if lay is None:
         raise ValueError("shared_prefix_hidden: the micro-batch is in the padded layout")
@@ -77,13 +103,11 @@ def shared_prefix_hidden(model, mb: MicroBatch) -> torch.Tensor:
     )
     last = prompt.last_hidden_state[lay.group_of, lay.prompt_lens - 1]  # [B, H]
     cache = prompt.past_key_values
-    _widen_cache(cache, lay.group_of, lay.prompt_rows.shape[0])
-    steps = torch.arange(Lc - 1, device=mb.input_ids.device)  # [Lc - 1]
-    completion = base(
-        input_ids=mb.input_ids[:, Lp : Lp + Lc - 1],  # [B, Lc - 1]
-        attention_mask=mb.attention_mask[:, : Lp + Lc - 1],  # [B, Lp + Lc - 1]
-        position_ids=lay.prompt_lens[:, None] + steps,  # [B, Lc - 1]
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return torch.cat([last[:, None], completion.last_hidden_state], dim=1)  # [B, Lc, H]
+    prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [N, h, Lp, d] each
+    if not lay.chunks:
+        return _completion_pass(base, mb, cache, prompt_kv, None, Lc, last)  # [B, Lc, H]
+    parts = [
+        F.pad(_completion_pass(base, mb, cache, prompt_kv, rows, w, last), (0, 0, 0, Lc - w))
+        for rows, w in zip(lay.chunks, lay.chunk_widths, strict=True)
+    ]  # [b_i, Lc, H] each
+    return torch.cat(parts).index_select(0, lay.unsort)  # [B, Lc, H], rows back in order

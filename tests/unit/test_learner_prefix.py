@@ -107,17 +107,20 @@ def _close(actual, expected, what: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "arch,attn,fused",
-    [("tiny", "sdpa", True), ("tiny", "sdpa", False), ("tiny", "eager", True),
-     ("smollm2", "sdpa", True), ("smollm2", "sdpa", False)],
+    "arch,attn,fused,split",
+    [("tiny", "sdpa", True, True), ("tiny", "sdpa", False, True), ("tiny", "eager", True, True),
+     ("tiny", "sdpa", True, False), ("smollm2", "sdpa", True, True),
+     ("smollm2", "sdpa", False, True), ("smollm2", "sdpa", True, False)],
 )  # fmt: skip
-def test_logprobs_loss_and_gradients_equal_the_padded_path(arch, attn, fused):
+def test_logprobs_loss_and_gradients_equal_the_padded_path(arch, attn, fused, split):
     model = _model(arch, attn)
     samples, advs = _samples()
     index = list(range(len(samples)))
     padded = collate(samples, advs, index, PAD)
-    shared = collate_shared(samples, advs, index, PAD)
+    shared = collate_shared(samples, advs, index, PAD, split_completions=split)
     assert shared.prefix.prompt_rows.tolist() == [0, 4, 5, 7]  # one prompt pass per group
+    # split: two completion passes, completions of 1..3 tokens (3 wide), then 4..8 (8 wide)
+    assert shared.prefix.chunk_widths == ([3, 8] if split else [])
     assert len(set(shared.prefix.prompt_lens.tolist())) == 4  # ragged prompts, one batch
     want = _loss_and_grads(model, padded, samples, fused)
     got = _loss_and_grads(model, shared, samples, fused)
