@@ -1,11 +1,11 @@
 """Benchmark: the learner step (shared-prefix vs padded vs bare transformers), and the
 disk weight-sync pause.
 
-    python -m bench.learner                   # step + sync; writes bench/results/learner.json
-    python -m bench.learner --part step       # only (a);  --part sync: only (b)
+    python -m bench.learner                   # step + passes + sync -> results/learner.json
+    python -m bench.learner --part step       # only (a);  --part sync: (b); passes: (d)
     python -m bench.learner --part sweep      # (c): the shared-prefix threshold for "auto"
     python -m bench.learner --groups 4        # groups of G = 8 per step (default: the demo's 4)
-    python -m bench.learner --threads 1       # torch threads (results/learner.json: 1, see note)
+    python -m bench.learner --threads 1       # torch threads (default: torch's; results/learner.json: 2)
 
 (a) The demo's real shapes, side by side in one run. Model: SmolLM2-135M (prepared,
 float32). Batch: `--groups` groups of G = 8: the demo's chat-templated arithmetic prompts
@@ -17,7 +17,8 @@ variants run the same schedule of passes:
 * shared: `StepRunner.run` with learner.shared_prefix = true (what "auto" picks here):
   collation, 1 no-grad proximal pass, then per epoch forward + backward (fused GRPO loss
   with TIS, entropy, metrics), grad clipping, AdamW step, scheduler step; each prompt is
-  encoded once per pass and its 8 completions run on its KV cache;
+  encoded once per pass and its 8 completions run on its KV cache, in up to 4 passes of
+  similar completion length (`learner.batch.completion_chunks`);
 * padded: the same with learner.shared_prefix = false (every row re-encodes its prompt);
 * bare: 1 no-grad `model(input_ids, attention_mask)` forward, then per epoch
   `model(input_ids, attention_mask, labels).loss.backward()` on the padded micro-batches
@@ -31,6 +32,11 @@ process's peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS be
 step, after a warm-up (AdamW state exists; gradients are freed between steps), the
 smaller (shared) first. Times: median over `--reps` rounds in rotating order after one
 warm-up of each.
+
+(d) passes (`--part passes`): the demo's prompts with long-tailed completions (in each
+group, 4 samples of 4 tokens and 4 of 64), shared prefix with `learner.completion_passes`
+= 4 (default: the short and the long completions run in separate passes) against 1 (one
+pass, every row padded to 64): completion_passes_speedup (goal >= 1.2).
 
 (c) sweep: the same step on 1 group with prompts of 2..16 tokens, padded / shared time
 against the share of tokens the shared layout skips (`learner.plan.shared_prefix_saving`):
@@ -49,6 +55,7 @@ The box is shared: the load average is recorded with the results.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -76,6 +83,7 @@ RESULTS = ROOT / "bench" / "results" / "learner.json"
 GROUP_SIZE, EPOCHS, MICRO_BATCH, COMPLETION_LENS = 8, 2, 32, (4, 16)
 PORT = 8300
 SWEEP_PROMPT_TOKENS = (2, 6, 16)
+LONG_TAIL = [4, 64]  # (d): completion tokens of the even and the odd samples of a group
 
 
 def demo_prompts(n: int, model_dir: Path) -> list[list[int]]:
@@ -162,11 +170,15 @@ class Variants:
         self.model = load_causal_lm(str(self.model_dir), device)
         self.cfg, self.runners = {}, {}
         opt = sched = None  # one AdamW for every variant: its state is 2x the model
-        for name, shared in (("shared", True), ("padded", False)):
+        for name, shared, passes in (
+            ("shared", True, 4),
+            ("padded", False, 4),
+            ("one_pass", True, 1),
+        ):
             cfg = Config()
             lc = cfg.learner
             lc.epochs, lc.micro_batch_size, lc.lr = EPOCHS, MICRO_BATCH, 1e-6
-            lc.shared_prefix = shared
+            lc.shared_prefix, lc.completion_passes = shared, passes
             if opt is None:
                 opt, sched = build_optimizer(self.model, lc)
             self.cfg[name] = cfg
@@ -248,6 +260,26 @@ def bench_sweep(reps: int, device: torch.device) -> tuple[list[dict], dict]:
     return [], {"groups": 1, "group_size": GROUP_SIZE, "reps": reps, "rows": rows}
 
 
+def bench_passes(n_groups: int, reps: int, device: torch.device) -> tuple[list[dict], dict]:
+    """(d) The demo's prompts with long-tailed completions (half of each group 4 tokens,
+    half 64): shared prefix with up to 4 completion passes (default) / with one."""
+    run = Variants(device)
+    prompts = demo_prompts(n_groups, run.model_dir)
+    samples, advs = make_batch(prompts, run.cfg["padded"])
+    samples = [
+        dataclasses.replace(s, completion_ids=(list(s.completion_ids) * 64)[:n],
+                            behaviour_logprobs=[-1.0] * n)
+        for i, s in enumerate(samples) for n in [LONG_TAIL[i % 2]]
+    ]  # fmt: skip
+    for name in ("shared", "one_pass"):  # warm-up
+        run(name, samples, advs)
+    times = time_rounds(run, ["shared", "one_pass"], samples, advs, reps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    speedup = med["one_pass"] / med["shared"]
+    detail = {"groups": n_groups, "completion_tokens": LONG_TAIL, "reps": reps, "seconds": times}
+    return [figure("completion_passes_speedup", speedup, "x", ">=", 1.2)], detail
+
+
 def _weight_version(url: str) -> str:
     with urllib.request.urlopen(f"{url}/weight_info", timeout=10) as r:  # noqa: S310
         return str(json.loads(r.read())["weight_version"])
@@ -316,7 +348,7 @@ def merge_results(new: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.learner", description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["step", "sync", "sweep", "all"], default="all")
+    p.add_argument("--part", choices=["step", "passes", "sync", "sweep", "all"], default="all")
     p.add_argument("--groups", type=int, default=4, help="groups of 8 per step (demo: 4)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -329,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     figures, config = [], {"device": device.type, "model": "SmolLM2-135M-Instruct float32"}
     parts = {
         "step": lambda: bench_step(args.groups, args.reps, device),
+        "passes": lambda: bench_passes(args.groups, args.reps, device),
         "sync": lambda: bench_sync(args.pushes),
         "sweep": lambda: bench_sweep(args.reps, device),
     }

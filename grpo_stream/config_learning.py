@@ -100,6 +100,13 @@ class LearnerConfig(_Section):
         description="run each group's prompt once and its completions on its KV cache "
         "(same numbers, less work); auto: when that skips enough tokens; false: padded",
     )
+    completion_passes: int = Field(
+        4,
+        ge=1,
+        description="shared prefix, one process: run a micro-batch's completions in at most "
+        "this many passes of similar length, each as wide as its longest (count; 1: one "
+        "pass padded to the longest; under FSDP always 1)",
+    )
     epochs: int = Field(2, ge=1, description="mu: passes over each batch per learner step")
     minibatches_per_epoch: int = Field(
         1, ge=1, description="optimizer steps per epoch (the batch split this many ways)"

@@ -27,9 +27,8 @@ import torch
 
 from grpo_stream.buffer.schema import Sample
 
-# `completion_chunks`: at most this many completion passes per micro-batch, and the extra
-# pass's cost in completion tokens (kernel calls, a KV-cache concat per layer)
-MAX_COMPLETION_CHUNKS = 4
+# `completion_chunks`: an extra completion pass's cost in completion tokens (kernel calls,
+# a KV-cache concat per layer)
 CHUNK_COST_TOKENS = 16
 
 
@@ -127,7 +126,7 @@ def collate(
 
 
 def completion_chunks(
-    lens: list[int], max_chunks: int = MAX_COMPLETION_CHUNKS, cost: int = CHUNK_COST_TOKENS
+    lens: list[int], max_chunks: int, cost: int = CHUNK_COST_TOKENS
 ) -> list[list[int]]:
     """Rows split into at most `max_chunks` runs of the completion pass, by completion
     length: the split (of the rows sorted by length) that minimises the padded completion
@@ -155,8 +154,8 @@ def completion_chunks(
     return [order[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def _chunked(lay: PrefixLayout, lens: list[int]) -> PrefixLayout:
-    chunks = completion_chunks(lens)
+def _chunked(lay: PrefixLayout, lens: list[int], passes: int) -> PrefixLayout:
+    chunks = completion_chunks(lens, passes)
     if len(chunks) > 1:
         lay.chunks = [torch.tensor(c, dtype=torch.long) for c in chunks]
         lay.chunk_widths = [max(2, max(lens[i] for i in c)) for c in chunks]
@@ -170,12 +169,12 @@ def collate_shared(
     advantages: list[float],
     index: list[int],
     pad_id: int,
-    split_completions: bool = True,
+    completion_passes: int = 1,
 ) -> MicroBatch:
     """The shared-prefix layout (module docstring). Lc >= 2, so the completion forward
     always runs (every FSDP rank must make the same calls) even for one-token completions.
-    `split_completions`: run the completion pass in chunks of similar length
-    (`completion_chunks`; off under FSDP, whose ranks must make the same calls)."""
+    `completion_passes` > 1: the completion pass may run in that many chunks of similar
+    length (`completion_chunks`; 1 under FSDP, whose ranks must make the same calls)."""
     lens = [_check(s) for s in samples]
     Lp = max(p for p, _ in lens)
     Lc = max(2, max(c for _, c in lens))
@@ -204,8 +203,8 @@ def collate_shared(
         prompt_lens=torch.tensor([p for p, _ in lens], dtype=torch.long),  # [B]
         prompt_width=Lp,
     )
-    if split_completions:
-        prefix = _chunked(prefix, [c for _, c in lens])
+    if completion_passes > 1:
+        prefix = _chunked(prefix, [c for _, c in lens], completion_passes)
     return MicroBatch(
         input_ids=input_ids,
         attention_mask=attn,
@@ -278,12 +277,12 @@ def collate_packs(
     packs: list[list[int]],
     pad_id: int,
     shared: bool,
-    split_completions: bool = True,
+    completion_passes: int = 1,
 ) -> list[MicroBatch]:
     def make(ix: list[int]) -> MicroBatch:
         ss, advs = [samples[i] for i in ix], [advantages[i] for i in ix]
         if shared:
-            return collate_shared(ss, advs, ix, pad_id, split_completions)
+            return collate_shared(ss, advs, ix, pad_id, completion_passes)
         return collate(ss, advs, ix, pad_id)
 
     return [make(ix) for ix in packs]

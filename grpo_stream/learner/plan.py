@@ -9,7 +9,7 @@
   `micro_batch_size` sequences (`batch.make_micro_batches`).
 * Under torchrun every rank must make the same model calls: the layout is shared only if
   every rank chooses it, ranks with fewer micro-batches split their largest ones, and the
-  completion pass is not split by length (`batch.completion_chunks`, single process only).
+  completion pass is not split by length (`learner.completion_passes`, one process only).
 """
 
 from __future__ import annotations
@@ -84,4 +84,5 @@ def plan_micro_batches(
         most = all_reduce_scalars({"count": float(len(packs))}, "max")["count"]
         packs = _split_to(packs, int(most))
     # chunks by completion length would give ranks different numbers of forward calls
-    return collate_packs(samples, advantages, packs, pad_id, shared, split_completions=world == 1)
+    passes = lc.completion_passes if world == 1 else 1
+    return collate_packs(samples, advantages, packs, pad_id, shared, passes)

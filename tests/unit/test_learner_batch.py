@@ -105,15 +105,15 @@ def test_completion_chunks_by_hand():
     from grpo_stream.learner.batch import completion_chunks
 
     # one length, one row, or too little to save: one pass of every row
-    assert completion_chunks([5, 5, 5]) == [[0, 1, 2]]
-    assert completion_chunks([1]) == [[0]]
-    assert completion_chunks([3, 4]) == [[0, 1]]  # 2 x 4 + 16 = 24 < 3 + 4 + 2 x 16 = 39
+    assert completion_chunks([5, 5, 5], 4) == [[0, 1, 2]]
+    assert completion_chunks([1], 4) == [[0]]
+    assert completion_chunks([3, 4], 4) == [[0, 1]]  # 2 x 4 + 16 = 24 < 3 + 4 + 2 x 16 = 39
     # 16 rows of 16 and 16 of 4: 2 passes cost 16 x 4 + 16 x 16 + 2 x 16 = 352 < 16 + 512
     lens = [16] * 16 + [4] * 16
-    assert completion_chunks(lens) == [list(range(16, 32)), list(range(16))]
+    assert completion_chunks(lens, 4) == [list(range(16, 32)), list(range(16))]
     # one-token completions are two columns wide (the pass always runs), so 1 and 2 join
     ones, twos = [i for i in range(32) if i % 2 == 0], [i for i in range(32) if i % 2 == 1]
-    assert completion_chunks([1, 2] * 16 + [30] * 8) == [ones + twos, list(range(32, 40))]
+    assert completion_chunks([1, 2] * 16 + [30] * 8, 4) == [ones + twos, list(range(32, 40))]
     # at most max_chunks passes; the split minimises padded tokens + cost per pass
     lens = [10, 20, 30, 40, 50, 60]
     assert completion_chunks(lens, max_chunks=2, cost=0) == [[0, 1, 2], [3, 4, 5]]

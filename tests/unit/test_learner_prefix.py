@@ -117,7 +117,7 @@ def test_logprobs_loss_and_gradients_equal_the_padded_path(arch, attn, fused, sp
     samples, advs = _samples()
     index = list(range(len(samples)))
     padded = collate(samples, advs, index, PAD)
-    shared = collate_shared(samples, advs, index, PAD, split_completions=split)
+    shared = collate_shared(samples, advs, index, PAD, completion_passes=4 if split else 1)
     assert shared.prefix.prompt_rows.tolist() == [0, 4, 5, 7]  # one prompt pass per group
     # split: two completion passes, completions of 1..3 tokens (3 wide), then 4..8 (8 wide)
     assert shared.prefix.chunk_widths == ([3, 8] if split else [])
@@ -176,3 +176,17 @@ def test_two_clipped_adamw_epochs_give_the_padded_weights(arch, fused):
     for k, w in w_pad.items():
         torch.testing.assert_close(w_sh[k], w, rtol=RTOL, atol=1e-5)
         assert float((w - init[k]).abs().max()) > LR  # two AdamW steps moved every tensor
+
+
+@pytest.mark.parametrize("passes,world,widths", [(4, 1, [3, 8]), (1, 1, []), (4, 2, [])])
+def test_completion_passes_reach_the_plan(passes, world, widths, monkeypatch):
+    """`learner.completion_passes` splits the completion pass by length in one process;
+    under FSDP (world 2) never, since every rank must make the same model calls."""
+    import grpo_stream.learner.plan as plan
+
+    monkeypatch.setattr(plan, "all_reduce_scalars", lambda values, op: values)  # one rank
+    lc = Config().learner
+    lc.shared_prefix, lc.completion_passes, lc.micro_batch_size = True, passes, 16
+    samples, advs = _samples()
+    (mb,) = plan_micro_batches(samples, advs, lc, PAD, _model("tiny"), world)
+    assert mb.prefix is not None and mb.prefix.chunk_widths == widths
