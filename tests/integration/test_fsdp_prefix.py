@@ -80,6 +80,16 @@ def _worker(out: Path, model_dir: Path) -> None:
     mine, my_advs = D.shard_batch(samples, advs, info.rank, info.world_size)
     mbs = plan_micro_batches(mine, my_advs, cfg.learner, PAD, policy, info.world_size)
     layouts = D.all_reduce_scalars({"shared": float(all(mb.prefix for mb in mbs))}, "min")
+    # learner.completion_passes (4) splits a shard's completions by length in one process,
+    # never under FSDP (every rank must make the same model calls): a group of 2- and
+    # 30-token completions, each rank's shard in one micro-batch
+    tail, tail_advs = D.shard_batch(*ragged_samples([(5, [2, 2, 30, 30] * 2)], 4, "tail", VOCAB),
+                                    info.rank, info.world_size)  # fmt: skip
+    alone = plan_micro_batches(tail, tail_advs, cfg.learner, PAD, policy, 1)
+    fsdp = plan_micro_batches(tail, tail_advs, cfg.learner, PAD, policy, info.world_size)
+    split = {"split_alone": float(any(mb.prefix.chunks for mb in alone)),
+             "split_fsdp": float(any(mb.prefix.chunks for mb in fsdp))}  # fmt: skip
+    layouts |= D.all_reduce_scalars(split, "max")
     random.seed(0)
     metrics = runner.run(mine, my_advs)
     params = D.full_state_dict_on_rank0(policy)
@@ -124,6 +134,7 @@ def test_two_rank_fsdp_shared_prefix_equals_one_padded_process(tmp_path: Path) -
     finally:
         torch.set_num_threads(threads)
     assert got["layouts"]["shared"] == 1.0
+    assert got["layouts"]["split_alone"] == 1.0 and got["layouts"]["split_fsdp"] == 0.0
     # ("tokens" differs by design: it counts the padding sample's 2 prompt tokens)
     for k in ("loss", "grad_norm", "clip_low_frac", "clip_high_frac", "entropy"):
         assert got["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=1e-9), k

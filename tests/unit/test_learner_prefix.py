@@ -178,15 +178,12 @@ def test_two_clipped_adamw_epochs_give_the_padded_weights(arch, fused):
         assert float((w - init[k]).abs().max()) > LR  # two AdamW steps moved every tensor
 
 
-@pytest.mark.parametrize("passes,world,widths", [(4, 1, [3, 8]), (1, 1, []), (4, 2, [])])
-def test_completion_passes_reach_the_plan(passes, world, widths, monkeypatch):
-    """`learner.completion_passes` splits the completion pass by length in one process;
-    under FSDP (world 2) never, since every rank must make the same model calls."""
-    import grpo_stream.learner.plan as plan
-
-    monkeypatch.setattr(plan, "all_reduce_scalars", lambda values, op: values)  # one rank
+@pytest.mark.parametrize("passes,widths", [(4, [3, 8]), (1, [])])
+def test_completion_passes_reach_the_plan(passes, widths):
+    """`learner.completion_passes` splits the completion pass by length in one process
+    (under FSDP never: tests/integration/test_fsdp_prefix.py)."""
     lc = Config().learner
     lc.shared_prefix, lc.completion_passes, lc.micro_batch_size = True, passes, 16
     samples, advs = _samples()
-    (mb,) = plan_micro_batches(samples, advs, lc, PAD, _model("tiny"), world)
+    (mb,) = plan_micro_batches(samples, advs, lc, PAD, _model("tiny"))
     assert mb.prefix is not None and mb.prefix.chunk_widths == widths
