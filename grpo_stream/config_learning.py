@@ -97,13 +97,22 @@ class LearnerConfig(_Section):
     )
     shared_prefix: Literal["auto"] | bool = Field(
         "auto",
-        description="run each group's prompt once and its completions on its KV cache "
+        description="run each group's prompt once and its completions against it "
         "(same numbers, less work); auto: when that skips enough tokens; false: padded",
+    )
+    pack_mask_mib: float = Field(
+        64.0,
+        ge=0,
+        description="shared prefix: one forward of each micro-batch's groups packed into "
+        "rows (prompt, then every completion) while their grouped attention mask, "
+        "groups x row length^2 bytes, stays under this (MiB); longer rows, or 0: the "
+        "prompt's KV cache and completion_passes",
     )
     completion_passes: int = Field(
         4,
         ge=1,
-        description="shared prefix, one process: run a micro-batch's completions in at most "
+        description="shared prefix on the KV cache, one process: run a micro-batch's "
+        "completions in at most "
         "this many passes of similar length, each as wide as its longest (count; 1: one "
         "pass padded to the longest; under FSDP always 1)",
     )

@@ -11,7 +11,9 @@ prompt share one prompt forward. `input_ids` is [B, Lp + Lc]: the prompt right-p
 Lp columns, then the completion right-padded to Lc. The [B, T] tensors cover the
 completion only (T = Lc): column j holds log p(completion[j] | prompt, completion[:j]),
 so `targets` = input_ids[:, Lp:]. `prefix` says which row's prompt is run (one per
-distinct prompt) and which prompt each row continues.
+distinct prompt) and which prompt each row continues. `prefix.packed` (`PackedRows`,
+when its grouped attention mask fits `pack_mask_bytes`) also lays each prompt's group
+out as one row, the prompt then every completion, for a single forward.
 
 `make_micro_batches` splits a step's samples into micro-batches either of at most
 `size` sequences (in order) or, with `max_tokens`, sorted by length and packed to at
@@ -33,6 +35,29 @@ CHUNK_COST_TOKENS = 16
 
 
 @dataclass
+class PackedRows:
+    """A shared-prefix micro-batch as N packed rows, one forward (Prefix Grouper's grouped
+    attention): row n is prompt n, then the inputs completion[:-1] of each of its rows in
+    turn, then padding. Each completion attends to its prompt and causally to itself
+    (`learner.prefix.grouped_attention_mask`); no padding between them."""
+
+    input_ids: torch.Tensor  # [N, L] long
+    position_ids: torch.Tensor  # [N, L] long: 0..P-1 (prompt), P..P+C-2 (each completion)
+    segments: torch.Tensor  # [N, L] long: 0 prompt, k >= 1 the row's k-th completion, -1 pad
+    gather: torch.Tensor  # [B, Lc] long: the flattened [N * L] position behind each target
+    # (completion token 0: the prompt's last position); N * L: none (a masked column)
+
+    def to(self, device: torch.device | str) -> PackedRows:
+        return PackedRows(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    @property
+    def mask_bytes(self) -> int:
+        """Size of its boolean grouped attention mask [N, 1, L, L]."""
+        n, L = self.input_ids.shape
+        return n * L * L
+
+
+@dataclass
 class PrefixLayout:
     """Which prompt each row of a shared-prefix micro-batch continues."""
 
@@ -44,6 +69,7 @@ class PrefixLayout:
     chunks: list[torch.Tensor] = field(default_factory=list)  # [b_i] long rows, by length
     chunk_widths: list[int] = field(default_factory=list)  # Lc_i: completion columns of each
     unsort: torch.Tensor | None = None  # [B] long: row b's position in cat(chunks)
+    packed: PackedRows | None = None  # set: one forward of packed groups instead
 
     def to(self, device: torch.device | str) -> PrefixLayout:
         return PrefixLayout(
@@ -54,6 +80,7 @@ class PrefixLayout:
             [c.to(device) for c in self.chunks],
             self.chunk_widths,
             None if self.unsort is None else self.unsort.to(device),
+            None if self.packed is None else self.packed.to(device),
         )
 
 
@@ -164,17 +191,57 @@ def _chunked(lay: PrefixLayout, lens: list[int], passes: int) -> PrefixLayout:
     return lay
 
 
+def packed_rows(
+    samples: list[Sample], group_of: list[int], Lc: int, max_bytes: int
+) -> PackedRows | None:
+    """The micro-batch as packed groups (`PackedRows`), or None when its grouped
+    attention mask would take more than `max_bytes`."""
+    n = max(group_of) + 1
+    ids: list[list[int]] = [[] for _ in range(n)]
+    pos: list[list[int]] = [[] for _ in range(n)]
+    seg: list[list[int]] = [[] for _ in range(n)]
+    where: list[tuple[int, list[int]]] = []  # (row, local positions behind each target)
+    for s, g in zip(samples, group_of, strict=True):
+        P = len(s.prompt_ids)
+        if not ids[g]:
+            ids[g], pos[g], seg[g] = list(s.prompt_ids), list(range(P)), [0] * P
+        start, k = len(ids[g]), max(seg[g]) + 1
+        inputs = list(s.completion_ids[:-1])
+        ids[g] += inputs
+        pos[g] += range(P, P + len(inputs))
+        seg[g] += [k] * len(inputs)
+        where.append((g, [P - 1, *range(start, start + len(inputs))]))
+    L = max(len(r) for r in ids)
+    if n * L * L > max_bytes:
+        return None
+    input_ids = torch.zeros((n, L), dtype=torch.long)  # [N, L]
+    position_ids = torch.zeros((n, L), dtype=torch.long)  # [N, L]
+    segments = torch.full((n, L), -1, dtype=torch.long)  # [N, L]
+    for g in range(n):
+        m = len(ids[g])
+        input_ids[g, :m] = torch.tensor(ids[g], dtype=torch.long)
+        position_ids[g, :m] = torch.tensor(pos[g], dtype=torch.long)
+        segments[g, :m] = torch.tensor(seg[g], dtype=torch.long)
+    gather = torch.full((len(samples), Lc), n * L, dtype=torch.long)  # [B, Lc]
+    for b, (g, local) in enumerate(where):
+        gather[b, : len(local)] = g * L + torch.tensor(local, dtype=torch.long)
+    return PackedRows(input_ids, position_ids, segments, gather)
+
+
 def collate_shared(
     samples: list[Sample],
     advantages: list[float],
     index: list[int],
     pad_id: int,
     completion_passes: int = 1,
+    pack_mask_bytes: int = 0,
 ) -> MicroBatch:
     """The shared-prefix layout (module docstring). Lc >= 2, so the completion forward
     always runs (every FSDP rank must make the same calls) even for one-token completions.
-    `completion_passes` > 1: the completion pass may run in that many chunks of similar
-    length (`completion_chunks`; 1 under FSDP, whose ranks must make the same calls)."""
+    `pack_mask_bytes` > 0: packed groups (`packed_rows`) when their mask fits that many
+    bytes. Otherwise, `completion_passes` > 1: the completion pass may run in that many
+    chunks of similar length (`completion_chunks`; 1 under FSDP, whose ranks must make
+    the same calls)."""
     lens = [_check(s) for s in samples]
     Lp = max(p for p, _ in lens)
     Lc = max(2, max(c for _, c in lens))
@@ -203,7 +270,9 @@ def collate_shared(
         prompt_lens=torch.tensor([p for p, _ in lens], dtype=torch.long),  # [B]
         prompt_width=Lp,
     )
-    if completion_passes > 1:
+    if pack_mask_bytes > 0:
+        prefix.packed = packed_rows(samples, group_of, Lc, pack_mask_bytes)
+    if completion_passes > 1 and prefix.packed is None:
         prefix = _chunked(prefix, [c for _, c in lens], completion_passes)
     return MicroBatch(
         input_ids=input_ids,
@@ -278,11 +347,12 @@ def collate_packs(
     pad_id: int,
     shared: bool,
     completion_passes: int = 1,
+    pack_mask_bytes: int = 0,
 ) -> list[MicroBatch]:
     def make(ix: list[int]) -> MicroBatch:
         ss, advs = [samples[i] for i in ix], [advantages[i] for i in ix]
         if shared:
-            return collate_shared(ss, advs, ix, pad_id, completion_passes)
+            return collate_shared(ss, advs, ix, pad_id, completion_passes, pack_mask_bytes)
         return collate(ss, advs, ix, pad_id)
 
     return [make(ix) for ix in packs]

@@ -7,9 +7,13 @@
   "auto" → shared prefix when it saves at least `AUTO_MIN_SAVED` of the forward tokens.
 * `learner.micro_batch_tokens`: micro-batches packed by token budget instead of
   `micro_batch_size` sequences (`batch.make_micro_batches`).
+* `learner.pack_mask_mib`: a shared-prefix micro-batch runs as one forward of packed
+  groups (`batch.PackedRows`) while its grouped attention mask fits; otherwise on the
+  prompts' KV cache, its completions in up to `learner.completion_passes` passes.
 * Under torchrun every rank must make the same model calls: the layout is shared only if
-  every rank chooses it, ranks with fewer micro-batches split their largest ones, and the
-  completion pass is not split by length (`learner.completion_passes`, one process only).
+  every rank chooses it, ranks with fewer micro-batches split their largest ones, groups
+  are packed only if every rank's micro-batches all are, and the completion pass is not
+  split by length (`learner.completion_passes`, one process only).
 """
 
 from __future__ import annotations
@@ -85,4 +89,10 @@ def plan_micro_batches(
         packs = _split_to(packs, int(most))
     # chunks by completion length would give ranks different numbers of forward calls
     passes = lc.completion_passes if world == 1 else 1
-    return collate_packs(samples, advantages, packs, pad_id, shared, passes)
+    mask_bytes = int(lc.pack_mask_mib * 2**20)
+    mbs = collate_packs(samples, advantages, packs, pad_id, shared, passes, mask_bytes)
+    if world > 1 and shared:  # packed: one forward per micro-batch, cached: two
+        packed = float(all(mb.prefix.packed is not None for mb in mbs))
+        if not all_reduce_scalars({"packed": packed}, "min")["packed"]:
+            mbs = collate_packs(samples, advantages, packs, pad_id, shared, passes)
+    return mbs

@@ -1,7 +1,19 @@
 """The shared-prefix forward: each distinct prompt runs through the decoder once, and its
-G completions continue from that prompt's KV cache (Prefix Grouper, arXiv 2506.05433).
+G completions continue from it (Prefix Grouper, arXiv 2506.05433), in one of two ways.
 
     hidden = shared_prefix_hidden(model, mb)   # [B, T = Lc, H], mb in the shared layout
+
+Packed groups (`mb.prefix.packed`, `batch.PackedRows`; the default while the mask is
+small): ONE forward of N rows, row n = prompt n then each of its completions' inputs,
+with the grouped attention mask (`grouped_attention_mask`): prompt tokens attend
+causally within the prompt, completion tokens to their prompt and causally within their
+own completion. Position ids restart at P for every completion, so each token sees
+exactly the keys, values and positions of its padded sequence. No padding between
+completions and one pass: the fewest tokens and kernel calls. The hidden states behind
+the targets are gathered back to [B, Lc, H] (`PackedRows.gather`; completion token 0
+from the prompt's last position, whose gradient sums over the group).
+
+KV cache (long rows, whose [N, 1, L, L] mask would be too large):
 
 1. Prompt pass: the N distinct prompts [N, Lp] (right-padded, default positions) with
    `use_cache=True`; their KV cache is [N, kv_heads, Lp, d] per layer.
@@ -54,6 +66,39 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def grouped_attention_mask(segments: torch.Tensor, implementation: str) -> torch.Tensor:
+    """The packed rows' attention mask [N, 1, L, L] from their segments [N, L] (0 prompt,
+    k >= 1 completion k, -1 padding): query i sees key j <= i of the prompt or of its own
+    completion; a padding query sees only itself (no row fully masked). Boolean (True:
+    attend) for sdpa; additive float32 (0 / most negative) for eager attention."""
+    L = segments.shape[1]
+    q, k = segments[:, :, None], segments[:, None, :]  # [N, L, 1], [N, 1, L]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()  # [L, L]
+    ok = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))  # [N, L, L]
+    ok = ok | torch.eye(L, dtype=torch.bool, device=segments.device)  # [N, L, L]
+    ok = ok[:, None]  # [N, 1, L, L]
+    if implementation == "sdpa":
+        return ok
+    lowest = torch.finfo(torch.float32).min
+    return torch.zeros(ok.shape, device=ok.device).masked_fill(~ok, lowest)  # [N, 1, L, L]
+
+
+def _packed_hidden(base, mb: MicroBatch) -> torch.Tensor:
+    """Hidden states [B, Lc, H] behind mb's targets from one forward of its packed groups;
+    the columns past a row's own completion (masked) are zeros."""
+    pk = mb.prefix.packed
+    mask = grouped_attention_mask(pk.segments, base.config._attn_implementation)
+    out = base(
+        input_ids=pk.input_ids,  # [N, L]
+        attention_mask=mask,  # [N, 1, L, L]
+        position_ids=pk.position_ids,  # [N, L]
+        use_cache=False,
+    )
+    h = out.last_hidden_state  # [N, L, H]
+    flat = torch.cat([h.flatten(0, 1), h.new_zeros(1, h.shape[-1])])  # [N * L + 1, H]
+    return flat[pk.gather]  # [B, Lc, H]
+
+
 def _widen_cache(cache, prompt_kv: list, group_of: torch.Tensor, n_prompts: int) -> None:
     """Each layer's [N, h, Lp, d] prompt keys/values -> [b, h, Lp, d], row i = its prompt's
     (`group_of` [b]); resets what a previous completion pass appended."""
@@ -95,6 +140,8 @@ def shared_prefix_hidden(model, mb: MicroBatch) -> torch.Tensor:
     if lay is None:
         raise ValueError("shared_prefix_hidden: the micro-batch is in the padded layout")
     base = model.base_model
+    if lay.packed is not None:
+        return _packed_hidden(base, mb)  # [B, Lc, H]
     Lp, Lc = lay.prompt_width, mb.targets.shape[1]
     prompt = base(
         input_ids=mb.input_ids[lay.prompt_rows, :Lp],  # [N, Lp]

@@ -3,11 +3,16 @@
 The test starts `torchrun --nproc-per-node 2` on THIS file (the `__main__` block is the
 per-rank worker). Each rank runs the real `StepRunner` with learner.shared_prefix = true
 on its shard of 11 samples in 5 groups (round-robin sharding splits every group across the
-ranks, and rank 1 gets a padding sample): two clipped epochs, AdamW. In the shared-prefix
-forward every decoder layer runs twice per forward (the prompt pass, then the completion
-pass on its KV cache), so FSDP2 all-gathers and reduce-scatters each layer twice; the
-gradient must still be the single process's. Checked: both ranks used the shared layout,
-and the gathered weights and the metrics equal one process on the padded layout (fp32).
+ranks, and rank 1 gets a padding sample): two learner steps of two clipped epochs each,
+AdamW. Step 1 runs the packed groups (one forward of prompt + completions per row, the
+grouped attention mask); step 2 the KV-cache path (learner.pack_mask_mib = 0), where
+every decoder layer runs twice per forward (the prompt pass, then the completion pass on
+its KV cache), so FSDP2 all-gathers and reduce-scatters each layer twice. The gradient
+must still be the single process's. Checked: both ranks used the shared layout in the
+expected form, and after each step the metrics, after both the gathered weights, equal
+one process's two steps on the padded layout (fp32). Also: the ranks agree on packing
+(a rank whose groups do not fit makes the other rank use the KV cache too), and
+learner.completion_passes splits completions by length alone but never under FSDP.
 """
 
 from __future__ import annotations
@@ -78,23 +83,49 @@ def _worker(out: Path, model_dir: Path) -> None:
     runner = StepRunner(cfg, policy, None, opt, sched, info.device, pad_id=PAD, world=2)
     samples, advs = batch()
     mine, my_advs = D.shard_batch(samples, advs, info.rank, info.world_size)
-    mbs = plan_micro_batches(mine, my_advs, cfg.learner, PAD, policy, info.world_size)
-    layouts = D.all_reduce_scalars({"shared": float(all(mb.prefix for mb in mbs))}, "min")
-    # learner.completion_passes (4) splits a shard's completions by length in one process,
-    # never under FSDP (every rank must make the same model calls): a group of 2- and
-    # 30-token completions, each rank's shard in one micro-batch
-    tail, tail_advs = D.shard_batch(*ragged_samples([(5, [2, 2, 30, 30] * 2)], 4, "tail", VOCAB),
-                                    info.rank, info.world_size)  # fmt: skip
-    alone = plan_micro_batches(tail, tail_advs, cfg.learner, PAD, policy, 1)
-    fsdp = plan_micro_batches(tail, tail_advs, cfg.learner, PAD, policy, info.world_size)
-    split = {"split_alone": float(any(mb.prefix.chunks for mb in alone)),
-             "split_fsdp": float(any(mb.prefix.chunks for mb in fsdp))}  # fmt: skip
-    layouts |= D.all_reduce_scalars(split, "max")
+    lc = cfg.learner
+    mbs = plan_micro_batches(mine, my_advs, lc, PAD, policy, info.world_size)
+    layouts = D.all_reduce_scalars(
+        {
+            "shared": float(all(mb.prefix for mb in mbs)),
+            "packed": float(all(mb.prefix.packed for mb in mbs)),
+        },
+        "min",
+    )
+    layouts |= _split_and_vote(lc, policy, info)
     random.seed(0)
-    metrics = runner.run(mine, my_advs)
+    metrics = [runner.run(mine, my_advs)]  # step 1: packed groups
+    lc.pack_mask_mib = 0.0
+    mbs = plan_micro_batches(mine, my_advs, lc, PAD, policy, info.world_size)
+    layouts["cached"] = float(all(mb.prefix and mb.prefix.packed is None for mb in mbs))
+    random.seed(1)
+    metrics.append(runner.run(mine, my_advs))  # step 2: the KV cache
     params = D.full_state_dict_on_rank0(policy)
     if info.is_rank0:
         torch.save({"params": params, "metrics": metrics, "layouts": layouts}, out / "rank0.pt")
+
+
+def _split_and_vote(lc, policy, info) -> dict[str, float]:
+    """learner.completion_passes (4) splits a shard's completions by length in one process,
+    never under FSDP (every rank must make the same model calls): a group of 2- and
+    30-token completions, each rank's shard in one micro-batch, on the KV cache. And when
+    one rank's groups may not be packed (its pack_mask_mib is 0), no rank packs."""
+    from grpo_stream.learner import distributed as D
+    from grpo_stream.learner.plan import plan_micro_batches
+
+    tail, tail_advs = D.shard_batch(*ragged_samples([(5, [2, 2, 30, 30] * 2)], 4, "tail", VOCAB),
+                                    info.rank, info.world_size)  # fmt: skip
+    cached = lc.model_copy(update={"pack_mask_mib": 0.0})
+    alone = plan_micro_batches(tail, tail_advs, cached, PAD, policy, 1)
+    fsdp = plan_micro_batches(tail, tail_advs, cached, PAD, policy, info.world_size)
+    out = {"split_alone": float(any(mb.prefix.chunks for mb in alone)),
+           "split_fsdp": float(any(mb.prefix.chunks for mb in fsdp))}  # fmt: skip
+    mine = lc if info.rank == 0 else cached
+    out["packed_alone"] = float(plan_micro_batches(tail, tail_advs, mine, PAD, policy, 1)[0]
+                                .prefix.packed is not None)  # fmt: skip
+    voted = plan_micro_batches(tail, tail_advs, mine, PAD, policy, info.world_size)
+    out["packed_voted"] = float(any(mb.prefix.packed is not None for mb in voted))
+    return D.all_reduce_scalars(out, "max")
 
 
 def _reference(model_dir: Path) -> dict:
@@ -108,8 +139,10 @@ def _reference(model_dir: Path) -> dict:
     cfg = config(shared=False)
     opt, sched = build_optimizer(model, cfg.learner)
     runner = StepRunner(cfg, model, None, opt, sched, torch.device("cpu"), pad_id=PAD)
-    random.seed(0)
-    metrics = runner.run(*batch())
+    metrics = []
+    for step in range(2):
+        random.seed(step)
+        metrics.append(runner.run(*batch()))
     return {"params": model.state_dict(), "metrics": metrics}
 
 
@@ -133,12 +166,15 @@ def test_two_rank_fsdp_shared_prefix_equals_one_padded_process(tmp_path: Path) -
         ref = _reference(model_dir)
     finally:
         torch.set_num_threads(threads)
-    assert got["layouts"]["shared"] == 1.0
-    assert got["layouts"]["split_alone"] == 1.0 and got["layouts"]["split_fsdp"] == 0.0
+    lay = got["layouts"]
+    assert lay["shared"] == lay["packed"] == lay["cached"] == 1.0
+    assert lay["split_alone"] == 1.0 and lay["split_fsdp"] == 0.0
+    assert lay["packed_alone"] == 1.0 and lay["packed_voted"] == 0.0
     # ("tokens" differs by design: it counts the padding sample's 2 prompt tokens)
-    for k in ("loss", "grad_norm", "clip_low_frac", "clip_high_frac", "entropy"):
-        assert got["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=1e-9), k
-    assert ref["metrics"]["clip_low_frac"] + ref["metrics"]["clip_high_frac"] > 0
+    for step, (mine, want) in enumerate(zip(got["metrics"], ref["metrics"], strict=True)):
+        for k in ("loss", "grad_norm", "clip_low_frac", "clip_high_frac", "entropy"):
+            assert mine[k] == pytest.approx(want[k], rel=1e-5, abs=1e-9), (step, k)
+        assert want["clip_low_frac"] + want["clip_high_frac"] > 0
     for k, w in ref["params"].items():  # AdamW: an absolute bound, see test_learner_prefix
         torch.testing.assert_close(
             got["params"][k], w, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}"

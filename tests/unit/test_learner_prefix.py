@@ -23,6 +23,7 @@ from grpo_stream.learner.batch import collate, collate_shared
 from grpo_stream.learner.optim import build_optimizer
 from grpo_stream.learner.plan import plan_micro_batches
 from grpo_stream.learner.policy import sequence_logprobs, sequence_loss
+from grpo_stream.learner.prefix import grouped_attention_mask
 from grpo_stream.learner.step import StepRunner
 
 RTOL = 1e-5
@@ -106,21 +107,30 @@ def _close(actual, expected, what: str) -> None:
     )
 
 
+# the shared-prefix paths: one forward of packed groups, or the KV cache (its completion
+# pass in one pass or split by length); 64 MiB: packed (learner.pack_mask_mib's default)
+MODES = {"packed": dict(pack_mask_bytes=64 << 20), "cached": {}, "split": dict(completion_passes=4)}
+
+
 @pytest.mark.parametrize(
-    "arch,attn,fused,split",
-    [("tiny", "sdpa", True, True), ("tiny", "sdpa", False, True), ("tiny", "eager", True, True),
-     ("tiny", "sdpa", True, False), ("smollm2", "sdpa", True, True),
-     ("smollm2", "sdpa", False, True), ("smollm2", "sdpa", True, False)],
+    "arch,attn,fused,mode",
+    [("tiny", "sdpa", True, "split"), ("tiny", "sdpa", False, "split"),
+     ("tiny", "eager", True, "split"), ("tiny", "sdpa", True, "cached"),
+     ("smollm2", "sdpa", True, "split"), ("smollm2", "sdpa", False, "split"),
+     ("smollm2", "sdpa", True, "cached"), ("tiny", "sdpa", True, "packed"),
+     ("tiny", "sdpa", False, "packed"), ("tiny", "eager", True, "packed"),
+     ("smollm2", "sdpa", True, "packed"), ("smollm2", "eager", False, "packed")],
 )  # fmt: skip
-def test_logprobs_loss_and_gradients_equal_the_padded_path(arch, attn, fused, split):
+def test_logprobs_loss_and_gradients_equal_the_padded_path(arch, attn, fused, mode):
     model = _model(arch, attn)
     samples, advs = _samples()
     index = list(range(len(samples)))
     padded = collate(samples, advs, index, PAD)
-    shared = collate_shared(samples, advs, index, PAD, completion_passes=4 if split else 1)
+    shared = collate_shared(samples, advs, index, PAD, **MODES[mode])
     assert shared.prefix.prompt_rows.tolist() == [0, 4, 5, 7]  # one prompt pass per group
     # split: two completion passes, completions of 1..3 tokens (3 wide), then 4..8 (8 wide)
-    assert shared.prefix.chunk_widths == ([3, 8] if split else [])
+    assert shared.prefix.chunk_widths == ([3, 8] if mode == "split" else [])
+    assert (shared.prefix.packed is not None) == (mode == "packed")
     assert len(set(shared.prefix.prompt_lens.tolist())) == 4  # ragged prompts, one batch
     want = _loss_and_grads(model, padded, samples, fused)
     got = _loss_and_grads(model, shared, samples, fused)
@@ -155,14 +165,21 @@ def _train(arch: str, shared: bool, **learner):
     samples, advs = _samples()
     random.seed(0)
     metrics = runner.run(samples, advs)
-    layouts = {mb.prefix is not None for mb in plan_micro_batches(samples, advs, lc, PAD, model)}
-    assert layouts == {shared}
+    mbs = plan_micro_batches(samples, advs, lc, PAD, model)
+    assert {mb.prefix is not None for mb in mbs} == {shared}
+    if shared:  # the path the setting asked for
+        assert {mb.prefix.packed is not None for mb in mbs} == {lc.pack_mask_mib > 0}
     return {k: p.detach().clone() for k, p in model.named_parameters()}, metrics
 
 
-@pytest.mark.parametrize("arch,fused", [("tiny", True), ("tiny", False), ("smollm2", True)])
-def test_two_clipped_adamw_epochs_give_the_padded_weights(arch, fused):
-    (w_pad, m_pad), (w_sh, m_sh) = (_train(arch, s, fused_loss=fused) for s in (False, True))
+@pytest.mark.parametrize(
+    "arch,fused,pack_mib",
+    [("tiny", True, 64.0), ("tiny", False, 64.0), ("smollm2", True, 64.0), ("tiny", True, 0.0)],
+)  # 64 MiB: packed groups (the default); 0: the KV cache
+def test_two_clipped_adamw_epochs_give_the_padded_weights(arch, fused, pack_mib):
+    (w_pad, m_pad), (w_sh, m_sh) = (
+        _train(arch, s, fused_loss=fused, pack_mask_mib=pack_mib) for s in (False, True)
+    )
     assert m_pad["clip_low_frac"] + m_pad["clip_high_frac"] > 0.05  # the clip acts
     assert m_pad["ratio_max"] != 1.0
     for k in ("loss", "grad_norm", "clip_low_frac", "clip_high_frac", "entropy"):
@@ -184,6 +201,55 @@ def test_completion_passes_reach_the_plan(passes, widths):
     (under FSDP never: tests/integration/test_fsdp_prefix.py)."""
     lc = Config().learner
     lc.shared_prefix, lc.completion_passes, lc.micro_batch_size = True, passes, 16
+    lc.pack_mask_mib = 0.0  # the KV-cache path, where completion passes apply
     samples, advs = _samples()
     (mb,) = plan_micro_batches(samples, advs, lc, PAD, _model("tiny"))
     assert mb.prefix is not None and mb.prefix.chunk_widths == widths
+
+
+# SHAPES packed: rows of 9 + 4 + 0 + 6 + 2 = 21, 4 + 5 = 9, 12 + 0 + 0 = 12 and
+# 6 + 1 + 7 + 3 = 17 tokens, so the mask is 4 x 21 x 21 = 1764 bytes
+@pytest.mark.parametrize("mask_bytes,packed", [(1764, True), (1763, False)])
+def test_pack_mask_mib_reaches_the_plan(mask_bytes, packed):
+    lc = Config().learner
+    lc.shared_prefix, lc.micro_batch_size, lc.pack_mask_mib = True, 16, mask_bytes / 2**20
+    samples, advs = _samples()
+    (mb,) = plan_micro_batches(samples, advs, lc, PAD, _model("tiny"))
+    assert (mb.prefix.packed is not None) == packed
+    if packed:
+        assert mb.prefix.packed.input_ids.shape == (4, 21) and mb.prefix.packed.mask_bytes == 1764
+    else:  # the KV cache, its completions split by length (completion_passes = 4)
+        assert mb.prefix.chunk_widths == [3, 8]
+
+
+def _sample(prompt: list[int], completion: list[int]) -> Sample:
+    return Sample(run_id="hand", prompt_id=str(prompt), sample_index=0, policy_version=0,
+                  prompt_ids=prompt, completion_ids=completion,
+                  behaviour_logprobs=[-1.0] * len(completion), reward=0.0)  # fmt: skip
+
+
+def test_packed_rows_and_grouped_mask_by_hand():
+    """Prompt [5, 6] with completions [7, 8, 9] and [10]; prompt [11] with [12, 13]."""
+    samples = [_sample([5, 6], [7, 8, 9]), _sample([11], [12, 13]), _sample([5, 6], [10])]
+    pk = collate_shared(samples, [0.0] * 3, [0, 1, 2], PAD, pack_mask_bytes=32).prefix.packed
+    # row 0: prompt a, completion 0's inputs [7, 8] (9 is only a target), completion 2's
+    # inputs [] (10 is predicted from the prompt); row 1: prompt b, then [12]
+    assert pk.input_ids.tolist() == [[5, 6, 7, 8], [11, 12, 0, 0]]
+    assert pk.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 0]]
+    assert pk.segments.tolist() == [[0, 0, 1, 1], [0, 1, -1, -1]]
+    # flattened [2 x 4] positions behind each target, 8: none (past the completion)
+    assert pk.gather.tolist() == [[1, 2, 3], [4, 5, 8], [1, 8, 8]]
+    T, F = True, False
+    want = [
+        [[T, F, F, F], [T, T, F, F], [T, T, T, F], [T, T, T, T]],
+        [[T, F, F, F], [T, T, F, F], [F, F, T, F], [F, F, F, T]],
+    ]  # row 1's padding queries see only themselves
+    assert grouped_attention_mask(pk.segments, "sdpa")[:, 0].tolist() == want
+    additive = grouped_attention_mask(pk.segments, "eager")[:, 0]  # [2, 4, 4] float32
+    lowest = torch.finfo(torch.float32).min
+    assert additive.tolist() == [[[0.0 if x else lowest for x in r] for r in m] for m in want]
+    # two completions after one prompt: [5, 6, 7, 8, 3] -> 1 row x 5^2 = 25 bytes
+    pair = [samples[0], _sample([5, 6], [3, 4])]
+    got = [collate_shared(pair, [0.0] * 2, [0, 1], PAD, pack_mask_bytes=b).prefix.packed
+           for b in (25, 24)]  # fmt: skip
+    assert got[0].segments.tolist() == [[0, 0, 1, 1, 2]] and got[1] is None
