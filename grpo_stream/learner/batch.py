@@ -191,6 +191,16 @@ def _chunked(lay: PrefixLayout, lens: list[int], passes: int) -> PrefixLayout:
     return lay
 
 
+def packed_mask_bytes(samples: list[Sample]) -> int:
+    """The size of `packed_rows`' mask for these samples as one micro-batch: groups x L^2,
+    L the longest row (a prompt, then its completions but their last tokens)."""
+    rows: dict[tuple[int, ...], int] = {}
+    for s in samples:
+        key = tuple(s.prompt_ids)
+        rows[key] = rows.get(key, len(key)) + len(s.completion_ids) - 1
+    return len(rows) * max(rows.values()) ** 2
+
+
 def packed_rows(
     samples: list[Sample], group_of: list[int], Lc: int, max_bytes: int
 ) -> PackedRows | None:

@@ -4,7 +4,8 @@
 
 * `learner.shared_prefix`: false → padded; true → shared prefix wherever the model
   supports it (`learner.prefix.unsupported_reason`; otherwise padded, logged once);
-  "auto" → shared prefix when it saves at least `AUTO_MIN_SAVED` of the forward tokens.
+  "auto" → shared prefix when it saves at least `AUTO_MIN_SAVED_PACKED` of the forward
+  tokens and every micro-batch fits the packed groups' mask, else `AUTO_MIN_SAVED`.
 * `learner.micro_batch_tokens`: micro-batches packed by token budget instead of
   `micro_batch_size` sequences (`batch.make_micro_batches`).
 * `learner.pack_mask_mib`: a shared-prefix micro-batch runs as one forward of packed
@@ -19,17 +20,21 @@
 from __future__ import annotations
 
 from grpo_stream.buffer.schema import Sample
-from grpo_stream.learner.batch import MicroBatch, collate_packs, pack_indices
+from grpo_stream.learner.batch import MicroBatch, collate_packs, pack_indices, packed_mask_bytes
 from grpo_stream.learner.distributed import all_reduce_scalars, print0, unwrap
 from grpo_stream.learner.prefix import unsupported_reason
 
 # "auto" takes the shared-prefix forward when it skips at least this share of the padded
-# layout's tokens. Measured (`python -m bench.learner --part sweep --threads 1`: SmolLM2-135M
+# layout's tokens. Measured on the KV-cache path (session 5) (`python -m bench.learner --part sweep --threads 1`: SmolLM2-135M
 # fp32 on 2 shared CPU cores, 1 group of 8, completions of 4..16 tokens; bench/results/
 # learner.json config.sweep): padded / shared step time 1.01 at a saving of 0.165 (prompts
 # of 2 tokens), 1.15 at 0.359, 1.31 at 0.569, 1.85 at 0.717 (the demo's batch, config.step).
-# Break-even lies near 0.17, so 0.25 keeps a margin for the two-pass overhead.
+# Break-even lies near 0.17, so 0.25 keeps a margin for the two-pass overhead. That is
+# the KV-cache path's; packed groups (one pass, no padding between completions) measured
+# 1.39 at a saving of 0.091 (prompts of 1 token), 1.25 at 0.165, 1.41 at 0.359 and 1.76
+# at 0.569 (the same sweep, now config.sweep): no break-even in range, so a small floor.
 AUTO_MIN_SAVED = 0.25
+AUTO_MIN_SAVED_PACKED = 0.05
 
 _reported: set[str] = set()
 
@@ -48,15 +53,19 @@ def _report(msg: str) -> None:
         print0(msg)
 
 
-def use_shared_prefix(setting: str | bool, samples: list[Sample], model) -> bool:
-    """Whether this rank's step runs in the shared-prefix layout (`setting`: see module doc)."""
+def use_shared_prefix(
+    setting: str | bool, samples: list[Sample], model, packable: bool = False
+) -> bool:
+    """Whether this rank's step runs in the shared-prefix layout (`setting`: see module doc;
+    `packable`: every micro-batch would run as packed groups)."""
     if setting is False or setting == "false":
         return False
     reason = unsupported_reason(unwrap(model))
     if reason is not None:
         _report(f"[learner] shared-prefix forward off, padded layout instead: {reason}")
         return False
-    return setting is True or setting == "true" or shared_prefix_saving(samples) >= AUTO_MIN_SAVED
+    least = AUTO_MIN_SAVED_PACKED if packable else AUTO_MIN_SAVED
+    return setting is True or setting == "true" or shared_prefix_saving(samples) >= least
 
 
 def _split_to(packs: list[list[int]], count: int) -> list[list[int]]:
@@ -75,9 +84,13 @@ def plan_micro_batches(
     samples: list[Sample], advantages: list[float], lc, pad_id: int, model, world: int = 1
 ) -> list[MicroBatch]:
     """This rank's micro-batches for one step (`lc`: the LearnerConfig)."""
-    shared = use_shared_prefix(lc.shared_prefix, samples, model)
     order = list(range(len(samples)))
-    packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens, shared)
+    mask_bytes = int(lc.pack_mask_mib * 2**20)
+    packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens, True)
+    fits = [packed_mask_bytes([samples[i] for i in p]) <= mask_bytes for p in packs]
+    shared = use_shared_prefix(lc.shared_prefix, samples, model, mask_bytes > 0 and all(fits))
+    if not shared:
+        packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens)
     if world > 1:  # same layout and number of forward calls on every rank
         # every rank joins this collective: one whose shard does not pay off (auto) must
         # still vote, or the ranks' collectives fall out of step
@@ -89,7 +102,6 @@ def plan_micro_batches(
         packs = _split_to(packs, int(most))
     # chunks by completion length would give ranks different numbers of forward calls
     passes = lc.completion_passes if world == 1 else 1
-    mask_bytes = int(lc.pack_mask_mib * 2**20)
     mbs = collate_packs(samples, advantages, packs, pad_id, shared, passes, mask_bytes)
     if world > 1 and shared:  # packed: one forward per micro-batch, cached: two
         packed = float(all(mb.prefix.packed is not None for mb in mbs))

@@ -46,7 +46,7 @@ from grpo_stream.learner.batch import MicroBatch
 # model types whose decoder was checked to give the padded path's numbers here (tests/unit/
 # test_learner_prefix.py); others may work but fall back until someone checks them
 CHECKED_MODEL_TYPES = ("llama",)
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # honour a 2D padding mask with a KV cache
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # honour a custom 4D mask, and a KV cache
 
 
 def unsupported_reason(model) -> str | None:

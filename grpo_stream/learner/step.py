@@ -1,7 +1,9 @@
 """One learner step on one batch of groups: the μ-epoch clipped GRPO update.
 
     advantages  ← group-relative, from the rewards          (algo.compute_advantages)
-    old_lp      ← learner log-probs at batch start, no grad (the proximal policy)
+    old_lp      ← learner log-probs at batch start, no grad (the proximal policy); with
+                  one optimizer step per epoch, epoch 1's own forward at the same
+                  weights, detached (no extra pass), else a no-grad pass first
     ref_lp      ← frozen reference log-probs (only when β > 0)
     for epoch in 1..μ:                 micro-batches shuffled each epoch
         for each of `minibatches` optimizer steps:
@@ -144,6 +146,8 @@ class StepRunner:
         # a ShardedPolicy computes its own log-probs/loss (FSDP does precision), even on
         # one rank (bench.gpu_smoke runs FSDP2 with one rank)
         self.sharded = world > 1 or isinstance(model, ShardedPolicy)
+        # True: pi_old always from its own no-grad pass (tests compare both ways)
+        self.proximal_pass = False
 
     def _logprobs(self, model, mb: MicroBatch, entropy: bool = False):
         chunk = self.cfg.learner.logprob_chunk_size
@@ -160,12 +164,15 @@ class StepRunner:
         with autocast(self.device, self.cfg.learner.dtype):
             return sequence_loss(self.model, mb, self.temperature, chunk, loss_fn, True)
 
-    def _micro_batch_loss(self, mb: MicroBatch, old, ref, totals) -> tuple[torch.Tensor, dict]:
-        """Backward-ready loss of one micro-batch and its metrics."""
+    def _micro_batch_loss(self, mb: MicroBatch, old, ref, totals) -> tuple:
+        """Backward-ready loss of one micro-batch, its metrics and its log-probs [B, T];
+        `old` None: pi_old is these log-probs, detached (before any optimizer step)."""
         fixed = (old, mb.behaviour_logprobs, mb.advantages, mb.mask, ref)  # each [B, ...]
 
         def loss_of(rows, lp, ent, metrics: bool):
             o, b, a, m, r = (None if x is None else x[rows] for x in fixed)
+            if o is None:  # pi_old = this forward's own log-probs (weights not yet moved)
+                o = lp.detach().float()
             ent = None if ent is None else ent.float()
             kw = dict(ref_logprobs=r, entropy=ent, metrics=metrics)
             return grpo_loss(self.cfg.loss, lp.float(), o, b, a, m, **totals, **kw)
@@ -173,11 +180,11 @@ class StepRunner:
         everything = slice(None)
         if not self.cfg.learner.fused_loss:
             lp, ent = self._logprobs(self.model, mb, entropy=True)  # [B, T], [B, T]
-            return loss_of(everything, lp, ent, True)
+            return *loss_of(everything, lp, ent, True), lp.detach()
         loss, lp, ent = self._fused_loss(mb, lambda rows, x, e: loss_of(rows, x, None, False)[0])
         with torch.no_grad():  # metrics from the whole micro-batch's detached log-probs
             _, metrics = loss_of(everything, lp, ent, True)
-        return loss, metrics | {M.LOSS: float(loss.detach())}
+        return loss, metrics | {M.LOSS: float(loss.detach())}, lp
 
     def _clip_grad(self) -> float:
         if self.sharded:
@@ -189,11 +196,15 @@ class StepRunner:
         )
 
     @torch.no_grad()
-    def _frozen_logprobs(self, mbs: list[MicroBatch]) -> tuple[list, list]:
-        was_training = self.model.training
-        self.model.eval()
-        old = [self._logprobs(self.model, mb)[0].float() for mb in mbs]  # each [B, T]
-        self.model.train(was_training)
+    def _frozen_logprobs(self, mbs: list[MicroBatch], own_pass: bool) -> tuple[list, list]:
+        """pi_old's log-probs (`own_pass`: a no-grad pass now; else None, filled in by
+        epoch 1's forward) and the reference's (None when beta = 0)."""
+        old: list = [None] * len(mbs)
+        if own_pass:
+            was_training = self.model.training
+            self.model.eval()
+            old = [self._logprobs(self.model, mb)[0].float() for mb in mbs]  # each [B, T]
+            self.model.train(was_training)
         ref = [None] * len(mbs)
         if self.cfg.loss.beta > 0:
             ref = [self._logprobs(self.ref, mb)[0].float() for mb in mbs]
@@ -208,8 +219,10 @@ class StepRunner:
         totals = {"total_tokens": totals["tokens"], "total_seqs": totals["seqs"]}
         self.opt.zero_grad(set_to_none=True)
         for i in order:
-            loss, m = self._micro_batch_loss(mbs[i], old[i], ref[i], totals)
+            loss, m, lp = self._micro_batch_loss(mbs[i], old[i], ref[i], totals)
             loss.backward()
+            if old[i] is None:  # epoch 1 at the batch's starting weights: pi_old from now on
+                old[i] = lp.float()  # [B, T]
             meter.add(m, mbs[i].num_tokens)
             if epoch_meter is not None:  # this epoch index's own means (epoch_metrics)
                 epoch_meter.add(m, mbs[i].num_tokens)
@@ -229,12 +242,13 @@ class StepRunner:
 
             real = [0 if is_padding(x) else 1 for x in samples]
         self.real_seqs = [sum(real[i] for i in mb.index.tolist()) for mb in mbs]
+        n_mini = min(lc.minibatches_per_epoch, len(mbs))
         t0 = time.perf_counter()
-        old, ref = self._frozen_logprobs(mbs)
+        # one optimizer step per epoch: every epoch-1 forward runs at the starting weights
+        old, ref = self._frozen_logprobs(mbs, own_pass=n_mini > 1 or self.proximal_pass)
         t1 = time.perf_counter()
         meter, grad_norms = MetricMean(), []
         epoch_meters = [MetricMean() for _ in range(lc.epochs)]
-        n_mini = min(lc.minibatches_per_epoch, len(mbs))
         for e in range(lc.epochs):
             order = random.sample(range(len(mbs)), len(mbs))
             for k in range(n_mini):

@@ -13,9 +13,20 @@ import pytest
 import torch
 from test_learner_prefix import PAD, _model, _samples, _train
 
+from grpo_stream.config import Config
 from grpo_stream.learner import plan
-from grpo_stream.learner.batch import forward_tokens, make_micro_batches, pack_indices
-from grpo_stream.learner.plan import _split_to, shared_prefix_saving, use_shared_prefix
+from grpo_stream.learner.batch import (
+    forward_tokens,
+    make_micro_batches,
+    pack_indices,
+    packed_mask_bytes,
+)
+from grpo_stream.learner.plan import (
+    _split_to,
+    plan_micro_batches,
+    shared_prefix_saving,
+    use_shared_prefix,
+)
 
 RAGGED = [(9, [5, 1, 7, 3]), (4, [6]), (12, [1, 1]), (6, [2, 8, 4]), (20, [3, 9]), (3, [2, 2])]
 
@@ -78,6 +89,20 @@ def test_auto_uses_the_shared_prefix_when_it_saves_enough():
     assert not use_shared_prefix("auto", short_prompts, model)
     assert use_shared_prefix(True, singles, model)
     assert not use_shared_prefix(False, long_prompts, model)
+    # packed groups pay off from a smaller saving than the KV-cache path
+    mid, mid_advs = _samples([(6, [20] * 8)])
+    saving = shared_prefix_saving(mid)  # 1 - (6 + 160) / (48 + 160)
+    assert plan.AUTO_MIN_SAVED_PACKED <= saving < plan.AUTO_MIN_SAVED
+    assert use_shared_prefix("auto", mid, model, packable=True)
+    assert not use_shared_prefix("auto", mid, model, packable=False)
+    assert not use_shared_prefix("auto", short_prompts, model, packable=True)  # 0.028
+    lc = Config().learner
+    assert packed_mask_bytes(mid) == (6 + 8 * 19) ** 2
+    for mib, layout in ((0.0, None), (158**2 / 2**20, "packed"), (158**2 / 2**20 - 1e-6, None)):
+        lc.pack_mask_mib = mib
+        (mb,) = plan_micro_batches(mid, mid_advs, lc, PAD, model)
+        packed = mb.prefix is not None and mb.prefix.packed is not None
+        assert ("packed" if packed else mb.prefix) == layout  # else padded (no prefix)
 
 
 def test_unsupported_model_falls_back_with_one_log_line(monkeypatch, capsys):

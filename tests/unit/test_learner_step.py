@@ -76,3 +76,40 @@ def test_metric_mean_extremes_loss_sum_and_non_finite():
     assert out["loss"] == pytest.approx((0.75 + 0.25) / 2)
     assert out["ratio_min"] == 0.8 and out["ratio_max"] == 1.3  # extremes, not means
     assert out["entropy"] == pytest.approx((2.0 * 10 + 5.0 * 30 + 1.0 * 20) / 60)
+
+
+def _run_counting_forwards(tiny_model_dir, own_pass: bool, **learner):
+    _, model, runner, samples, advs = step_setup(tiny_model_dir, lr=1e-2, **learner)
+    runner.proximal_pass = own_pass
+    calls = []
+    model.model.register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    m = runner.run(samples, advs)
+    return _params(model), m, calls
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_epoch_one_forward_serves_as_the_proximal_pass(tiny_model_dir, fused):
+    """One optimizer step per epoch: pi_old is epoch 1's own forward, detached (the weights
+    have not moved yet), so no no-grad pass runs first; the update is the one the separate
+    pass gives, and later epochs still clip against it (not against themselves)."""
+    kw = dict(epochs=3, micro_batch_size=3, fused_loss=fused, shared_prefix=False)  # 3, 3, 2
+    p_own, m_own, calls_own = _run_counting_forwards(tiny_model_dir, True, **kw)
+    p_reuse, m_reuse, calls_reuse = _run_counting_forwards(tiny_model_dir, False, **kw)
+    assert calls_own == [False] * 3 + [True] * 9  # the no-grad pass, then 3 epochs x 3
+    assert calls_reuse == [True] * 9
+    assert m_own["clip_frac/epoch3"] > 0.05 and m_own["approx_kl_proximal/epoch3"] > 1e-4
+    for k in ("loss", "grad_norm", "clip_frac/epoch2", "clip_frac/epoch3", "ratio_max"):
+        assert m_reuse[k] == pytest.approx(m_own[k], rel=1e-6, abs=1e-9), k
+    for k in p_own:
+        torch.testing.assert_close(p_reuse[k], p_own[k], atol=1e-6, rtol=1e-6)
+
+
+def test_two_optimizer_steps_per_epoch_keep_the_proximal_pass(tiny_model_dir):
+    """The second minibatch's epoch-1 forward runs after an optimizer step, so pi_old
+    needs its own pass at the batch's starting weights."""
+    _, m, calls = _run_counting_forwards(
+        tiny_model_dir, False, epochs=1, micro_batch_size=4, minibatches_per_epoch=2,
+        shared_prefix=False,
+    )  # fmt: skip
+    assert calls == [False, False, True, True]
+    assert m["ratio_max"] > 1.0 + 1e-4  # the second minibatch moved away from pi_old
