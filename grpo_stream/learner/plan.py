@@ -25,14 +25,13 @@ from grpo_stream.learner.distributed import all_reduce_scalars, print0, unwrap
 from grpo_stream.learner.prefix import unsupported_reason
 
 # "auto" takes the shared-prefix forward when it skips at least this share of the padded
-# layout's tokens. Measured on the KV-cache path (session 5) (`python -m bench.learner --part sweep --threads 1`: SmolLM2-135M
-# fp32 on 2 shared CPU cores, 1 group of 8, completions of 4..16 tokens; bench/results/
-# learner.json config.sweep): padded / shared step time 1.01 at a saving of 0.165 (prompts
-# of 2 tokens), 1.15 at 0.359, 1.31 at 0.569, 1.85 at 0.717 (the demo's batch, config.step).
-# Break-even lies near 0.17, so 0.25 keeps a margin for the two-pass overhead. That is
-# the KV-cache path's; packed groups (one pass, no padding between completions) measured
-# 1.39 at a saving of 0.091 (prompts of 1 token), 1.25 at 0.165, 1.41 at 0.359 and 1.76
-# at 0.569 (the same sweep, now config.sweep): no break-even in range, so a small floor.
+# layout's tokens (`python -m bench.learner --part sweep`: SmolLM2-135M fp32 on 2 CPU
+# cores, 1 group of 8, completions of 4..16 tokens, padded / shared step time against
+# the saving; bench/results/learner.json config.sweep). On the KV-cache path (session 5,
+# two passes) 1.01 at a saving of 0.165, 1.15 at 0.359, 1.31 at 0.569: break-even near
+# 0.17, so AUTO_MIN_SAVED = 0.25 keeps a margin. Packed groups (one pass, no padding
+# between completions) 1.39 at 0.091 (prompts of 1 token), 1.25 at 0.165, 1.41 at 0.359,
+# 1.76 at 0.569: no break-even in range, so a small floor while every micro-batch packs.
 AUTO_MIN_SAVED = 0.25
 AUTO_MIN_SAVED_PACKED = 0.05
 
