@@ -15,16 +15,17 @@ epoch, micro_batch_size 32 (configs/cpu.toml: the whole batch in one micro-batch
 variants run the same schedule of passes:
 
 * shared: `StepRunner.run` with learner.shared_prefix = true (what "auto" picks here):
-  collation, 1 no-grad proximal pass, then per epoch forward + backward (fused GRPO loss
-  with TIS, entropy, metrics), grad clipping, AdamW step, scheduler step; each pass is
-  ONE forward of the 4 groups packed into rows (the prompt, then its 8 completions;
-  `learner.batch.PackedRows`, the grouped attention mask), learner.pack_mask_mib = 64;
+  collation, then per epoch forward + backward (fused GRPO loss with TIS, entropy,
+  metrics), grad clipping, AdamW step, scheduler step; each pass is ONE forward of the
+  4 groups packed into rows (the prompt, then its 8 completions; `learner.batch.
+  PackedRows`, the grouped attention mask), learner.pack_mask_mib = 64;
 * cached: the same on the prompts' KV cache (learner.pack_mask_mib = 0: one prompt pass,
   then the completions in up to 4 passes of similar length), reported as detail;
 * padded: the same with learner.shared_prefix = false (every row re-encodes its prompt);
-* bare: 1 no-grad `model(input_ids, attention_mask)` forward, then per epoch
-  `model(input_ids, attention_mask, labels).loss.backward()` on the padded micro-batches
-  (pads labelled -100), grad clipping, AdamW step.
+* bare: per epoch `model(input_ids, attention_mask, labels).loss.backward()` on the
+  padded micro-batches (pads labelled -100), grad clipping, AdamW step. No no-grad pass:
+  shared and padded run none either here (one optimizer step per epoch, so pi_old is
+  epoch 1's own forward, `learner.step`).
 
 Figures: shared_prefix_speedup = padded time / shared time (goal >= 2.5);
 tokens_per_s_vs_bare_fwd_bwd = bare time / shared time, i.e. tokens/s on the same padded
@@ -127,9 +128,6 @@ def make_batch(prompts: list[list[int]], cfg: Config, seed: int = 0):
 def run_bare(model, opt, mbs, epochs: int, max_grad_norm: float) -> float:
     """The same pass schedule in plain transformers (see the module docstring)."""
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for mb in mbs:
-            model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
     for _ in range(epochs):
         opt.zero_grad(set_to_none=True)
         for mb in mbs:
