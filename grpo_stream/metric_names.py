@@ -49,7 +49,7 @@ GRAD_NORM = "grad_norm"
 LR = "lr"
 TOKENS = "tokens"  # prompt + completion tokens of the batch
 COMPLETION_TOKENS = "completion_tokens"
-PROXIMAL_S = "proximal_s"  # the no-grad pass for pi_old (and the reference)
+PROXIMAL_S = "proximal_s"  # no-grad passes: pi_old (if not epoch 1's own), reference
 TRAIN_S = "train_s"
 TOKENS_PER_S = "tokens_per_s"  # TOKENS * epochs / TRAIN_S
 
