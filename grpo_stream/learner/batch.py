@@ -197,7 +197,7 @@ def packed_mask_bytes(samples: list[Sample]) -> int:
     rows: dict[tuple[int, ...], int] = {}
     for s in samples:
         key = tuple(s.prompt_ids)
-        rows[key] = rows.get(key, len(key)) + len(s.completion_ids) - 1
+        rows[key] = rows.get(key, len(key)) + max(len(s.completion_ids) - 1, 0)
     return len(rows) * max(rows.values()) ** 2
 
 

@@ -19,7 +19,7 @@ from bench.synth import ragged_samples
 from grpo_stream.algo import grpo_loss
 from grpo_stream.buffer.schema import Sample
 from grpo_stream.config import Config
-from grpo_stream.learner.batch import collate, collate_shared
+from grpo_stream.learner.batch import collate, collate_shared, packed_mask_bytes
 from grpo_stream.learner.optim import build_optimizer
 from grpo_stream.learner.plan import plan_micro_batches
 from grpo_stream.learner.policy import sequence_logprobs, sequence_loss
@@ -253,3 +253,8 @@ def test_packed_rows_and_grouped_mask_by_hand():
     got = [collate_shared(pair, [0.0] * 2, [0, 1], PAD, pack_mask_bytes=b).prefix.packed
            for b in (25, 24)]  # fmt: skip
     assert got[0].segments.tolist() == [[0, 0, 1, 1, 2]] and got[1] is None
+    # the plan's estimate (before collation) is the same size, empty completions too
+    for batch in (samples, pair, [_sample([5, 6], [])]):
+        idx = list(range(len(batch)))
+        mb = collate_shared(batch, [0.0] * len(batch), idx, PAD, pack_mask_bytes=1 << 20)
+        assert packed_mask_bytes(batch) == mb.prefix.packed.mask_bytes
