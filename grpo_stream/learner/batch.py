@@ -205,7 +205,9 @@ def packed_rows(
     samples: list[Sample], group_of: list[int], Lc: int, max_bytes: int
 ) -> PackedRows | None:
     """The micro-batch as packed groups (`PackedRows`), or None when its grouped
-    attention mask would take more than `max_bytes`."""
+    attention mask would take more than `max_bytes` (`packed_mask_bytes`)."""
+    if packed_mask_bytes(samples) > max_bytes:
+        return None
     n = max(group_of) + 1
     ids: list[list[int]] = [[] for _ in range(n)]
     pos: list[list[int]] = [[] for _ in range(n)]
@@ -222,8 +224,6 @@ def packed_rows(
         seg[g] += [k] * len(inputs)
         where.append((g, [P - 1, *range(start, start + len(inputs))]))
     L = max(len(r) for r in ids)
-    if n * L * L > max_bytes:
-        return None
     input_ids = torch.zeros((n, L), dtype=torch.long)  # [N, L]
     position_ids = torch.zeros((n, L), dtype=torch.long)  # [N, L]
     segments = torch.full((n, L), -1, dtype=torch.long)  # [N, L]

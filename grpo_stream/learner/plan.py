@@ -83,27 +83,26 @@ def plan_micro_batches(
     samples: list[Sample], advantages: list[float], lc, pad_id: int, model, world: int = 1
 ) -> list[MicroBatch]:
     """This rank's micro-batches for one step (`lc`: the LearnerConfig)."""
-    order = list(range(len(samples)))
+    order, size, budget = list(range(len(samples))), lc.micro_batch_size, lc.micro_batch_tokens
+    packs = pack_indices(samples, size, order, budget, True)
     mask_bytes = int(lc.pack_mask_mib * 2**20)
-    packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens, True)
-    fits = [packed_mask_bytes([samples[i] for i in p]) <= mask_bytes for p in packs]
-    shared = use_shared_prefix(lc.shared_prefix, samples, model, mask_bytes > 0 and all(fits))
-    if not shared:
-        packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens)
+    packable = mask_bytes > 0 and all(
+        packed_mask_bytes([samples[i] for i in p]) <= mask_bytes for p in packs
+    )  # splitting a micro-batch (`_split_to`) only shrinks its mask
+    shared = use_shared_prefix(lc.shared_prefix, samples, model, packable)
     if world > 1:  # same layout and number of forward calls on every rank
         # every rank joins this collective: one whose shard does not pay off (auto) must
-        # still vote, or the ranks' collectives fall out of step
-        agreed = bool(all_reduce_scalars({"shared": float(shared)}, "min")["shared"])
-        if shared and not agreed:
-            shared = False
-            packs = pack_indices(samples, lc.micro_batch_size, order, lc.micro_batch_tokens)
+        # still vote, or the ranks' collectives fall out of step; packed is one forward
+        # per micro-batch, the KV cache two, so packing needs every rank too
+        votes = all_reduce_scalars({"shared": float(shared), "packed": float(packable)}, "min")
+        shared, packable = shared and bool(votes["shared"]), bool(votes["packed"])
+    if not shared:
+        packs = pack_indices(samples, size, order, budget)
+    if world > 1:
         most = all_reduce_scalars({"count": float(len(packs))}, "max")["count"]
         packs = _split_to(packs, int(most))
     # chunks by completion length would give ranks different numbers of forward calls
     passes = lc.completion_passes if world == 1 else 1
-    mbs = collate_packs(samples, advantages, packs, pad_id, shared, passes, mask_bytes)
-    if world > 1 and shared:  # packed: one forward per micro-batch, cached: two
-        packed = float(all(mb.prefix.packed is not None for mb in mbs))
-        if not all_reduce_scalars({"packed": packed}, "min")["packed"]:
-            mbs = collate_packs(samples, advantages, packs, pad_id, shared, passes)
-    return mbs
+    return collate_packs(
+        samples, advantages, packs, pad_id, shared, passes, mask_bytes if packable else 0
+    )
