@@ -149,7 +149,7 @@ def tok_per_s(runs: list[tuple[int, float]]) -> float:
 
 
 def start_server(args: argparse.Namespace, model_dir: Path, log: Path):
-    from services.vllm_server import VLLMServer
+    from grpo_stream.serving.server import VLLMServer
 
     server = VLLMServer(model_dir, "policy", args.port, ServerConfig(max_model_len=512), log)
     server.start()
@@ -162,7 +162,7 @@ def start_server(args: argparse.Namespace, model_dir: Path, log: Path):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from services.model import resolve_model_path
+    from grpo_stream.serving.model import resolve_model_path
 
     args = parse_args(argv)
     model_dir = resolve_model_path(ModelConfig())

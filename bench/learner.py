@@ -47,7 +47,7 @@ recorded beside them.
 against the share of tokens the shared layout skips (`learner.plan.shared_prefix_saving`):
 the break-even sets `learner.plan.AUTO_MIN_SAVED`. Recorded in config["sweep"].
 
-(b) sync_pause_s (goal <= 2 s): one vLLM CPU server (services.vllm_server.VLLMServer,
+(b) sync_pause_s (goal <= 2 s): one vLLM CPU server (grpo_stream.serving.server.VLLMServer,
 port 8300, SmolLM2 from the cache) and `DiskSync.push` of the learner's model `--pushes`
 times. The figure is the median time the server spends paused (pause → reload_weights →
 update_weight_version → reset_prefix_cache → resume); writing the safetensors folder
@@ -81,7 +81,7 @@ from grpo_stream.learner.optim import build_optimizer
 from grpo_stream.learner.plan import shared_prefix_saving
 from grpo_stream.learner.policy import load_causal_lm, pick_device
 from grpo_stream.learner.step import StepRunner, batch_advantages
-from services.model import resolve_model_path
+from grpo_stream.serving.model import resolve_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "learner.json"
@@ -292,8 +292,8 @@ def _weight_version(url: str) -> str:
 
 
 def bench_sync(pushes: int) -> tuple[dict, dict]:
+    from grpo_stream.serving.server import VLLMServer
     from grpo_stream.sync.disk import DiskSync
-    from services.vllm_server import VLLMServer
 
     model_dir = resolve_model_path(ModelConfig())
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:

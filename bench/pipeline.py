@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from bench.figures import append_results_md, figure, write_result
-from grpo_stream import metric_names as M
+from grpo_stream.core import metric_names as M
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "pipeline.json"
@@ -44,7 +44,7 @@ def split_cpus(cpus: list[int]) -> tuple[list[int], list[int]]:
 
 def model_dir(name: str, work: Path) -> Path:
     from grpo_stream.config import ModelConfig
-    from services.model import build_tiny_model, resolve_model_path
+    from grpo_stream.serving.model import build_tiny_model, resolve_model_path
 
     smol = resolve_model_path(ModelConfig())
     return build_tiny_model(work / "tiny", smol) if name == "tiny" else Path(smol)
@@ -53,7 +53,7 @@ def model_dir(name: str, work: Path) -> Path:
 def start_server(model: Path, cores: list[int], work: Path, max_len: int):
     """A vLLM CPU server whose processes run on `cores` only."""
     from grpo_stream.config import ServerConfig
-    from services.vllm_server import VLLMServer
+    from grpo_stream.serving.server import VLLMServer
     from tests.conftest import free_port
 
     bind = ",".join(map(str, cores))

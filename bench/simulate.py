@@ -9,7 +9,7 @@ re-implemented): the generator (`grpo_stream.generator.loop.Generator`: its prod
 in a temporary folder), the learner's batch source (`learner/loop.py: BatchSource`
 over a `GroupCursor`: batch size, stale-group drops at `learner.max_staleness`), the
 version rule (`learner/step.py: version_after`), the progress file the gate reads
-(`grpo_stream.progress`), and `--sync` (`grpo_stream.sync_mode.apply_sync_mode`).
+(`grpo_stream.core.progress`), and `--sync` (`grpo_stream.config.sync_mode.apply_sync_mode`).
 
 What is SIMULATED: (1) the vLLM servers, an in-process stand-in for the client the
 generator uses (`SimServers`): each server runs `slots` requests at once (continuous
@@ -46,7 +46,7 @@ import numpy as np
 
 from bench.simulate_report import report
 from grpo_stream.config import Config
-from grpo_stream.vllm_client import Completion
+from grpo_stream.serving.client import Completion
 
 
 @dataclass
@@ -141,12 +141,12 @@ class Outcome:
 
 def sim_learner(cfg: Config, servers: SimServers, out: Outcome, errors: list) -> None:
     """The learner loop's batch/cursor/staleness logic; compute and push are sleeps."""
-    from grpo_stream import ledger
     from grpo_stream.buffer.cursor import GroupCursor
     from grpo_stream.buffer.store import open_reader
+    from grpo_stream.core.progress import LearnerProgress, write_progress
     from grpo_stream.learner.loop import BatchSource
     from grpo_stream.learner.step import version_after
-    from grpo_stream.progress import LearnerProgress, write_progress
+    from grpo_stream.run import ledger
 
     try:
         path, p = cfg.buffer_path(cfg.run.run_dir), servers.p
@@ -185,7 +185,7 @@ def sim_learner(cfg: Config, servers: SimServers, out: Outcome, errors: list) ->
 def point_config(run_dir: str, servers: int, staleness: int | None, steps: int,
                  p: SimParams, batch_groups: int, group_size: int) -> Config:  # fmt: skip
     """The run config of one point; staleness None: `--sync`."""
-    from grpo_stream.sync_mode import apply_sync_mode
+    from grpo_stream.config.sync_mode import apply_sync_mode
 
     cfg = Config()
     cfg.run.run_dir = run_dir
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     stal = [0, 4] if args.quick else [0, 1, 2, 4, 8]
     steps = args.steps or (4 if args.quick else 8)
     from grpo_stream.config import ModelConfig
-    from services.model import resolve_model_path
+    from grpo_stream.serving.model import resolve_model_path
 
     model_dir = str(resolve_model_path(ModelConfig()))  # its tokenizer renders the prompts
     print(f"SIMULATION (not real hardware): {dataclasses.asdict(p)}", flush=True)

@@ -43,14 +43,14 @@ def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     from grpo_stream.config import ModelConfig
-    from services.model import resolve_model_path
+    from grpo_stream.serving.model import resolve_model_path
 
     return resolve_model_path(ModelConfig())
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from services.model import build_tiny_model
+    from grpo_stream.serving.model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", smollm2_dir)
 
@@ -59,7 +59,7 @@ def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def tiny_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real vLLM CPU server (dev mode) on the tiny model; yields its URL."""
     from grpo_stream.config import ServerConfig
-    from services.vllm_server import VLLMServer
+    from grpo_stream.serving.server import VLLMServer
 
     cfg = ServerConfig(max_model_len=256, startup_timeout_s=600)
     log = tmp_path_factory.mktemp("logs") / "vllm-tiny.log"

@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from grpo_stream import metric_names as M
 from grpo_stream.algo.registry import choose
+from grpo_stream.core import metric_names as M
 
 # (rewards [N, G]) -> (centred rewards [N, G], spread broadcastable to [N, G])
 Baseline = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from grpo_stream import metric_names as M
+from grpo_stream.core import metric_names as M
 
 Correction = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 

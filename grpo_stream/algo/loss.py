@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from grpo_stream import metric_names as M
 from grpo_stream.algo.aggregation import AGGREGATIONS
 from grpo_stream.algo.corrections import BEHAVIOUR_CORRECTIONS
 from grpo_stream.algo.kl import KL_ESTIMATORS, kl_k3
 from grpo_stream.algo.policy import POLICY_LOSSES
 from grpo_stream.algo.registry import choose
+from grpo_stream.core import metric_names as M
 
 
 def _check_shapes(logprobs, advantages, named: dict[str, torch.Tensor | None]) -> None:

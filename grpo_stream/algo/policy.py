@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from grpo_stream import metric_names as M
+from grpo_stream.core import metric_names as M
 
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: finite, and far outside any clip range
 

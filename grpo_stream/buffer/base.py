@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import pyarrow as pa
 
 from grpo_stream.buffer.schema import Group, SchemaVersionError
-from grpo_stream.errors import UserError
+from grpo_stream.core.errors import UserError
 
 ON_CORRUPT = ("skip", "error")
 

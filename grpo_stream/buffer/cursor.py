@@ -13,7 +13,7 @@ segments/chunks (reader on_corrupt="skip") are counted in `skipped_corrupt`. Giv
 learner's `lineage`, groups stamped with another lineage (`skipped_lineage`) and groups
 sampled at a version ahead of the learner's (`skipped_ahead`: weights the learner never
 had) are refused too. `last_drops` lists the groups the last call dropped, each as
-(group, reason) (reasons from grpo_stream.ledger), and `last_corrupt` the ids it could not read.
+(group, reason) (reasons from grpo_stream.run.ledger), and `last_corrupt` the ids it could not read.
 
     cur = GroupCursor(open_reader(path))
     groups, n_stale = cur.next_groups(8, timeout_s=600, max_staleness=2, current_version=v)

@@ -2,7 +2,7 @@
 
 Every store path is a local path or an fsspec URL. `StoreFS` wraps the fsspec filesystem
 and the root path inside it, and knows how to publish a file atomically: on local disk
-with `grpo_stream.atomic` (a temporary name, fsync, `os.replace`); elsewhere by writing
+with `grpo_stream.core.atomic` (a temporary name, fsync, `os.replace`); elsewhere by writing
 the temporary name and renaming it (atomic on `memory://`, best effort on object stores).
 `open_store_writer` / `open_store_reader` do what every backend's writer and reader do
 first: take the writer lock and create or check meta.json.
@@ -26,9 +26,9 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from grpo_stream.atomic import write_file_atomic
 from grpo_stream.buffer.base import StoreFormatError, StoreNotFoundError, WriterLockedError
 from grpo_stream.buffer.schema import SCHEMA_VERSION, check_schema_version
+from grpo_stream.core.atomic import write_file_atomic
 
 META_NAME = "meta.json"
 LOCK_NAME = "writer.lock"

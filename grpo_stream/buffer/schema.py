@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from grpo_stream.errors import UserError
+from grpo_stream.core.errors import UserError
 
 SCHEMA_VERSION = 2  # what new stores are written as
 KNOWN_SCHEMA_VERSIONS = (1, 2)  # what this code reads (and appends to)

@@ -27,7 +27,7 @@ import pyarrow as pa
 from grpo_stream.buffer.fsutil import resolve_store_path
 from grpo_stream.buffer.store import detect_backend, open_reader, open_writer
 from grpo_stream.config import load_run_config
-from grpo_stream.errors import UserError
+from grpo_stream.core.errors import UserError
 
 BLOCK = 1024  # groups per read while scanning a whole store
 
@@ -205,7 +205,7 @@ def _cmd_compact(args) -> int:
 
 def _cmd_ledger(args) -> int:
     """Counts per state; prompts in two states or none (exit 1 if any)."""
-    from grpo_stream.ledger import format_ledger, run_ledger
+    from grpo_stream.run.ledger import format_ledger, run_ledger
 
     led = run_ledger(args.path)
     print(format_ledger(led, limit=args.limit))

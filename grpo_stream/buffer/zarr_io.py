@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from zarr.storage import FsspecStore, LocalStore
 
-from grpo_stream.atomic import fsync_dir, fsync_path, write_file_atomic
 from grpo_stream.buffer.base import ChunkError
 from grpo_stream.buffer.fsutil import StoreFS
+from grpo_stream.core.atomic import fsync_dir, fsync_path, write_file_atomic
 
 
 def _put_atomic(path: Path, data: memoryview) -> None:

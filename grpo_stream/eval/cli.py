@@ -11,7 +11,7 @@ not given), a checkpoint folder (`step-N/`, or its `model/`), any Hugging Face m
 folder, or `smollm2-135m`. Each is served by a vLLM server started for it (the
 [server] section; its log goes to --log-dir), or, with --url, the running server(s)
 there are evaluated as they are. The prompts, sampling and rewards come from [eval]
-(see `grpo_stream/config_eval.py`); the held-out prompts are the same as a training run
+(see `grpo_stream/config/evaluation.py`); the held-out prompts are the same as a training run
 of that config evaluates. Prints one table row per model; --json writes the rows.
 """
 
@@ -47,7 +47,7 @@ def _latest_checkpoint(run: Path) -> Path:
 
 
 def _base_model(cfg: Config) -> Path:
-    from services.model import resolve_model_path
+    from grpo_stream.serving.model import resolve_model_path
 
     return resolve_model_path(cfg.model)
 
@@ -64,7 +64,7 @@ def resolve_target(spec: str, cfg: Config) -> Target:
         return Target(spec, path / "model", _base_model(cfg), state.get("step"))
     if path.name == "model" and (path.parent / "state.json").is_file():
         return resolve_target(str(path.parent), cfg)
-    from services.model import resolve_model_path
+    from grpo_stream.serving.model import resolve_model_path
 
     folder = resolve_model_path(ModelConfig(path=spec))
     return Target(spec, folder, folder, None)
@@ -84,8 +84,8 @@ async def _evaluate(cfg: Config, urls: list[str], tokenizer: Path, label: str, s
 
     from grpo_stream.eval.evaluate import Evaluator
     from grpo_stream.generator.pool import ServerPool
+    from grpo_stream.serving.client import VLLMClient
     from grpo_stream.tasks.heldout import heldout_prompts
-    from grpo_stream.vllm_client import VLLMClient
 
     prompts = await asyncio.to_thread(heldout_prompts, cfg)
     evaluator = Evaluator(cfg, AutoTokenizer.from_pretrained(tokenizer), prompts)
@@ -102,7 +102,7 @@ async def _evaluate(cfg: Config, urls: list[str], tokenizer: Path, label: str, s
 
 
 def _serve_and_evaluate(cfg: Config, target: Target, log_dir: Path):
-    from services.vllm_server import launch_servers
+    from grpo_stream.serving.server import launch_servers
 
     server = cfg.server.model_copy(deep=True)
     if target.tokenizer != target.weights:
@@ -142,7 +142,7 @@ def follow(args: argparse.Namespace) -> int:
     if not cfg.run.run_dir:
         raise ConfigError("eval --follow: run.run_dir is not set (pass run.run_dir=DIR)")
     from grpo_stream.eval.follow import Follower
-    from services.model import resolve_model_path
+    from grpo_stream.serving.model import resolve_model_path
 
     follower = Follower(cfg, cfg.run.run_dir, str(resolve_model_path(cfg.model)))
 

@@ -20,13 +20,13 @@ import contextlib
 import sys
 
 from grpo_stream.config import Config
+from grpo_stream.core.progress import read_progress
 from grpo_stream.eval.evaluate import Evaluator
 from grpo_stream.eval.progress import eval_due, write_eval_progress
 from grpo_stream.eval.record import EvalLog, EvalRow, read_eval_rows
 from grpo_stream.generator.pool import ServerPool
-from grpo_stream.progress import read_progress
+from grpo_stream.serving.client import TRANSIENT_ERRORS, VLLMClient, is_transient
 from grpo_stream.tasks.heldout import check_disjoint, heldout_prompts
-from grpo_stream.vllm_client import TRANSIENT_ERRORS, VLLMClient, is_transient
 
 POLL_S = 0.25
 

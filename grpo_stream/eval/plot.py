@@ -31,7 +31,7 @@ def eval_series(rows: list[dict[str, Any]], key: str, x: str) -> tuple[list[floa
 
 
 def _training_reward(run_dir: Path) -> tuple[list[float], list[float]]:
-    from grpo_stream.metrics import read_metrics
+    from grpo_stream.core.metrics import read_metrics
 
     try:
         rows = read_metrics(str(run_dir))

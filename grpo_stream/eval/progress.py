@@ -6,7 +6,7 @@ for evaluation (`eval_due`: version 0 and every `eval.every`-th), the learner wa
 the file says that version is done, at most `eval.wait_timeout_s`: so each due version
 is evaluated exactly at its weights, and the learner stalls only for the part of an
 evaluation that did not fit in its own next step. Works on any fsspec path, like
-`grpo_stream.progress` (whose consumer-file helpers it uses; nothing else of the project).
+`grpo_stream.core.progress` (whose consumer-file helpers it uses; nothing else of the project).
 
     waited = wait_for_eval(buffer_path, cfg.eval, version)   # learner, before a sync
     write_eval_progress(buffer_path, version)                # evaluator, after a row
@@ -21,7 +21,7 @@ from typing import Any
 
 import fsspec
 
-from grpo_stream.progress import consumer_file, write_json_atomic
+from grpo_stream.core.progress import consumer_file, write_json_atomic
 
 EVAL_WAIT_S = "eval_wait_s"  # the learner's metric: seconds it waited for the evaluator
 POLL_S = 0.2

@@ -1,6 +1,6 @@
 """The generator's staleness gate: how far it may run ahead of the learner, and when to stop.
 
-The learner publishes its progress in the buffer (`grpo_stream.progress`). The gate lets
+The learner publishes its progress in the buffer (`grpo_stream.core.progress`). The gate lets
 the generator hold at most `consumed_groups + allowance` groups (allowance =
 `learner.batch_groups * (1 + generator.max_ahead_batches)`), so it pauses rather than
 produce groups the learner would drop as stale. While it waits it watches two more
@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from grpo_stream.progress import LearnerProgress, read_progress
+from grpo_stream.core.progress import LearnerProgress, read_progress
 
 
 def pid_alive(pid: int) -> bool:

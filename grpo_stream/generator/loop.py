@@ -19,11 +19,11 @@ import os
 import sys
 import uuid
 
-from grpo_stream import ledger
 from grpo_stream.buffer.schema import Group
 from grpo_stream.buffer.store import open_writer
 from grpo_stream.config import Config
-from grpo_stream.errors import UserError
+from grpo_stream.core.errors import UserError
+from grpo_stream.core.timing import GeneratorClocks
 from grpo_stream.generator.gate import StalenessGate
 from grpo_stream.generator.pool import ServerPool
 from grpo_stream.generator.sampler import (
@@ -33,8 +33,8 @@ from grpo_stream.generator.sampler import (
     request_group,
 )
 from grpo_stream.generator.stats import GenStats
-from grpo_stream.timing import GeneratorClocks
-from grpo_stream.vllm_client import VLLMClient
+from grpo_stream.run import ledger
+from grpo_stream.serving.client import VLLMClient
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Generator:
         self._make_source = make_prompt_source
         self.rewards = RewardRunner(cfg.reward)  # validates reward names now
         self.run_id = os.path.basename(os.path.normpath(run_dir)) or uuid.uuid4().hex[:8]
-        self.clocks = GeneratorClocks(cfg.server.resolved_urls())  # grpo_stream.timing
+        self.clocks = GeneratorClocks(cfg.server.resolved_urls())  # grpo_stream.core.timing
         self.stats = GenStats(os.path.join(run_dir, "generator_metrics.jsonl"), self.clocks)
         self._stop = asyncio.Event()
         ahead = cfg.learner.batch_groups * (1 + cfg.generator.max_ahead_batches)
@@ -76,7 +76,7 @@ class Generator:
         self._max_consecutive_failures = 3 * cfg.generator.max_in_flight + 5
 
     def _continue_prompts(self):
-        """The prompts not started yet (grpo_stream.ledger): a restarted generator first
+        """The prompts not started yet (grpo_stream.run.ledger): a restarted generator first
         regenerates, once, those in flight when it died, and repeats none."""
         started, oldest = ledger.started_prompts(self.buffer_path, self.run_dir)
         if started:

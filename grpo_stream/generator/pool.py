@@ -19,8 +19,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from grpo_stream.errors import UserError
-from grpo_stream.vllm_client import Backoff, VLLMClient, VLLMError
+from grpo_stream.core.errors import UserError
+from grpo_stream.serving.client import Backoff, VLLMClient, VLLMError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ServerPool:
         self.alive = {u: True for u in urls}
         self._cond = asyncio.Condition()
         self._probes: dict[str, asyncio.Task] = {}
-        self.busy = busy  # a grpo_stream.timing.BusyClock: seconds each server had work
+        self.busy = busy  # a grpo_stream.core.timing.BusyClock: seconds each server had work
         # the oldest weight version worth sampling from (older samples would be dropped as
         # stale): a restarted server is back only once re-synced that far
         self.min_version: Callable[[], int] | None = None

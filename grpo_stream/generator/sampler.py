@@ -16,7 +16,7 @@ from typing import Any
 
 from grpo_stream.buffer.schema import Group, Sample
 from grpo_stream.generator.pool import ServerPool
-from grpo_stream.vllm_client import Backoff, Completion, VLLMClient, is_transient
+from grpo_stream.serving.client import Backoff, Completion, VLLMClient, is_transient
 
 
 class PromptFailed(RuntimeError):

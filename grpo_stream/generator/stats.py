@@ -15,13 +15,13 @@ import sys
 import time
 
 from grpo_stream.buffer.schema import Group
-from grpo_stream.vllm_client import VLLMError
+from grpo_stream.serving.client import VLLMError
 
 
 class GenStats:
     def __init__(self, path: str, clocks=None):
         self.path = path
-        self.clocks = clocks  # grpo_stream.timing.GeneratorClocks: where the time goes
+        self.clocks = clocks  # grpo_stream.core.timing.GeneratorClocks: where the time goes
         self.t0 = time.perf_counter()
         self.samples = 0
         self.tokens = 0

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo_stream.atomic import fresh_dir, publish_dir
-from grpo_stream.errors import UserError
+from grpo_stream.core.atomic import fresh_dir, publish_dir
+from grpo_stream.core.errors import UserError
 
 
 class CheckpointWriteError(UserError, OSError):

@@ -25,11 +25,11 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from grpo_stream import ledger
-from grpo_stream import metric_names as M
 from grpo_stream.buffer.cursor import GroupCursor
 from grpo_stream.buffer.schema import Group
 from grpo_stream.config import Config, LearnerConfig
+from grpo_stream.core import metric_names as M
+from grpo_stream.core.timing import PhaseTimer
 from grpo_stream.learner.checkpoint import checkpoint_write_error
 from grpo_stream.learner.distributed import (
     broadcast_object,
@@ -42,8 +42,8 @@ from grpo_stream.learner.records import NoRecords, RunRecords
 from grpo_stream.learner.setup import setup_learner
 from grpo_stream.learner.shutdown import StopRequested, StopSignals
 from grpo_stream.learner.step import train_step, version_after
+from grpo_stream.run import ledger
 from grpo_stream.sync import WeightSyncError, make_weight_sync
-from grpo_stream.timing import PhaseTimer
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Batch:
 
     groups: list[Group]
     info: dict  # CURSOR_START, CURSOR_END, STALE_GROUPS_DROPPED, WAIT_S
-    drops: list[dict] = field(default_factory=list)  # refused groups (grpo_stream.ledger rows)
+    drops: list[dict] = field(default_factory=list)  # refused groups (grpo_stream.run.ledger rows)
 
 
 class BatchSource:
@@ -247,7 +247,7 @@ class Learner:
         due_ckpt = due_ckpt or self.out_of_time
         due_sync = self.step % cfg.sync.every == 0
         gather = due_ckpt or (due_sync and self.sync.needs_state_dict)
-        timer = PhaseTimer()  # the step's phases after training (grpo_stream.timing)
+        timer = PhaseTimer()  # the step's phases after training (grpo_stream.core.timing)
         with timer.phase(M.GATHER_S):
             weights = gathered_state_dict(s.model) if gather else None
             opt_state = gathered_optimizer_state(s.model, s.opt) if due_ckpt else None

@@ -3,7 +3,7 @@ checkpoints.
 
     records = RunRecords(cfg, run_dir, resumed_step) if dist.is_rank0 else NoRecords()
     records.batch(step, group_ids, info)     # RUN/trained_batches.jsonl (replay reads it)
-    records.dropped(rows)                    # RUN/dropped_groups.jsonl (grpo_stream.ledger)
+    records.dropped(rows)                    # RUN/dropped_groups.jsonl (grpo_stream.run.ledger)
     records.log(row)                         # RUN/metrics.jsonl, TensorBoard, console line
     records.progress(position, version, step, finished)  # BUFFER/consumers/learner.json
     records.checkpoint(step, model, opt, sched, state, weights, opt_state)
@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 
-from grpo_stream import ledger
-from grpo_stream import metric_names as M
 from grpo_stream.config import Config
+from grpo_stream.core import metric_names as M
+from grpo_stream.core.metrics import MetricsWriter
+from grpo_stream.core.progress import LearnerProgress, write_progress
 from grpo_stream.learner.checkpoint import save_checkpoint
-from grpo_stream.metrics import MetricsWriter
-from grpo_stream.progress import LearnerProgress, write_progress
+from grpo_stream.run import ledger
 
 
 def truncate_log(path: str, step: int) -> None:
@@ -62,7 +62,7 @@ class RunRecords:
             f.write(json.dumps(row) + "\n")
 
     def dropped(self, rows: list[dict]) -> None:
-        """Groups the learner refused, each with its reason (grpo_stream.ledger)."""
+        """Groups the learner refused, each with its reason (grpo_stream.run.ledger)."""
         ledger.append_jsonl(os.path.join(self.run_dir, ledger.FILE_DROPS), rows)
 
     def log(self, row: dict) -> None:

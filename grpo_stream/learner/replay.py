@@ -28,9 +28,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo_stream import metric_names as M
 from grpo_stream.config import Config, ConfigError, load_run_config
-from grpo_stream.errors import UserError
+from grpo_stream.core import metric_names as M
+from grpo_stream.core.errors import UserError
 
 TIMING_KEYS = M.WALL_CLOCK
 
@@ -197,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def replay(args: argparse.Namespace) -> dict:
     """Run the replay `args` describe; returns {"metrics": rows, "drift": report|None}."""
-    from services.model import resolve_model_path
+    from grpo_stream.serving.model import resolve_model_path
 
     run_dir = args.run_dir
     cfg = load_run_config(run_dir, args.overrides, role="learn")  # the learner's config
@@ -246,7 +246,7 @@ def read_batches(cfg: Config, run_dir: Path, records: list[dict]) -> list[tuple]
 
 
 def _train_all(rep: Replayer, batches: list, out: Path) -> list[dict]:
-    from grpo_stream.metrics import MetricsWriter
+    from grpo_stream.core.metrics import MetricsWriter
 
     writer, rows = MetricsWriter(str(out), tensorboard=False), []
     try:

@@ -15,7 +15,7 @@ Micro-batches are collated once per step and reused by every epoch.
 
 `train_step(runner, groups, version, batch)` is THE learner step: `learn` and `replay`
 both call it on the groups the cursor delivered, and it returns the one metrics row
-(names in `grpo_stream.metric_names`) both log; the caller adds the step number, the
+(names in `grpo_stream.core.metric_names`) both log; the caller adds the step number, the
 policy version after the step and its wall-clock time.
 """
 
@@ -28,10 +28,10 @@ from collections import defaultdict
 
 import torch
 
-from grpo_stream import metric_names as M
 from grpo_stream.algo import compute_advantages, grpo_loss
 from grpo_stream.buffer.schema import Group
 from grpo_stream.config import Config
+from grpo_stream.core import metric_names as M
 from grpo_stream.learner.batch import MicroBatch
 from grpo_stream.learner.plan import plan_micro_batches
 from grpo_stream.learner.policy import autocast, sequence_logprobs, sequence_loss

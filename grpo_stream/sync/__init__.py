@@ -9,7 +9,7 @@
 elsewhere): "disk" (`disk.DiskSync`: safetensors folder + in-place reload, CPU or GPU),
 "nccl" (`nccl.NCCLSync`: vLLM's NCCL weight-transfer engine, GPU), "none"
 (`base.NoSync`). The protocol and `WeightSyncError` live in `base`. This package talks
-to vLLM only through `grpo_stream.vllm_client` and imports nothing from `learner/` or
+to vLLM only through `grpo_stream.serving.client` and imports nothing from `learner/` or
 `generator/`.
 """
 

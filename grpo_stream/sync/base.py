@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from grpo_stream.errors import UserError
+from grpo_stream.core.errors import UserError
 
 
 class WeightSyncError(UserError, RuntimeError):

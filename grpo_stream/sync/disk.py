@@ -2,7 +2,7 @@
 
 `DiskSync.push(model, version)` (rank 0 does the work; other ranks return `{}`):
 1. saves the weights (Hugging Face names) to `RUN/weights/v{N}.tmp`, fsyncs every
-   file, renames to `RUN/weights/v{N}` (`grpo_stream.atomic`): a server never reads
+   file, renames to `RUN/weights/v{N}` (`grpo_stream.core.atomic`): a server never reads
    half a folder;
 2. validates the folder (a bad `weights_path` can kill vLLM's engine, so it is checked
    before the call);
@@ -34,11 +34,11 @@ import struct
 import time
 from pathlib import Path
 
-from grpo_stream import metric_names as M
-from grpo_stream.atomic import fresh_dir, publish_dir
 from grpo_stream.config import SyncConfig
+from grpo_stream.core import metric_names as M
+from grpo_stream.core.atomic import fresh_dir, publish_dir
+from grpo_stream.serving.client import VLLMClient
 from grpo_stream.sync.base import WeightSyncError, current_rank
-from grpo_stream.vllm_client import VLLMClient
 
 
 def save_weights(model, out: Path, state_dict=None) -> Path:

@@ -57,11 +57,11 @@ from urllib.parse import urlparse
 
 import torch
 
-from grpo_stream import metric_names as M
 from grpo_stream.config import SyncConfig
+from grpo_stream.core import metric_names as M
+from grpo_stream.serving.client import BlockingClient, VLLMClient, VLLMError
 from grpo_stream.sync.base import WeightSyncError, current_rank
 from grpo_stream.sync.weight_source import hf_source
-from grpo_stream.vllm_client import BlockingClient, VLLMClient, VLLMError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

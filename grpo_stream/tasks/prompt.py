@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_stream.config import TaskConfig
-from grpo_stream.errors import UserError
+from grpo_stream.core.errors import UserError
 
 
 class TaskError(UserError, ValueError):

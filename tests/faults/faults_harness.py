@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from grpo_stream.ledger import Ledger, read_jsonl, run_ledger
+from grpo_stream.run.ledger import Ledger, read_jsonl, run_ledger
 
 RESULTS: list[tuple[str, str, int, int]] = []  # case, outcome, lost, duplicated
 

@@ -1,7 +1,7 @@
 """Faults injected into the real pipeline (issue 12): each case runs `generate` and
 `learn` against the session's real vLLM CPU server on the tiny model, kills or starves a
 part on purpose, and checks that every started prompt ends in exactly one state
-(grpo_stream.ledger), that no group is duplicated, and what the run said.
+(grpo_stream.run.ledger), that no group is duplicated, and what the run said.
 
 The server is shared by every case (and by other test files): each case's fresh learner
 pushes its own weights as version 0 first, which is itself defect 1's fix under test.
@@ -18,7 +18,7 @@ import pytest
 from faults_harness import Run, cli, kill, log_tail, record, steps_logged, wait_until
 
 from grpo_stream.buffer.store import open_reader
-from grpo_stream.ledger import read_jsonl, run_ledger
+from grpo_stream.run.ledger import read_jsonl, run_ledger
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def test_a_reused_server_is_reset_to_this_runs_version_0(tmp_path, tiny_server, 
     a = Run(tmp_path, url, tiny_model_dir, "learner.lr=1e-2", name="a")
     gen, learn = a.start("generate"), a.start("learn")
     _finish(a, gen, learn)
-    from services.vllm_server import get_json
+    from grpo_stream.serving.server import get_json
 
     assert get_json(f"{url}/weight_info") == (200, {"weight_version": str(STEPS)})
     b = Run(tmp_path, url, tiny_model_dir, name="b")
@@ -316,7 +316,7 @@ def _versions(run_dir) -> set[str]:
 def test_server_killed_mid_request_and_mid_reload_nothing_lost(tmp_path, tiny_model_dir):
     """`run` with its own server: SIGKILL it while the generator's requests are in flight,
     then again as the learner publishes new weights (its reload); run's supervision
-    (grpo_stream/supervise) restarts and re-syncs it, resumes the learner whose sync
+    (grpo_stream/run/supervise) restarts and re-syncs it, resumes the learner whose sync
     failed, and every prompt still ends exactly once."""
     from conftest import free_port
 

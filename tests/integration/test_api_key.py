@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from grpo_stream.vllm_client import VLLMClient, get_json, post_json
+from grpo_stream.serving.client import VLLMClient, get_json, post_json
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -24,12 +24,12 @@ PROMPT = [1, 9690, 198, 2683, 314]
 @pytest.fixture(scope="module")
 def keyed_server(tiny_model_dir, tmp_path_factory):
     from grpo_stream.config import ServerConfig
-    from services.vllm_server import VLLMServer
+    from grpo_stream.serving.server import VLLMServer
 
     cfg = ServerConfig(max_model_len=256, startup_timeout_s=600, api_key=KEY)
     log = tmp_path_factory.mktemp("logs") / "vllm-keyed.log"
     with VLLMServer(tiny_model_dir, "policy", free_port(), cfg, log) as srv:
-        assert srv.command[2] == "services.vllm_entry"
+        assert srv.command[2] == "grpo_stream.serving.vllm_entry"
         srv.wait_healthy()  # /health answers without the key
         yield srv
 

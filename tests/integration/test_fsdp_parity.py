@@ -33,7 +33,7 @@ from grpo_stream.config import LossConfig, ModelConfig
 from grpo_stream.learner.batch import collate
 from grpo_stream.learner.distributed import count_real
 from grpo_stream.learner.policy import sequence_logprobs
-from services.model import build_tiny_model, resolve_model_path
+from grpo_stream.serving.model import build_tiny_model, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[2]
 LR, MAX_NORM, MICRO, TEMPERATURE, CHUNK = 1e-3, 0.5, 2, 0.9, 4096

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from grpo_stream.buffer.store import open_reader
-from grpo_stream.progress import read_progress
+from grpo_stream.core.progress import read_progress
 
 pytestmark = pytest.mark.slow
 

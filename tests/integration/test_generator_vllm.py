@@ -8,7 +8,7 @@ the staleness gate holds the generator back until the learner's progress moves, 
 raising reward function is recorded (NaN, reason) and the run goes on, and a dataset
 with a missing column is a clear CLI error (exit code 2).
 
-The tiny model is built here (services.model.build_tiny_model, SmolLM2's tokenizer from
+The tiny model is built here (grpo_stream.serving.model.build_tiny_model, SmolLM2's tokenizer from
 resolve_model_path(ModelConfig()), prepared into cache_dir() if missing). To iterate
 faster, GRPO_STREAM_TEST_VLLM_URL=http://127.0.0.1:PORT reuses a running server instead
 (it must serve a default build_tiny_model() as "policy").
@@ -32,12 +32,12 @@ import pytest
 
 from grpo_stream.buffer.store import open_reader
 from grpo_stream.config import Config, ModelConfig, ServerConfig, load_config
+from grpo_stream.core.progress import LearnerProgress, write_progress
 from grpo_stream.generator.loop import Generator
-from grpo_stream.progress import LearnerProgress, write_progress
+from grpo_stream.serving.client import get_json, post_json
+from grpo_stream.serving.model import build_tiny_model, resolve_model_path
+from grpo_stream.serving.server import VLLMServer
 from grpo_stream.tasks import make_prompt_source, render_prompt
-from grpo_stream.vllm_client import get_json, post_json
-from services.model import build_tiny_model, resolve_model_path
-from services.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.slow
 

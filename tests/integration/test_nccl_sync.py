@@ -20,10 +20,10 @@ import torch
 from conftest import free_port
 
 from grpo_stream.config import ModelConfig, ServerConfig, SyncConfig
+from grpo_stream.serving.model import build_tiny_model, resolve_model_path
+from grpo_stream.serving.server import VLLMServer, get_json, post_json
 from grpo_stream.sync.base import WeightSyncError
 from grpo_stream.sync.nccl import NCCLSync, local_address_for, sender_device
-from services.model import build_tiny_model, resolve_model_path
-from services.vllm_server import VLLMServer, get_json, post_json
 
 PROMPT = [1, 9690, 198, 2683, 314, 260, 2023, 282]
 TRAINER = "cuda:1"  # the server is on GPU 0: a send thread left on device 0 would collide

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from grpo_stream.buffer.store import open_reader
-from services.vllm_server import get_json, post_json
+from grpo_stream.serving.server import get_json, post_json
 
 pytestmark = pytest.mark.slow
 

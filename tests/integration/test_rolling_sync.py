@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from grpo_stream import metric_names as M
 from grpo_stream.config import ServerConfig, SyncConfig
+from grpo_stream.core import metric_names as M
+from grpo_stream.serving.client import BlockingClient
 from grpo_stream.sync.disk import DiskSync
-from grpo_stream.vllm_client import BlockingClient
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def second_server(tiny_model_dir, tmp_path_factory):
-    from services.vllm_server import VLLMServer
+    from grpo_stream.serving.server import VLLMServer
 
     cfg = ServerConfig(max_model_len=256, startup_timeout_s=600)
     log = tmp_path_factory.mktemp("logs") / "vllm-tiny-2.log"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.vllm_server import get_json, post_json
+from grpo_stream.serving.server import get_json, post_json
 
 pytestmark = pytest.mark.slow
 

@@ -21,11 +21,11 @@ import pytest
 from conftest import free_port
 
 from grpo_stream.config import ServerConfig, SyncConfig
+from grpo_stream.serving.client import VLLMClient, get_json, post_json
+from grpo_stream.serving.model import SMOLLM2_VOCAB, build_tiny_model
+from grpo_stream.serving.server import VLLMServer
 from grpo_stream.sync import WeightSyncError
 from grpo_stream.sync.disk import reload_on_server, validate_weights_dir
-from grpo_stream.vllm_client import VLLMClient, get_json, post_json
-from services.model import SMOLLM2_VOCAB, build_tiny_model
-from services.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def test_default_model_loads_and_answers(smollm2: Path) -> None:
 def test_tiny_model_is_smollm2_shaped(tiny: Path) -> None:
     cfg = json.loads((tiny / "config.json").read_text())
     assert cfg["vocab_size"] == SMOLLM2_VOCAB
-    assert cfg["tie_word_embeddings"] is False  # see services.model: vLLM reload
+    assert cfg["tie_word_embeddings"] is False  # see grpo_stream.serving.model: vLLM reload
     assert cfg["hidden_size"] // cfg["num_attention_heads"] == 64
     assert (tiny / "model.safetensors").is_file()
 
@@ -208,7 +208,7 @@ def test_stop_leaves_no_process(server: VLLMServer) -> None:
 
 
 def test_serve_cli_prints_urls_and_stops_cleanly(tiny: Path, tmp_path: Path) -> None:
-    """`python -m services.serve --config X`: URL lines, then SIGTERM -> exit 0, no orphans."""
+    """`python -m grpo_stream.serving.serve --config X`: URL lines, then SIGTERM -> exit 0, no orphans."""
     psutil = pytest.importorskip("psutil")
     port = free_port()
     config = tmp_path / "serve.toml"
@@ -217,7 +217,7 @@ def test_serve_cli_prints_urls_and_stops_cleanly(tiny: Path, tmp_path: Path) -> 
         f"[server]\nport = {port}\nmax_model_len = 256\nstartup_timeout_s = 600\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.serve", "--config", str(config)],
+        [sys.executable, "-m", "grpo_stream.serving.serve", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

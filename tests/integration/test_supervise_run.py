@@ -25,7 +25,7 @@ import pytest
 
 from grpo_stream.buffer.store import open_reader
 from grpo_stream.learner.checkpoint import latest_checkpoint
-from grpo_stream.vllm_client import get_json
+from grpo_stream.serving.client import get_json
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_stream import metric_names as M
+from grpo_stream.core import metric_names as M
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The one atomic-publication helper (grpo_stream.atomic): folders and files."""
+"""The one atomic-publication helper (grpo_stream.core.atomic): folders and files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from grpo_stream.atomic import fresh_dir, fsync_tree, publish_dir, write_file_atomic
+from grpo_stream.core.atomic import fresh_dir, fsync_tree, publish_dir, write_file_atomic
 
 
 def test_publish_dir_replaces_an_old_folder_whole(tmp_path):

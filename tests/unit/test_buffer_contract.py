@@ -239,7 +239,7 @@ def test_second_writer_is_refused_until_the_first_closes(tmp_path, backend):
 
 def test_user_fixable_errors_are_user_errors_naming_the_field(tmp_path, backend):
     from grpo_stream.buffer import CorruptSegmentError, GroupsDeletedError, WriterLockedError
-    from grpo_stream.errors import UserError
+    from grpo_stream.core.errors import UserError
 
     path = str(tmp_path / "buf")
     with pytest.raises(UserError, match=r"no rollout store at .*buf \(missing meta\.json\)"):

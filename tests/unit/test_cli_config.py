@@ -19,7 +19,7 @@ from grpo_stream.config import (
     load_run_config,
     write_run_config,
 )
-from grpo_stream.errors import UserError
+from grpo_stream.core.errors import UserError
 
 ROOT = Path(__file__).parents[2]
 CPU = ROOT / "configs" / "cpu.toml"
@@ -156,11 +156,11 @@ def _user_error_classes():
     from grpo_stream.generator.loop import GeneratorError
     from grpo_stream.generator.pool import NoServerAvailable
     from grpo_stream.learner.replay import ReplayError
+    from grpo_stream.serving.client import ServerUnavailable, VLLMError
+    from grpo_stream.serving.model import ModelPrepError
+    from grpo_stream.serving.server import ServerStartError
     from grpo_stream.sync.base import WeightSyncError
     from grpo_stream.tasks.prompt import TaskError
-    from grpo_stream.vllm_client import ServerUnavailable, VLLMError
-    from services.model import ModelPrepError
-    from services.vllm_server import ServerStartError
 
     return {
         ConfigError: ValueError,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from grpo_stream import metric_names as M
-from grpo_stream.compare import compare_cli, compare_runs
-from grpo_stream.compare_table import conclusion
+from grpo_stream.analysis.compare import compare_cli, compare_runs
+from grpo_stream.analysis.compare_table import conclusion
+from grpo_stream.core import metric_names as M
 
 
 def make_run(root: Path, name: str, epochs: int, seed: int, rewards: list[float],

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from grpo_stream.config import load_config
-from grpo_stream.doctor import (
+from grpo_stream.run.doctor import (
     PreflightError,
     check_dataset,
     check_servers,
@@ -23,7 +23,7 @@ from grpo_stream.doctor import (
     preflight,
     run_checks,
 )
-from grpo_stream.doctor_checks import (
+from grpo_stream.run.doctor_checks import (
     bytes_per_sample,
     check_buffer,
     check_model,

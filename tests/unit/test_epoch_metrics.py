@@ -9,9 +9,9 @@ import pytest
 import torch
 from learner_helpers import step_setup
 
-from grpo_stream import metric_names as M
 from grpo_stream.algo import grpo_loss
 from grpo_stream.config import Config
+from grpo_stream.core import metric_names as M
 
 
 def _run(tiny_model_dir, epochs: int, lr: float, fused: bool = True) -> dict:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from grpo_stream.eval.follow import Follower
-from grpo_stream.vllm_client import ServerConnectionError, ServerResponseError
+from grpo_stream.serving.client import ServerConnectionError, ServerResponseError
 
 
 class Servers:

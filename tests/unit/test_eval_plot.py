@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from grpo_stream.analysis.plot import plot_cli
 from grpo_stream.eval.evaluate import PromptResult, Scored, summarize
 from grpo_stream.eval.plot import eval_series
 from grpo_stream.eval.record import EvalLog
-from grpo_stream.plot import plot_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from grpo_stream.config_eval import EvalConfig
+from grpo_stream.config.evaluation import EvalConfig
 from grpo_stream.eval.progress import (
     EVAL_WAIT_S,
     eval_due,

@@ -21,13 +21,13 @@ from fake_vllm import CannedServer
 
 from grpo_stream.generator.pool import ServerPool
 from grpo_stream.generator.sampler import PromptFailed, SampleRequest, request_group
-from grpo_stream.tasks import Prompt
-from grpo_stream.vllm_client import (
+from grpo_stream.serving.client import (
     ServerHTTPError,
     ServerResponseError,
     VLLMClient,
     is_transient,
 )
+from grpo_stream.tasks import Prompt
 
 
 def choice(i: int, ids: list[int], lps: list[float]) -> dict[str, Any]:

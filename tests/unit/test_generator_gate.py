@@ -13,8 +13,8 @@ import sys
 import threading
 import time
 
+from grpo_stream.core.progress import LearnerProgress, read_progress, write_progress
 from grpo_stream.generator.gate import StalenessGate, pid_alive
-from grpo_stream.progress import LearnerProgress, read_progress, write_progress
 
 
 def _later(seconds: float, fn, *args) -> threading.Timer:
@@ -121,7 +121,7 @@ def test_run_treats_a_generator_that_stopped_for_a_finished_learner_as_normal(tm
     """`run`'s supervisor: the generator now exits 0 by itself when the learner finishes,
     usually a moment before the learner process ends. That must not fail the run (it
     returned 1, "generator exited with 0"); a generator that fails still does."""
-    from grpo_stream.orchestrate import Child, _supervise
+    from grpo_stream.run.orchestrate import Child, _supervise
 
     def child(name: str, code: str) -> Child:
         return Child(name, [sys.executable, "-c", code], tmp_path / f"{name}.log", echo=False)

@@ -17,8 +17,8 @@ from conftest import free_port
 
 from grpo_stream.generator.pool import NoServerAvailable, ServerPool
 from grpo_stream.generator.sampler import SampleRequest, request_group
+from grpo_stream.serving.client import VLLMClient
 from grpo_stream.tasks import Prompt
-from grpo_stream.vllm_client import VLLMClient
 
 
 def dead_url() -> str:

@@ -3,7 +3,7 @@ servers, the environment and arguments each server is started with, and the lear
 device (`learner.device = "cuda:N"`, made current; one that is not there is named).
 
 No GPU is needed: the split is config, and a server's launch is a pure argv + environment
-(`services.vllm_server.build_command` / `build_env`), checked here as `VLLMServer` and
+(`grpo_stream.serving.server.build_command` / `build_env`), checked here as `VLLMServer` and
 `launch_servers` build them.
 """
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from grpo_stream.config import Config, ConfigError, load_config
+from grpo_stream.config.placement import GpuPlan, learner_gpus, plan_gpus, visible_devices
 from grpo_stream.learner.distributed import current_cuda_device
-from grpo_stream.placement import GpuPlan, learner_gpus, plan_gpus, visible_devices
-from services.vllm_server import build_command, build_env, make_servers
+from grpo_stream.serving.server import build_command, build_env, make_servers
 
 
 def cfg_of(*overrides: str) -> Config:
@@ -130,7 +130,7 @@ def test_memory_share_is_a_fraction() -> None:
 
 
 def test_run_refuses_the_split_before_starting_anything(tmp_path: Path) -> None:
-    from grpo_stream.orchestrate import run_pipeline
+    from grpo_stream.run.orchestrate import run_pipeline
 
     cfg = cfg_of("sync.transport=nccl", f'run.output_dir="{tmp_path}"')
     with pytest.raises(ConfigError, match="NCCL refuses"):
@@ -141,7 +141,7 @@ def test_run_refuses_the_split_before_starting_anything(tmp_path: Path) -> None:
 def test_the_learner_child_sees_only_its_gpus(tmp_path: Path) -> None:
     import sys
 
-    from grpo_stream.orchestrate import Child
+    from grpo_stream.run.orchestrate import Child
 
     argv = [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"]
     child = Child("learner", argv, tmp_path / "learner.log", echo=False,

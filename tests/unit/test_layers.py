@@ -5,7 +5,7 @@ Every module's imports (top level and inside functions alike) are parsed with `a
 - `grpo_stream/buffer`, `algo` and `tasks` import nothing from `generator/`,
   `learner/`, `sync/`, `orchestrate` or `cli`;
 - the bottom modules (`errors`, `proc`, `vllm_client`) import no other layer;
-- only `grpo_stream/vllm_client.py` speaks HTTP (aiohttp, urllib.request, requests,
+- only `grpo_stream/serving/client.py` speaks HTTP (aiohttp, urllib.request, requests,
   http.client): everything that talks to vLLM goes through it.
 """
 
@@ -64,7 +64,7 @@ RULES = {
             "grpo_stream.generator",
             "grpo_stream.learner",
             "grpo_stream.sync",
-            "grpo_stream.orchestrate",
+            "grpo_stream.run.orchestrate",
             "grpo_stream.cli",
         ),
     ),  # fmt: skip
@@ -75,7 +75,7 @@ RULES = {
             "grpo_stream.learner",
             "grpo_stream.sync",
             "grpo_stream.buffer",
-            "grpo_stream.orchestrate",
+            "grpo_stream.run.orchestrate",
             "grpo_stream.cli",
             "services",
         ),

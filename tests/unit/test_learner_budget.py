@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from bench.synth import make_groups
-from grpo_stream import metric_names as M
+from grpo_stream.core import metric_names as M
 from grpo_stream.learner.loop import Learner
 from tests.unit.test_learner_loop import append, make_config, tiny  # noqa: F401 (fixture)
 

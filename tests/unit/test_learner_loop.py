@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 
 from bench.synth import make_groups
-from grpo_stream import metric_names as M
 from grpo_stream.buffer.base import CorruptSegmentError
 from grpo_stream.buffer.store import open_writer
 from grpo_stream.config import Config, ModelConfig
+from grpo_stream.core import metric_names as M
+from grpo_stream.core.progress import read_progress
 from grpo_stream.learner.loop import Learner
 from grpo_stream.learner.replay import read_batches, replay_cli
 from grpo_stream.learner.setup import open_cursor
-from grpo_stream.progress import read_progress
-from services.model import build_tiny_model, resolve_model_path
+from grpo_stream.serving.model import build_tiny_model, resolve_model_path
 
 NAN = float("nan")
 

@@ -11,11 +11,11 @@ import math
 import threading
 
 from bench.synth import make_group
-from grpo_stream import ledger
 from grpo_stream.buffer.cursor import GroupCursor, refusal
 from grpo_stream.buffer.store import open_reader, open_writer
+from grpo_stream.core.progress import LearnerProgress, write_progress
 from grpo_stream.generator.gate import StalenessGate
-from grpo_stream.progress import LearnerProgress, write_progress
+from grpo_stream.run import ledger
 from grpo_stream.tasks.prompt import Prompt
 
 

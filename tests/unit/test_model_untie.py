@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo_stream.config import ConfigError, ModelConfig
-from services.model import build_tiny_model, check_model_dir, is_tied, resolve_model_path
+from grpo_stream.serving.model import build_tiny_model, check_model_dir, is_tied, resolve_model_path
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_stream.plot import make_figure, plot_cli, read_rows, reward_band, series
+from grpo_stream.analysis.plot import make_figure, plot_cli, read_rows, reward_band, series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

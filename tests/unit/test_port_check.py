@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from services.vllm_server import ServerStartError, check_port_free
+from grpo_stream.serving.server import ServerStartError, check_port_free
 
 
 def test_busy_port_is_refused_and_named_then_free_port_passes():

@@ -23,7 +23,7 @@ from grpo_stream.learner.checkpoint import save_checkpoint
 from grpo_stream.learner.optim import build_optimizer
 from grpo_stream.learner.policy import load_causal_lm, sequence_logprobs
 from grpo_stream.learner.replay import TIMING_KEYS, replay_cli
-from services.model import build_tiny_model, resolve_model_path
+from grpo_stream.serving.model import build_tiny_model, resolve_model_path
 
 TEMPERATURE = 0.7
 STEPS = [  # what a learner recorded: step 2 trained group 3 only (group 2 was stale)

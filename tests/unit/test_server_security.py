@@ -1,5 +1,5 @@
 """The API key (issue 12, security): a non-loopback server needs one; it reaches vLLM as
-VLLM_API_KEY (not in argv), the CLI hands it to every client, and `services.vllm_entry`
+VLLM_API_KEY (not in argv), the CLI hands it to every client, and `grpo_stream.serving.vllm_entry`
 makes vLLM's own key check cover the dev routes too (stock vLLM guards only /v1...).
 The real server's answers are in tests/integration/test_api_key.py."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from grpo_stream.config import ConfigError, ServerConfig
-from services.vllm_server import build_command, build_env, check_host
+from grpo_stream.serving.server import build_command, build_env, check_host
 
 
 def test_remote_host_needs_a_key_unless_the_network_is_trusted(monkeypatch) -> None:
@@ -29,7 +29,7 @@ def test_remote_host_needs_a_key_unless_the_network_is_trusted(monkeypatch) -> N
 def test_key_reaches_vllm_through_its_environment_not_argv() -> None:
     cfg = ServerConfig(host="0.0.0.0", api_key="s3cret")
     cmd = build_command(Path("m"), "policy", 8000, cfg)
-    assert cmd[1:3] == ["-m", "services.vllm_entry"]
+    assert cmd[1:3] == ["-m", "grpo_stream.serving.vllm_entry"]
     assert not any("s3cret" in a for a in cmd)  # argv shows in `ps` and in the server log
     assert build_env(cfg, base={})["VLLM_API_KEY"] == "s3cret"
     plain = ServerConfig()
@@ -41,7 +41,7 @@ def test_key_reaches_vllm_through_its_environment_not_argv() -> None:
 
 def test_cli_hands_the_key_to_every_client(monkeypatch) -> None:
     from grpo_stream import cli
-    from grpo_stream.vllm_client import VLLMClient
+    from grpo_stream.serving.client import VLLMClient
 
     monkeypatch.setenv("VLLM_API_KEY", "before")  # restored afterwards (_load overwrites it)
     monkeypatch.setenv("H8_KEY", "k-from-env")
@@ -66,7 +66,7 @@ def guarded_app():
     from starlette.testclient import TestClient
     from vllm.entrypoints.serve.middleware import authenticate
 
-    from services.vllm_entry import guard_every_route
+    from grpo_stream.serving.vllm_entry import guard_every_route
 
     original = authenticate.AuthenticationMiddleware
     try:

@@ -1,4 +1,4 @@
-"""Unit tests for services.model path resolution (no model conversion here)."""
+"""Unit tests for grpo_stream.serving.model path resolution (no model conversion here)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from grpo_stream.config import ConfigError, ModelConfig
-from services.model import find_gguf, is_ready, resolve_model_path
+from grpo_stream.serving.model import find_gguf, is_ready, resolve_model_path
 
 
 def test_missing_folder_names_model_path(tmp_path: Path) -> None:

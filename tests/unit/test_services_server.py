@@ -1,4 +1,4 @@
-"""Unit tests for services.vllm_server: command line, environment, host guard, waits."""
+"""Unit tests for grpo_stream.serving.server: command line, environment, host guard, waits."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from conftest import free_port
 
 from grpo_stream.config import ConfigError, ServerConfig, load_config
-from grpo_stream.vllm_client import ServerUnavailable, wait_for_server
-from services.vllm_server import (
+from grpo_stream.serving.client import ServerUnavailable, wait_for_server
+from grpo_stream.serving.server import (
     ServerStartError,
     VLLMServer,
     build_command,

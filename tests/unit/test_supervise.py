@@ -15,8 +15,8 @@ import pytest
 
 from grpo_stream.config import Config
 from grpo_stream.learner.shutdown import StopRequested, StopSignals
-from grpo_stream.supervise import Commands, CrashWindow, Supervisor, may_restart
-from grpo_stream.supervise.servers import newest_weights
+from grpo_stream.run.supervise import Commands, CrashWindow, Supervisor, may_restart
+from grpo_stream.run.supervise.servers import newest_weights
 from grpo_stream.sync.failure import (
     EXIT_SYNC_FAILED,
     failed_urls,
@@ -149,7 +149,7 @@ def test_sync_failure_record_round_trip(tmp_path) -> None:
 
 
 def test_a_stalled_learner_is_reported_once(tmp_path, capsys) -> None:
-    from grpo_stream.progress import LearnerProgress, write_progress
+    from grpo_stream.core.progress import LearnerProgress, write_progress
 
     cfg = _cfg(tmp_path, "learner.stall_timeout_s=0.5")
     sup = _supervisor(tmp_path, cfg, "import time; time.sleep(60)", "import time; time.sleep(60)")
@@ -206,7 +206,7 @@ def test_a_generator_held_at_the_gate_notices_a_dead_server(tmp_path, capsys) ->
     from grpo_stream.generator import gate as gate_mod
     from grpo_stream.generator.gate import StalenessGate
     from grpo_stream.generator.pool import ServerPool
-    from grpo_stream.vllm_client import VLLMClient
+    from grpo_stream.serving.client import VLLMClient
     from tests.conftest import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: a dead server
@@ -241,7 +241,7 @@ def test_a_restarted_server_is_used_again_only_once_resynced() -> None:
     from fake_vllm import CannedServer
 
     from grpo_stream.generator.pool import ServerPool
-    from grpo_stream.vllm_client import VLLMClient
+    from grpo_stream.serving.client import VLLMClient
 
     async def main() -> list[bool]:
         async with CannedServer() as srv, VLLMClient(5.0) as client:

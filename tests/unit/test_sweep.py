@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_stream.sweep import (
+from grpo_stream.analysis.sweep import (
     DONE_FILE,
     SweepError,
     all_overrides,

@@ -19,7 +19,7 @@ import torch
 from fake_vllm import OK_JSON, CannedServer
 
 from grpo_stream.config import Config, SyncConfig
-from grpo_stream.errors import UserError
+from grpo_stream.core.errors import UserError
 from grpo_stream.sync import NoSync, WeightSync, WeightSyncError, make_weight_sync
 from grpo_stream.sync.disk import DiskSync
 from grpo_stream.sync.nccl import NCCLSync, _ServersClient

@@ -1,4 +1,4 @@
-"""grpo_stream.timing / timing_summary: the clocks integrate what they are told, and
+"""grpo_stream.core.timing / timing_summary: the clocks integrate what they are told, and
 the summary turns a run folder's records into utilisation and idle ratios."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo_stream import metric_names as M
-from grpo_stream.timing import BusyClock, PhaseTimer, Stopwatch, step_phase_sum
-from grpo_stream.timing_summary import run_times, summary_lines
+from grpo_stream.core import metric_names as M
+from grpo_stream.core.timing import BusyClock, PhaseTimer, Stopwatch, step_phase_sum
+from grpo_stream.run.timing_summary import run_times, summary_lines
 
 
 class FakeClock:
@@ -107,7 +107,7 @@ def test_summary_of_a_run_folder(tmp_path: Path) -> None:
 
 
 def test_timing_plot_draws(tmp_path: Path) -> None:
-    from grpo_stream.timing_plot import plot_timing
+    from grpo_stream.analysis.timing_plot import plot_timing
 
     assert plot_timing(tmp_path) is None
     _write(tmp_path / "metrics.jsonl", [{M.STEP: 1, M.WAIT_S: 1.0, M.TRAIN_S: 2.0, M.STEP_S: 3.0}])

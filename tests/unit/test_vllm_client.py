@@ -15,8 +15,8 @@ from aiohttp import web
 from conftest import free_port
 from fake_vllm import CannedServer
 
-from grpo_stream.errors import UserError
-from grpo_stream.vllm_client import (
+from grpo_stream.core.errors import UserError
+from grpo_stream.serving.client import (
     API_KEY_ENV,
     Backoff,
     BlockingClient,

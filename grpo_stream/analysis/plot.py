@@ -1,0 +1,176 @@
+"""`grpo-stream plot RUN_DIR [--out FILE.png]`: training curves from RUN_DIR/metrics.jsonl.
+
+One PNG (matplotlib, Agg backend, no display needed) with six panels against the
+learner step (integer ticks): reward mean with a ±std band (kept inside each step's
+observed [reward_min, reward_max], so rewards in [0, 1] never show a band below 0),
+KL, clip fraction, learner tokens/s, staleness (mean and max, in policy versions) and
+the loss. A metric a run did not log is drawn as an empty panel that says so. Default
+output: RUN_DIR/plots.png. The keys are the names in `grpo_stream.core.metric_names`.
+
+    grpo-stream plot runs/grpo-20250101-120000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from grpo_stream.core import metric_names as M
+
+# panel title -> (metric keys drawn as lines, y label)
+PANELS: list[tuple[str, tuple[str, ...], str]] = [
+    ("reward", (M.REWARD_MEAN,), "reward"),
+    ("KL", (M.KL,), "KL"),
+    ("clip fraction", (M.CLIP_FRAC,), "fraction of tokens"),
+    ("learner throughput", (M.TOKENS_PER_S,), "tokens / s"),
+    ("staleness", (M.STALENESS_MEAN, M.STALENESS_MAX), "versions"),
+    ("loss", (M.LOSS,), "loss"),
+]
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key`, skipping rows where it is missing or not finite."""
+    xs, ys = [], []
+    for i, r in enumerate(rows):
+        v = r.get(key)
+        if _number(v):
+            xs.append(float(r.get(M.STEP, i + 1)))
+            ys.append(float(v))
+    return xs, ys
+
+
+def reward_band(rows: list[dict]) -> tuple[list[float], list[float], list[float]]:
+    """(steps, low, high) of reward_mean ± reward_std where both were logged, clipped to
+    the step's [reward_min, reward_max] where those were logged: a band below the
+    smallest reward (0 for rewards in [0, 1]) would show rewards nobody got."""
+    xs, lo, hi = [], [], []
+    for i, r in enumerate(rows):
+        mean, std = r.get(M.REWARD_MEAN), r.get(M.REWARD_STD)
+        if not (_number(mean) and _number(std)):
+            continue
+        low, high = mean - std, mean + std
+        if _number(r.get(M.REWARD_MIN)):
+            low = max(low, r[M.REWARD_MIN])
+        if _number(r.get(M.REWARD_MAX)):
+            high = min(high, r[M.REWARD_MAX])
+        xs.append(float(r.get(M.STEP, i + 1)))
+        lo.append(low)
+        hi.append(high)
+    return xs, lo, hi
+
+
+def _reward_band(ax, rows: list[dict]) -> None:
+    xs, lo, hi = reward_band(rows)
+    if xs:
+        ax.fill_between(xs, lo, hi, alpha=0.25, label="± std")
+
+
+def draw_panel(ax, rows: list[dict], title: str, keys: tuple[str, ...], ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    drawn = 0
+    for key in keys:
+        xs, ys = series(rows, key)
+        if xs:
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=key)
+            drawn += 1
+    if keys[0] == M.REWARD_MEAN:
+        _reward_band(ax, rows)
+    if not drawn:
+        ax.text(
+            0.5,
+            0.5,
+            f"no {', '.join(keys)} logged",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # learner steps are whole
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn and (len(keys) > 1 or keys[0] == M.REWARD_MEAN):
+        ax.legend(fontsize=8)
+
+
+def make_figure(rows: list[dict], title: str = ""):
+    """The matplotlib figure of the panels for `rows` (metrics.jsonl records)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    flat = list(axes.flat)
+    for ax, (name, keys, ylabel) in zip(flat, PANELS, strict=False):
+        draw_panel(ax, rows, name, keys, ylabel)
+    for ax in flat[len(PANELS) :]:
+        ax.axis("off")
+    fig.suptitle(title or f"{len(rows)} learner steps")
+    fig.tight_layout()
+    return fig
+
+
+def plot_metrics(rows: list[dict], out: Path, title: str = "") -> Path:
+    """Draw the panels for `rows` (metrics.jsonl records) into the PNG `out`."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(rows, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out)  # a viewer never sees half a PNG
+    return out
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl records; a torn last line (a learner mid-write) is left out."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+    return rows
+
+
+def plot_cli(argv: list[str]) -> int:
+    """`grpo-stream plot RUN_DIR [--out FILE.png]`; 2 when there is nothing to plot."""
+    p = argparse.ArgumentParser(prog="grpo-stream plot", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", type=Path, help="a run folder with metrics.jsonl")
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/plots.png)")
+    args = p.parse_args(argv)
+    try:
+        rows = read_rows(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"grpo-stream plot: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"grpo-stream plot: {args.run_dir}/metrics.jsonl has no steps yet", file=sys.stderr)
+        return 2
+    out = plot_metrics(rows, args.out or args.run_dir / "plots.png", title=args.run_dir.name)
+    print(f"[plot] {len(rows)} steps → {out}")
+    from grpo_stream.analysis.timing_plot import plot_timing  # where the time went
+
+    if (timing_out := plot_timing(args.run_dir)) is not None:
+        print(f"[plot] step phases and utilisation → {timing_out}")
+    from grpo_stream.eval.plot import plot_eval  # held-out curves, when the run has eval.jsonl
+
+    if (eval_out := plot_eval(args.run_dir)) is not None:
+        print(f"[plot] held-out evaluation → {eval_out}")
+    return 0
