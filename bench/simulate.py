@@ -143,10 +143,10 @@ def sim_learner(cfg: Config, servers: SimServers, out: Outcome, errors: list) ->
     """The learner loop's batch/cursor/staleness logic; compute and push are sleeps."""
     from grpo_stream.buffer.cursor import GroupCursor
     from grpo_stream.buffer.store import open_reader
+    from grpo_stream.core import run_records
     from grpo_stream.core.progress import LearnerProgress, write_progress
     from grpo_stream.learner.loop import BatchSource
     from grpo_stream.learner.step import version_after
-    from grpo_stream.run import ledger
 
     try:
         path, p = cfg.buffer_path(cfg.run.run_dir), servers.p
@@ -154,7 +154,7 @@ def sim_learner(cfg: Config, servers: SimServers, out: Outcome, errors: list) ->
             time.sleep(cfg.buffer.poll_s)
         source = BatchSource(GroupCursor(open_reader(path), poll_s=cfg.buffer.poll_s), cfg.learner)
         version = step = 0
-        source.lineage = lineage = ledger.new_lineage(cfg.run.run_dir)  # as the learner does
+        source.lineage = lineage = run_records.new_lineage(cfg.run.run_dir)  # as the learner does
 
         def publish(finished: bool = False) -> None:  # RunRecords.progress
             write_progress(path, LearnerProgress(source.position, version, step,

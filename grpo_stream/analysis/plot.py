@@ -1,4 +1,4 @@
-"""`grpo-stream plot RUN_DIR [--out FILE.png]`: training curves from RUN_DIR/metrics.jsonl.
+"""Training curves from RUN_DIR/metrics.jsonl (`grpo-stream plot`, in `plot_cli.py`).
 
 One PNG (matplotlib, Agg backend, no display needed) with six panels against the
 learner step (integer ticks): reward mean with a ±std band (kept inside each step's
@@ -7,16 +7,14 @@ KL, clip fraction, learner tokens/s, staleness (mean and max, in policy versions
 the loss. A metric a run did not log is drawn as an empty panel that says so. Default
 output: RUN_DIR/plots.png. The keys are the names in `grpo_stream.core.metric_names`.
 
-    grpo-stream plot runs/grpo-20250101-120000
+    plot_metrics(read_rows(run_dir), run_dir / "plots.png", title=run_dir.name)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 from grpo_stream.core import metric_names as M
@@ -147,30 +145,3 @@ def read_rows(run_dir: Path) -> list[dict]:
             if n < len(lines):
                 raise ValueError(f"{path}:{n}: not JSON ({e})") from None
     return rows
-
-
-def plot_cli(argv: list[str]) -> int:
-    """`grpo-stream plot RUN_DIR [--out FILE.png]`; 2 when there is nothing to plot."""
-    p = argparse.ArgumentParser(prog="grpo-stream plot", description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", type=Path, help="a run folder with metrics.jsonl")
-    p.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/plots.png)")
-    args = p.parse_args(argv)
-    try:
-        rows = read_rows(args.run_dir)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"grpo-stream plot: {e}", file=sys.stderr)
-        return 2
-    if not rows:
-        print(f"grpo-stream plot: {args.run_dir}/metrics.jsonl has no steps yet", file=sys.stderr)
-        return 2
-    out = plot_metrics(rows, args.out or args.run_dir / "plots.png", title=args.run_dir.name)
-    print(f"[plot] {len(rows)} steps → {out}")
-    from grpo_stream.analysis.timing_plot import plot_timing  # where the time went
-
-    if (timing_out := plot_timing(args.run_dir)) is not None:
-        print(f"[plot] step phases and utilisation → {timing_out}")
-    from grpo_stream.eval.plot import plot_eval  # held-out curves, when the run has eval.jsonl
-
-    if (eval_out := plot_eval(args.run_dir)) is not None:
-        print(f"[plot] held-out evaluation → {eval_out}")
-    return 0

@@ -355,7 +355,7 @@ def sweep_cli(argv: list[str]) -> int:
     _, failed = run_sweep(sw)
     done = [point_dir(sw, pt) for pt in expand(sw) if is_done(sw, pt)]
     if sw.compare and len(done) >= 1:
-        from grpo_stream.analysis.compare import compare_cli
+        from grpo_stream.analysis.compare_cli import compare_cli
 
         doc = ["--write-doc", str(sw.doc), "--section", sw.path.stem] if sw.doc else []
         compare_cli([*map(str, done), "--out", str(sw.out_dir / "compare"), "--title", sw.title,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from grpo_stream.analysis.plot import read_rows
 from grpo_stream.core import metric_names as M
 from grpo_stream.core.timing import STEP_PHASES
 from grpo_stream.run.timing_summary import run_times
@@ -34,10 +35,6 @@ def _shares(t: dict) -> list[tuple[str, float, float, float]]:
 
 def plot_timing(run_dir: Path, out: Path | None = None) -> Path | None:
     """Draw RUN/timing.png; None when the run has no metrics rows."""
-    from grpo_stream.analysis.plot import (
-        read_rows,  # a torn last line (a learner mid-write) left out
-    )
-
     if not (Path(run_dir) / "metrics.jsonl").is_file():
         return None
     rows = read_rows(Path(run_dir))

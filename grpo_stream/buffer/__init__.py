@@ -1,4 +1,4 @@
-"""The replay buffer: one RolloutStore contract, Arrow and Zarr backends, a cursor, tools.
+"""The replay buffer: one RolloutStore contract, Arrow and Zarr backends, a cursor.
 
     from grpo_stream.buffer import open_writer, open_reader, GroupCursor
     w = open_writer(path, backend="arrow", run_id="r1"); w.append_groups(groups)
@@ -10,7 +10,7 @@ both backends share), columns.py + checksums.py (Samples <-> Arrow, column CRCs)
 fsutil.py (paths, meta.json, the writer lock); the backends arrow_store.py /
 arrow_reader.py (+ arrow_rollup.py) and zarr_store.py / zarr_reader.py (+ zarr_layout,
 zarr_io, zarr_retention); store.py (open_writer / open_reader pick a backend);
-cursor.py (tail-follow and resume); tools.py (the `grpo-stream buffer` CLI).
+cursor.py (tail-follow and resume). The `grpo-stream buffer` CLI is `grpo_stream.cli.buffer`.
 """
 
 from grpo_stream.buffer.base import (

@@ -189,14 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "max_ahead_batches=0, max_staleness=0, sync.every=1 (grpo_stream/config/sync_mode.py)",
             )
     for name, module, func in [
-        ("buffer", "grpo_stream.buffer.tools", "run_cli"),
+        ("buffer", "grpo_stream.cli.buffer", "run_cli"),
         ("model", "grpo_stream.serving.model", "model_cli"),
         ("replay", "grpo_stream.learner.replay", "replay_cli"),
-        ("plot", "grpo_stream.analysis.plot", "plot_cli"),
+        ("plot", "grpo_stream.analysis.plot_cli", "plot_cli"),
         ("doctor", "grpo_stream.run.doctor", "doctor_cli"),
         ("eval", "grpo_stream.eval.cli", "eval_cli"),
         ("sweep", "grpo_stream.analysis.sweep", "sweep_cli"),
-        ("compare", "grpo_stream.analysis.compare", "compare_cli"),
+        ("compare", "grpo_stream.analysis.compare_cli", "compare_cli"),
     ]:
         sp = sub.add_parser(name, help=f"see `grpo-stream {name} --help`", add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)

@@ -40,7 +40,7 @@ from grpo_stream.config.sections import (
     TaskConfig,
     _Section,
 )
-from grpo_stream.core.errors import UserError
+from grpo_stream.core.errors import ConfigError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -71,10 +71,6 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "grpo-stream"
     )
     return Path(root)
-
-
-class ConfigError(UserError, ValueError):
-    """A user error in a config file or override; the message names the field."""
 
 
 # Old field names and their new ones: an old name in a file or override is refused.

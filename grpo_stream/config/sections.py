@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from grpo_stream.core.errors import ConfigError
+
 DEFAULT_MODEL = "smollm2-135m"
 
 # The instruction appended to generated prompts when `task.instruction` is not given.
@@ -150,8 +152,6 @@ class ServerConfig(_Section):
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
-            from grpo_stream.config import ConfigError  # config imports this module
-
             raise ConfigError(
                 f"server.api_key_env = {self.api_key_env!r}: that environment variable is "
                 "not set (or empty)"

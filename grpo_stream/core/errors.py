@@ -5,7 +5,6 @@ raises a subclass of `UserError` with a message that names the field or file. Th
 prints such an error as one line (no traceback) and exits 2; anything else is a bug and
 keeps its traceback. This module imports nothing, so every layer may use it.
 
-    class ConfigError(UserError, ValueError): ...
     raise ConfigError("learner.lr: must be > 0 (got -1)")
 """
 
@@ -14,3 +13,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """An error the user can fix; its message names the field, file or server."""
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in a config file or override; the message names the field."""

@@ -34,7 +34,7 @@ class LearnerProgress:
 
 
 def consumer_file(buffer_path: str, name: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and path of `BUFFER/consumers/NAME` (also `eval.progress`'s file)."""
+    """The filesystem and path of `BUFFER/consumers/NAME` (also `eval_progress`'s file)."""
     fs, root = fsspec.core.url_to_fs(buffer_path)
     return fs, f"{root.rstrip('/')}/consumers/{name}"
 

@@ -20,9 +20,9 @@ import contextlib
 import sys
 
 from grpo_stream.config import Config
+from grpo_stream.core.eval_progress import eval_due, write_eval_progress
 from grpo_stream.core.progress import read_progress
 from grpo_stream.eval.evaluate import Evaluator
-from grpo_stream.eval.progress import eval_due, write_eval_progress
 from grpo_stream.eval.record import EvalLog, EvalRow, read_eval_rows
 from grpo_stream.generator.pool import ServerPool
 from grpo_stream.serving.client import TRANSIENT_ERRORS, VLLMClient, is_transient

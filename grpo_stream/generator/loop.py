@@ -22,8 +22,10 @@ import uuid
 from grpo_stream.buffer.schema import Group
 from grpo_stream.buffer.store import open_writer
 from grpo_stream.config import Config
+from grpo_stream.core import run_records
 from grpo_stream.core.errors import UserError
 from grpo_stream.core.timing import GeneratorClocks
+from grpo_stream.generator import resume
 from grpo_stream.generator.gate import StalenessGate
 from grpo_stream.generator.pool import ServerPool
 from grpo_stream.generator.sampler import (
@@ -33,7 +35,6 @@ from grpo_stream.generator.sampler import (
     request_group,
 )
 from grpo_stream.generator.stats import GenStats
-from grpo_stream.run import ledger
 from grpo_stream.serving.client import VLLMClient
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,12 @@ class Generator:
     def _continue_prompts(self):
         """The prompts not started yet (grpo_stream.run.ledger): a restarted generator first
         regenerates, once, those in flight when it died, and repeats none."""
-        started, oldest = ledger.started_prompts(self.buffer_path, self.run_dir)
+        started, oldest = resume.started_prompts(self.buffer_path, self.run_dir)
         if started:
             print(f"[generate] {len(started)} prompts already started; continuing after "
                   "them", file=sys.stderr, flush=True)  # fmt: skip
         source = self._make_source(self.cfg.task, exclude=self.heldout)
-        return ledger.continue_prompts(source, started, oldest)
+        return resume.continue_prompts(source, started, oldest)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -108,7 +109,7 @@ class Generator:
         try:
             text, ids = render_prompt(prompt, self.tokenizer, self.cfg.task)
             req = SampleRequest(prompt, text, ids)
-            run_id = ledger.stamp(self.run_id, self.gate.lineage)  # NAME@LINEAGE, at start
+            run_id = run_records.stamp(self.run_id, self.gate.lineage)  # NAME@LINEAGE, at start
             g = self.cfg.generator
             outs, v0, v1, lat, url = await request_group(
                 pool,
@@ -126,7 +127,9 @@ class Generator:
             await self._queue.put(group)
         except PromptFailed as err:
             # the ledger's record: this prompt ended here (a restart does not retry it)
-            await asyncio.to_thread(ledger.record_failure, self.run_dir, prompt.prompt_id, str(err))
+            await asyncio.to_thread(
+                run_records.record_failure, self.run_dir, prompt.prompt_id, str(err)
+            )
             self.failed_prompts += 1
             self.stats.failed += 1
             self._outstanding -= 1

@@ -29,6 +29,7 @@ from grpo_stream.buffer.cursor import GroupCursor
 from grpo_stream.buffer.schema import Group
 from grpo_stream.config import Config, LearnerConfig
 from grpo_stream.core import metric_names as M
+from grpo_stream.core import run_records
 from grpo_stream.core.timing import PhaseTimer
 from grpo_stream.learner.checkpoint import checkpoint_write_error
 from grpo_stream.learner.distributed import (
@@ -42,7 +43,6 @@ from grpo_stream.learner.records import NoRecords, RunRecords
 from grpo_stream.learner.setup import setup_learner
 from grpo_stream.learner.shutdown import StopRequested, StopSignals
 from grpo_stream.learner.step import train_step, version_after
-from grpo_stream.run import ledger
 from grpo_stream.sync import WeightSyncError, make_weight_sync
 
 
@@ -88,13 +88,13 @@ class BatchSource:
         )  # fmt: skip
         info = {M.CURSOR_START: start, M.CURSOR_END: self.cursor.position,
                 M.STALE_GROUPS_DROPPED: stale, M.WAIT_S: time.perf_counter() - t0}  # fmt: skip
-        drops = [r for g, why in self.cursor.last_drops for r in ledger.group_drops([g], why)]
-        drops += [{"group_id": i, "reason": ledger.CORRUPT, "detail": "unreadable"}
+        drops = [r for g, why in self.cursor.last_drops for r in run_records.group_drops([g], why)]
+        drops += [{"group_id": i, "reason": run_records.CORRUPT, "detail": "unreadable"}
                   for i in self.cursor.last_corrupt]  # fmt: skip
-        info[M.LINEAGE_GROUPS_DROPPED] = sum(r["reason"] == ledger.LINEAGE for r in drops)
-        info[M.AHEAD_GROUPS_DROPPED] = sum(r["reason"] == ledger.AHEAD for r in drops)
+        info[M.LINEAGE_GROUPS_DROPPED] = sum(r["reason"] == run_records.LINEAGE for r in drops)
+        info[M.AHEAD_GROUPS_DROPPED] = sum(r["reason"] == run_records.AHEAD for r in drops)
         for r in drops:
-            if r["reason"] in (ledger.LINEAGE, ledger.AHEAD):
+            if r["reason"] in (run_records.LINEAGE, run_records.AHEAD):
                 print0(f"[learn] refused group {r['group_id']} ({r['prompt_id']}): "
                        f"{r['reason']}, {r['detail']}")  # fmt: skip
         return Batch(groups, info, drops)
@@ -134,8 +134,8 @@ class Learner:
                 resumed = s.step if (s.resumed_from is not None or resume) else None
                 self.records = RunRecords(cfg, run_dir, resumed, s.cursor.position)
                 # a resumed learner keeps its lineage (RUN/lineage); a fresh one makes one
-                self.source.lineage = (resume and ledger.read_lineage(run_dir)) or (
-                    ledger.new_lineage(run_dir))  # fmt: skip
+                self.source.lineage = (resume and run_records.read_lineage(run_dir)) or (
+                    run_records.new_lineage(run_dir))  # fmt: skip
             self.sync = make_weight_sync(cfg, run_dir)  # every rank: each knows its part
             self.source.refuse_ahead = self.sync.versions_servers
         except BaseException:
@@ -201,7 +201,9 @@ class Learner:
                 self.source.cursor.load_state(before)
             raise
         failed = [g for g in batch.groups if not all(math.isfinite(x.reward) for x in g)]
-        self.records.dropped(batch.drops + ledger.group_drops(failed, ledger.REWARD_FAILED))
+        self.records.dropped(
+            batch.drops + run_records.group_drops(failed, run_records.REWARD_FAILED)
+        )
         row = train_step(self.s.runner, batch.groups, self.version, batch.info)
         if row is None:
             self._publish_progress()

@@ -22,10 +22,10 @@ import os
 
 from grpo_stream.config import Config
 from grpo_stream.core import metric_names as M
+from grpo_stream.core import run_records
 from grpo_stream.core.metrics import MetricsWriter
 from grpo_stream.core.progress import LearnerProgress, write_progress
 from grpo_stream.learner.checkpoint import save_checkpoint
-from grpo_stream.run import ledger
 
 
 def truncate_log(path: str, step: int) -> None:
@@ -52,7 +52,7 @@ class RunRecords:
         if resumed_step is not None:
             truncate_log(self.trained_batches, resumed_step)
             truncate_log(self.metrics.path, resumed_step)
-            ledger.truncate_drops(run_dir, resumed_position)
+            run_records.truncate_drops(run_dir, resumed_position)
 
     def batch(self, step: int, group_ids: list[int], info: dict) -> None:
         """The groups step `step` was given, in order, and where the cursor found them."""
@@ -63,7 +63,7 @@ class RunRecords:
 
     def dropped(self, rows: list[dict]) -> None:
         """Groups the learner refused, each with its reason (grpo_stream.run.ledger)."""
-        ledger.append_jsonl(os.path.join(self.run_dir, ledger.FILE_DROPS), rows)
+        run_records.append_jsonl(os.path.join(self.run_dir, run_records.FILE_DROPS), rows)
 
     def log(self, row: dict) -> None:
         self.metrics.log(row)
@@ -76,8 +76,8 @@ class RunRecords:
 
     def wait_for_eval(self, version: int) -> dict:
         """Before a sync replaces `version`: wait for its held-out evaluation when due
-        (grpo_stream.eval.progress); {"eval_wait_s": seconds} or {}."""
-        from grpo_stream.eval.progress import wait_for_eval
+        (grpo_stream.core.eval_progress); {"eval_wait_s": seconds} or {}."""
+        from grpo_stream.core.eval_progress import wait_for_eval
 
         return wait_for_eval(self.buffer_path, self.eval_cfg, version)
 

@@ -18,187 +18,28 @@ dropped. A prompt with no state at a position before the newest started one was 
     started = started_prompts(buffer_path, run_dir)           # generator restart:
     prompts = continue_prompts(make_prompt_source(...), started)  # gaps first, no repeats
 
-Lineage: a fresh learner makes a lineage id, pushes its weights as version 0 to every
-server and publishes the id in its progress; the generator stamps `run_id =
-"NAME@LINEAGE"` on each sample (`stamp`), and the learner refuses groups of another
-lineage (`lineage_of`; rows without "@" predate lineages and are accepted).
-
-Appends here are one JSON line each, fsynced; a line torn by a kill is ignored on read
-and cut before the next append.
+The record files, their reasons and lineage stamps are defined in
+`grpo_stream.core.run_records` (the roles write them); the generator's restart walk is
+`grpo_stream.generator.resume`. This module only reads and joins.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-FILE_DROPS = "dropped_groups.jsonl"
-FILE_FAILURES = "generator_failures.jsonl"
-FILE_TRAINED = "trained_batches.jsonl"
-FILE_LINEAGE = "lineage"
-
-STALE, REWARD_FAILED, LINEAGE, AHEAD, CORRUPT = (
-    "stale",
-    "reward_failed",
-    "lineage",
-    "ahead",
-    "corrupt",
+from grpo_stream.core.run_records import (
+    FILE_DROPS,
+    FILE_FAILURES,
+    FILE_TRAINED,
+    GENERATION_FAILED,
+    REWARD_FAILED,
+    STATES,
+    read_jsonl,
 )
-GENERATION_FAILED = "generation_failed"
-STATES = ("trained", STALE, REWARD_FAILED, GENERATION_FAILED, LINEAGE, AHEAD, CORRUPT, "in_buffer")
-
-
-# --- JSONL records -------------------------------------------------------------------
-
-
-def append_jsonl(path: str, rows: Iterable[dict], fsync: bool = True) -> None:
-    """Append rows as JSON lines, after cutting a line torn by a killed writer."""
-    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    if not data:
-        return
-    with open(path, "a+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        if end:
-            f.seek(end - 1)
-            if f.read(1) != b"\n":  # a torn last line: cut it back to the last newline
-                f.seek(0)
-                keep = f.read().rfind(b"\n") + 1
-                f.truncate(keep)
-        f.write(data.encode())
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """The whole rows of a JSONL file ([] if missing); a torn or bad line is skipped."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # torn by a kill
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
-def truncate_drops(run_dir: str, position: int) -> None:
-    """Keep the drops of groups before `position` (a resumed learner's cursor): the
-    groups after it are read again and decided again."""
-    path = os.path.join(run_dir, FILE_DROPS)
-    if not os.path.exists(path):
-        return
-    rows = [r for r in read_jsonl(path) if r.get("group_id", 0) < position]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
-
-
-def record_failure(run_dir: str, prompt_id: str, reason: str) -> None:
-    """The generator gave up on a prompt: RUN/generator_failures.jsonl (fsynced)."""
-    row = {"prompt_id": prompt_id, "reason": reason[:500], "time": _now()}
-    append_jsonl(os.path.join(run_dir, FILE_FAILURES), [row])
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
-
-
-# --- lineage --------------------------------------------------------------------------
-
-
-def stamp(run_name: str, lineage: str) -> str:
-    """A sample's run_id: NAME@LINEAGE (NAME alone while no lineage is known)."""
-    return f"{run_name}@{lineage}" if lineage else run_name
-
-
-def lineage_of(run_id: str) -> str:
-    """The lineage in a sample's run_id; "" for rows written before lineages."""
-    return run_id.rpartition("@")[2] if "@" in run_id else ""
-
-
-def new_lineage(run_dir: str) -> str:
-    """A fresh learner's lineage id, also written to RUN/lineage."""
-    lineage = uuid.uuid4().hex[:12]
-    path = os.path.join(run_dir, FILE_LINEAGE)
-    with open(path + ".tmp", "w") as f:
-        f.write(lineage + "\n")
-    os.replace(path + ".tmp", path)
-    return lineage
-
-
-def read_lineage(run_dir: str) -> str:
-    path = os.path.join(run_dir, FILE_LINEAGE)
-    return open(path).read().strip() if os.path.exists(path) else ""
-
-
-def group_drops(groups, reason: str) -> list[dict]:
-    """Drop rows for groups the learner refused, each with a detail naming why."""
-    rows = []
-    for g in groups:
-        s = g[0]
-        if reason == REWARD_FAILED:
-            bad = next((x for x in g if x.reward_error or not math.isfinite(x.reward)), s)
-            detail = bad.reward_error or f"reward {bad.reward}"
-        elif reason == LINEAGE:
-            detail = f"run_id {s.run_id}"
-        else:
-            detail = f"policy_version {max(x.policy_version for x in g)}"
-        rows.append({"group_id": s.group_id, "prompt_id": s.prompt_id, "reason": reason,
-                     "detail": detail})  # fmt: skip
-    return rows
-
-
-# --- generator restart ------------------------------------------------------------------
-
-
-def started_prompts(buffer_path: str, run_dir: str) -> tuple[set[str], str | None]:
-    """(prompt ids already started: a readable group or a failure record, the prompt id
-    of the oldest group kept when retention deleted older ones, else None)."""
-    from grpo_stream.buffer.store import open_reader
-
-    ids = {r["prompt_id"] for r in read_jsonl(os.path.join(run_dir, FILE_FAILURES))}
-    try:
-        reader = open_reader(buffer_path)
-    except FileNotFoundError:
-        return ids, None
-    try:
-        first, end = reader.first_group(), reader.num_groups()
-        table = reader.read_table(first, end, ["prompt_id"])
-        column = table.column("prompt_id").to_pylist()
-        ids.update(column)
-        return ids, (column[0] if first > 0 and column else None)
-    finally:
-        reader.close()
-
-
-def continue_prompts(source: Iterator, started: set[str], oldest_kept: str | None = None):
-    """The prompts of `source` not yet started, in stream order: the gaps a killed
-    generator left (prompts in flight when it died) come first, once each, then the
-    rest. With retention (`oldest_kept`), prompts before the oldest kept one are done."""
-    remaining = set(started)
-    skipping = oldest_kept is not None
-    for p in source:
-        if skipping:
-            remaining.discard(p.prompt_id)
-            skipping = p.prompt_id != oldest_kept
-            continue
-        if p.prompt_id in remaining:
-            remaining.discard(p.prompt_id)
-            continue
-        yield p
-
+from grpo_stream.generator.resume import continue_prompts, started_prompts
 
 # --- the ledger -------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import pytest
 
 from bench.synth import make_group, make_groups
 from grpo_stream.buffer import GroupCursor, GroupsDeletedError, open_reader, open_writer
-from grpo_stream.buffer.tools import run_cli
+from grpo_stream.cli.buffer import run_cli
 from grpo_stream.config import BufferConfig
 
 

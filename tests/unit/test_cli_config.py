@@ -132,7 +132,7 @@ def test_run_config_overrides_may_switch_variant(tmp_path):
 def test_buffer_tools_find_the_store_through_the_run_config(tmp_path, capsys):
     from bench.synth import make_groups
     from grpo_stream.buffer.store import open_writer
-    from grpo_stream.buffer.tools import run_cli
+    from grpo_stream.cli.buffer import run_cli
 
     store = tmp_path / "elsewhere" / "store"
     cfg = load_config(CPU, [f"run.run_dir={tmp_path / 'run'}", f"buffer.path={store}"])

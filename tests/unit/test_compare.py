@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from grpo_stream.analysis.compare import compare_cli, compare_runs
+from grpo_stream.analysis.compare import compare_runs
+from grpo_stream.analysis.compare_cli import compare_cli
 from grpo_stream.analysis.compare_table import conclusion
 from grpo_stream.core import metric_names as M
 

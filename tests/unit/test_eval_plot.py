@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_stream.analysis.plot import plot_cli
+from grpo_stream.analysis.plot_cli import plot_cli
 from grpo_stream.eval.evaluate import PromptResult, Scored, summarize
 from grpo_stream.eval.plot import eval_series
 from grpo_stream.eval.record import EvalLog

@@ -6,7 +6,7 @@ import threading
 import time
 
 from grpo_stream.config.evaluation import EvalConfig
-from grpo_stream.eval.progress import (
+from grpo_stream.core.eval_progress import (
     EVAL_WAIT_S,
     eval_due,
     read_eval_progress,

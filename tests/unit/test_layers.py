@@ -1,112 +1,102 @@
-"""The layer rule, read from the source: a layer never imports from a layer above it.
+"""The layer rule, read from the source: each package imports only what it is allowed.
 
-Every module's imports (top level and inside functions alike) are parsed with `ast`:
-- `grpo_stream/sync` imports nothing from `learner/` or `generator/`;
-- `grpo_stream/buffer`, `algo` and `tasks` import nothing from `generator/`,
-  `learner/`, `sync/`, `orchestrate` or `cli`;
-- the bottom modules (`errors`, `proc`, `vllm_client`) import no other layer;
+`scripts/package_graph.py` parses every module's imports (top level and inside
+functions, relative ones resolved) and holds the allow-list `ALLOWED`: package -> the
+packages it may import. Here:
+- every package of `grpo_stream/` is in the allow-list, and imports nothing else;
+- no module import cycle, and no package cycle (a lazy import counts);
 - only `grpo_stream/serving/client.py` speaks HTTP (aiohttp, urllib.request, requests,
-  http.client): everything that talks to vLLM goes through it.
+  http.client, httpx): everything that talks to vLLM goes through it;
+- the checker itself can fail: a probe tree with an upward import and a cycle is caught.
 """
 
 from __future__ import annotations
 
-import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[2] / "grpo_stream"
-REPO = PKG.parent
+REPO = Path(__file__).resolve().parents[2]
+PKG = REPO / "grpo_stream"
 HTTP_MODULES = ("aiohttp", "urllib.request", "urllib.error", "requests", "http.client", "httpx")
 
-
-def imported_modules(path: Path, root: Path = REPO) -> list[tuple[int, str]]:
-    """(line, absolute module name) for every import in the file, relative ones resolved."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parent, base] if base else parent)
-            out += [(node.lineno, base)] + [(node.lineno, f"{base}.{a.name}") for a in node.names]
-    return out
+_spec = importlib.util.spec_from_file_location("package_graph", REPO / "scripts/package_graph.py")
+pg = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pg)
 
 
-def offenders(files: list[Path], banned: tuple[str, ...], root: Path = REPO) -> list[str]:
-    return sorted(
-        f"{f.relative_to(root)}:{line} imports {name}"
-        for f in files
-        for line, name in imported_modules(f, root)
-        if any(name == b or name.startswith(b + ".") for b in banned)
-    )
+def upward_imports(graph: dict[str, dict[str, int]], allowed: dict[str, set[str]]) -> list[str]:
+    """`module:line imports module` for every edge the allow-list does not permit."""
+    bad = []
+    for mod, edges in graph.items():
+        src = pg.package_of(mod)
+        for dst_mod, line in edges.items():
+            dst = pg.package_of(dst_mod)
+            if dst != src and dst not in allowed.get(src, set()):
+                bad.append(f"{mod}:{line} imports {dst_mod}")
+    return sorted(bad)
 
 
-def modules(*parts: str) -> list[Path]:
-    files = []
-    for part in parts:
-        p = PKG / part
-        files += sorted(p.rglob("*.py")) if p.is_dir() else [p.with_suffix(".py")]
-    assert files, parts
-    return files
+def test_every_package_is_in_the_allow_list() -> None:
+    packages = {p.name for p in PKG.iterdir() if p.is_dir() and list(p.glob("*.py"))}
+    top_modules = sorted(p.name for p in PKG.glob("*.py") if p.name != "__init__.py")
+    assert packages == set(pg.ALLOWED), packages ^ set(pg.ALLOWED)
+    assert top_modules == []  # every module lives in a layer's package
+    for pkg, deps in pg.ALLOWED.items():
+        assert deps <= set(pg.ALLOWED) - {pkg}, pkg
 
 
-RULES = {
-    "sync": (("sync",), ("grpo_stream.learner", "grpo_stream.generator")),
-    "data": (
-        ("buffer", "algo", "tasks"),
-        (
-            "grpo_stream.generator",
-            "grpo_stream.learner",
-            "grpo_stream.sync",
-            "grpo_stream.run.orchestrate",
-            "grpo_stream.cli",
-        ),
-    ),  # fmt: skip
-    "bottom": (
-        ("errors", "proc", "vllm_client"),
-        (
-            "grpo_stream.generator",
-            "grpo_stream.learner",
-            "grpo_stream.sync",
-            "grpo_stream.buffer",
-            "grpo_stream.run.orchestrate",
-            "grpo_stream.cli",
-            "services",
-        ),
-    ),  # fmt: skip
-}
+def test_no_package_imports_outside_its_allow_list() -> None:
+    assert upward_imports(pg.module_graph(), pg.ALLOWED) == []
 
 
-@pytest.mark.parametrize("rule", sorted(RULES))
-def test_no_layer_imports_from_above(rule: str) -> None:
-    parts, banned = RULES[rule]
-    assert offenders(modules(*parts), banned) == []
+def test_the_allow_list_is_acyclic_and_the_code_has_no_cycle() -> None:
+    graph = pg.module_graph()
+    assert pg.cycles(graph) == []
+    assert pg.cycles(pg.package_graph(graph)) == []
+    assert pg.cycles(pg.ALLOWED) == []  # a layer order exists
 
 
 def test_only_the_client_module_speaks_http() -> None:
-    files = [*PKG.rglob("*.py"), *(REPO / "services").rglob("*.py")]
-    files = [f for f in files if f != PKG / "vllm_client.py"]
-    assert offenders(files, HTTP_MODULES) == []
-
-
-def test_the_checker_sees_imports_inside_functions_and_relative_ones(tmp_path: Path) -> None:
-    """The rule must be able to fail: a lazy import and a relative one are both caught."""
-    fake = tmp_path / "grpo_stream" / "sync" / "_layer_probe.py"
-    fake.parent.mkdir(parents=True)
-    fake.write_text(
-        "def f():\n    from grpo_stream.learner.distributed import unwrap\n"
-        "from ..generator import pool\n"
+    client = PKG / "serving" / "client.py"
+    found = sorted(
+        f"{f.relative_to(REPO)}:{line} imports {name}"
+        for f in PKG.rglob("*.py")
+        if f != client
+        for line, name in pg.imports(f)
+        if any(name == h or name.startswith(h + ".") for h in HTTP_MODULES)
     )
-    found = offenders([fake], RULES["sync"][1], root=tmp_path)
-    assert found == [
-        "grpo_stream/sync/_layer_probe.py:2 imports grpo_stream.learner.distributed",
-        "grpo_stream/sync/_layer_probe.py:2 imports grpo_stream.learner.distributed.unwrap",
-        "grpo_stream/sync/_layer_probe.py:3 imports grpo_stream.generator",
-        "grpo_stream/sync/_layer_probe.py:3 imports grpo_stream.generator.pool",
+    assert found == []
+
+
+def _probe_tree(root: Path) -> Path:
+    pkg = root / "grpo_stream"
+    for sub in ("core", "sync", "learner"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "core" / "a.py").write_text("def f():\n    from grpo_stream.core import b\n")
+    (pkg / "core" / "b.py").write_text("from . import a\n")  # a <-> b, one lazily
+    (pkg / "sync" / "probe.py").write_text(
+        "def f():\n    from grpo_stream.learner.distributed import unwrap\n"
+    )
+    (pkg / "learner" / "distributed.py").write_text("from ..core.a import f\n")
+    return pkg
+
+
+def test_the_checker_sees_lazy_relative_imports_and_cycles(tmp_path: Path) -> None:
+    """The rule must be able to fail: an upward lazy import and a relative cycle are caught."""
+    graph = pg.module_graph(_probe_tree(tmp_path), tmp_path)
+    allowed = {"core": set(), "sync": {"core"}, "learner": {"core", "sync"}}
+    assert upward_imports(graph, allowed) == [
+        "grpo_stream.sync.probe:2 imports grpo_stream.learner.distributed"
     ]
+    assert pg.cycles(graph) == [["grpo_stream.core.a", "grpo_stream.core.b"]]
+    assert pg.cycles({"x": {"y"}, "y": {"x"}, "z": set()}) == [["x", "y"]]
+
+
+@pytest.mark.parametrize("script_args", [[], ["--dot"]])
+def test_the_graph_script_runs_and_finds_no_cycle(script_args, capsys) -> None:
+    assert pg.main(script_args) == 0
+    out = capsys.readouterr().out
+    assert ("0 cycles" in out) if not script_args else ('"cli" -> "run";' in out)

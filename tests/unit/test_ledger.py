@@ -13,7 +13,9 @@ import threading
 from bench.synth import make_group
 from grpo_stream.buffer.cursor import GroupCursor, refusal
 from grpo_stream.buffer.store import open_reader, open_writer
+from grpo_stream.core import run_records
 from grpo_stream.core.progress import LearnerProgress, write_progress
+from grpo_stream.generator import resume
 from grpo_stream.generator.gate import StalenessGate
 from grpo_stream.run import ledger
 from grpo_stream.tasks.prompt import Prompt
@@ -25,20 +27,20 @@ def _prompts(n: int):
 
 def test_a_torn_last_line_is_skipped_and_cut_before_the_next_append(tmp_path) -> None:
     path = str(tmp_path / "x.jsonl")
-    ledger.append_jsonl(path, [{"a": 1}])
+    run_records.append_jsonl(path, [{"a": 1}])
     with open(path, "a") as f:
         f.write('{"a": 2')  # a kill in the middle of a write
-    assert ledger.read_jsonl(path) == [{"a": 1}]
-    ledger.append_jsonl(path, [{"a": 3}])
-    assert ledger.read_jsonl(path) == [{"a": 1}, {"a": 3}]
+    assert run_records.read_jsonl(path) == [{"a": 1}]
+    run_records.append_jsonl(path, [{"a": 3}])
+    assert run_records.read_jsonl(path) == [{"a": 1}, {"a": 3}]
     assert open(path).read() == '{"a": 1}\n{"a": 3}\n'
 
 
 def test_lineage_is_stamped_in_the_run_id_and_read_back() -> None:
-    assert ledger.stamp("r1", "abc") == "r1@abc"
-    assert ledger.stamp("r1", "") == "r1"
-    assert ledger.lineage_of("r1@abc") == "abc"
-    assert ledger.lineage_of("r1") == ""  # rows from before lineages
+    assert run_records.stamp("r1", "abc") == "r1@abc"
+    assert run_records.stamp("r1", "") == "r1"
+    assert run_records.lineage_of("r1@abc") == "abc"
+    assert run_records.lineage_of("r1") == ""  # rows from before lineages
 
 
 def test_the_cursor_refuses_another_lineage_a_version_ahead_and_stale(tmp_path) -> None:
@@ -119,7 +121,7 @@ def test_every_prompt_lands_in_exactly_one_state(tmp_path) -> None:
         {"group_id": 2, "reason": "reward_failed", "detail": "slow_fn: timed out after 5s"},
         {"group_id": 4, "reason": "stale", "detail": "policy_version 0"},
     ])  # fmt: skip
-    ledger.record_failure(str(run), "p7", "prompt p7: 4 attempts failed")
+    run_records.record_failure(str(run), "p7", "prompt p7: 4 attempts failed")
     led = ledger.compute_ledger(str(run), buf, _prompts(20))
     assert led.counts == {"trained": 3, "stale": 1, "reward_failed": 1, "generation_failed": 1,
                           "lineage": 0, "ahead": 0, "corrupt": 0, "in_buffer": 1}  # fmt: skip
@@ -146,8 +148,10 @@ def test_a_prompt_trained_twice_or_sampled_twice_is_named(tmp_path) -> None:
 def test_a_resumed_learner_forgets_the_drops_after_its_checkpoint(tmp_path) -> None:
     rows = [{"group_id": i, "reason": "stale"} for i in (1, 4, 7)]
     _jsonl(tmp_path / "dropped_groups.jsonl", rows)
-    ledger.truncate_drops(str(tmp_path), 5)
-    assert [r["group_id"] for r in ledger.read_jsonl(str(tmp_path / "dropped_groups.jsonl"))] == [
+    run_records.truncate_drops(str(tmp_path), 5)
+    assert [
+        r["group_id"] for r in run_records.read_jsonl(str(tmp_path / "dropped_groups.jsonl"))
+    ] == [
         1,
         4,
     ]
@@ -155,13 +159,13 @@ def test_a_resumed_learner_forgets_the_drops_after_its_checkpoint(tmp_path) -> N
 
 def test_a_restarted_generator_fills_gaps_once_then_continues(tmp_path) -> None:
     run, buf = _write_run(tmp_path, 5, prompt_of=lambda g: f"p{[0, 1, 3, 5, 6][g]}")
-    ledger.record_failure(str(run), "p4", "failed")
-    started, oldest = ledger.started_prompts(buf, str(run))
+    run_records.record_failure(str(run), "p4", "failed")
+    started, oldest = resume.started_prompts(buf, str(run))
     assert started == {"p0", "p1", "p3", "p4", "p5", "p6"} and oldest is None
-    ids = [p.prompt_id for p in ledger.continue_prompts(_prompts(10), started, oldest)]
+    ids = [p.prompt_id for p in resume.continue_prompts(_prompts(10), started, oldest)]
     assert ids == ["p2", "p7", "p8", "p9"]  # p2 was in flight when it died
     # retention deleted the groups before p3: prompts before it are done
-    ids = [p.prompt_id for p in ledger.continue_prompts(_prompts(10), {"p3", "p5"}, "p3")]
+    ids = [p.prompt_id for p in resume.continue_prompts(_prompts(10), {"p3", "p5"}, "p3")]
     assert ids == ["p4", "p6", "p7", "p8", "p9"]
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from grpo_stream.analysis.plot import make_figure, plot_cli, read_rows, reward_band, series
+from grpo_stream.analysis.plot import make_figure, read_rows, reward_band, series
+from grpo_stream.analysis.plot_cli import plot_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,6 @@
 """The evaluator's published progress, and the learner's wait for it.
 
-The evaluator (`follow.py`) writes `BUFFER/consumers/eval.json` ({"version", "time"})
+The evaluator (`grpo_stream/eval/follow.py`) writes `BUFFER/consumers/eval.json` ({"version", "time"})
 atomically after each evaluation. Before a weight sync replaces a version that is due
 for evaluation (`eval_due`: version 0 and every `eval.every`-th), the learner waits until
 the file says that version is done, at most `eval.wait_timeout_s`: so each due version
@@ -21,9 +21,9 @@ from typing import Any
 
 import fsspec
 
+from grpo_stream.core.metric_names import EVAL_WAIT_S
 from grpo_stream.core.progress import consumer_file, write_json_atomic
 
-EVAL_WAIT_S = "eval_wait_s"  # the learner's metric: seconds it waited for the evaluator
 POLL_S = 0.2
 
 
