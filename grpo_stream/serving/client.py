@@ -2,8 +2,8 @@
 
 Everything in grpo-stream that talks to vLLM goes through this module: the generator
 (completions, /weight_info, /metrics, health), the weight syncs (/pause, /collective_rpc,
-the NCCL transfer routes, /resume), `services` (waiting for a started server) and the
-tests' and tools' `get_json`/`post_json`. It sits below generator/, sync/ and services/.
+the NCCL transfer routes, /resume), the launcher in `serving.server` (waiting for a started server) and the
+tests' and tools' `get_json`/`post_json`. It sits in `serving/`, below generator/, sync/ and eval/.
 
     async with VLLMClient(timeout_s=300) as client:       # one aiohttp session per process
         await client.wait_healthy(urls, timeout_s=300, need="any")
@@ -340,7 +340,7 @@ class VLLMClient:
 
 
 class BlockingClient:
-    """The synchronous façade (services, the CLI, vLLM's weight-transfer threads): each
+    """The synchronous façade (the launcher, the CLI, vLLM's weight-transfer threads): each
     call runs the async client on a fresh event loop, so it shares its errors, retries,
     deadlines and API key. Not for use inside a running event loop."""
 

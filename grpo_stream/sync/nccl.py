@@ -8,7 +8,7 @@ dev mode, for /pause, /resume, /reset_prefix_cache, /get_world_size). The traine
 vLLM's `NCCLTrainerWeightTransferEngine`, built by `WeightTransferTrainerFactory.trainer_init`
 from an `NCCLTrainerInitInfo`; it drives the RL routes through a `VLLMWeightSyncClient`
 (here `_ServersClient`, which fans those routes out over every server through the
-project's `vllm_client.BlockingClient`: one deadline per call, errors naming the server) and
+project's `serving.client.BlockingClient`: one deadline per call, errors naming the server) and
 broadcasts every parameter from trainer rank 0 to all inference workers in one NCCL group.
 
 First push (rendezvous): rank 0 asks each server for its worker count (GET

@@ -42,7 +42,7 @@ READ_GENERICALLY: dict[tuple[str, str], str] = {
 
 
 def _product_sources() -> dict[Path, str]:
-    files = [*(ROOT / "grpo_stream").rglob("*.py"), *(ROOT / "services").rglob("*.py")]
+    files = [*(ROOT / "grpo_stream").rglob("*.py")]
     return {
         p: p.read_text()
         for p in files

@@ -100,3 +100,17 @@ def test_the_graph_script_runs_and_finds_no_cycle(script_args, capsys) -> None:
     assert pg.main(script_args) == 0
     out = capsys.readouterr().out
     assert ("0 cycles" in out) if not script_args else ('"cli" -> "run";' in out)
+
+
+def test_the_architecture_page_states_the_allow_list() -> None:
+    """docs/architecture.md's table is the allow-list, and names every package."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    table = text.split("<!-- allowed")[1].split("<!-- /allowed -->")[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] in pg.ALLOWED:
+            rows[cells[0]] = set() if cells[1] == "nothing" else set(cells[1].split(", "))
+    assert rows == pg.ALLOWED
+    for pkg in pg.ALLOWED:
+        assert f"**`{pkg}/`**" in text, pkg
