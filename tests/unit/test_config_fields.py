@@ -41,13 +41,16 @@ READ_GENERICALLY: dict[tuple[str, str], str] = {
 }
 
 
+# where fields are defined and printed, so a mention there is no read
+CONFIG_MODULES = {
+    ROOT / "grpo_stream" / "config" / name
+    for name in ("__init__.py", "sections.py", "learning.py", "evaluation.py", "show.py")
+}
+
+
 def _product_sources() -> dict[Path, str]:
     files = [*(ROOT / "grpo_stream").rglob("*.py")]
-    return {
-        p: p.read_text()
-        for p in files
-        if not (p.parent == ROOT / "grpo_stream" and p.name.startswith("config"))
-    }
+    return {p: p.read_text() for p in files if p not in CONFIG_MODULES}
 
 
 def _leaf_fields(model: type[BaseModel], section: str | None = None):
