@@ -87,7 +87,7 @@ class VariantRule:
     section: str
     fields: tuple[str, ...]
     selector: str
-    allowed: tuple[str, ...]
+    allowed: tuple[str | bool, ...]
 
     def applies(self, cfg: Config) -> bool:
         return getattr(getattr(cfg, self.section), self.selector) in self.allowed
@@ -103,6 +103,7 @@ VARIANT_RULES: tuple[VariantRule, ...] = (
     VariantRule("buffer", ("rollup_segments", "rollup_target_groups"), "backend", ("arrow",)),
     VariantRule("sync", ("keep_last",), "transport", ("disk",)),
     VariantRule("sync", ("pause_mode", "timeout_s"), "transport", ("disk", "nccl")),
+    VariantRule("learner", ("max_refill_batches",), "dynamic_sampling", (True,)),
     VariantRule("task", ("operations",), "name", ("arithmetic",)),
     VariantRule("task", ("min_operand", "max_operand"), "name", ("arithmetic", "countdown")),
     VariantRule(

@@ -88,6 +88,19 @@ class LearnerConfig(_Section):
         "float32", description="learner compute dtype (bfloat16: FSDP2 mixed precision)"
     )
     batch_groups: int = Field(8, ge=1, description="groups (prompts) per learner step")
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO dynamic sampling: drop groups whose rewards are all equal (no "
+        "gradient under GRPO; 'zero_variance' in the ledger) and read on, the generator "
+        "refilling, until the batch holds batch_groups groups with reward variance",
+    )
+    max_refill_batches: int = Field(
+        4,
+        ge=1,
+        description="dynamic sampling reads at most this many times batch_groups groups "
+        "for one step: at the bound it trains on the groups with variance it found, and "
+        "stops with an error when it found none",
+    )
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass")
     micro_batch_tokens: int | None = Field(
         None,

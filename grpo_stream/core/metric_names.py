@@ -62,6 +62,7 @@ STALE_GROUPS_DROPPED = "stale_groups_dropped"
 REWARD_FAILED_GROUPS = "reward_failed_groups"
 LINEAGE_GROUPS_DROPPED = "lineage_groups_dropped"  # stamped with another learner's lineage
 AHEAD_GROUPS_DROPPED = "ahead_groups_dropped"  # sampled at a version ahead of the learner's
+ZERO_VARIANCE_GROUPS_DROPPED = "zero_variance_groups_dropped"  # dynamic sampling's drops
 CURSOR_START = "cursor_start"
 CURSOR_END = "cursor_end"
 WAIT_S = "wait_s"  # time spent waiting for (and reading) the batch
@@ -110,4 +111,5 @@ WALL_CLOCK = (WAIT_S, PROXIMAL_S, TRAIN_S, TOKENS_PER_S, STEP_S)
 # written only by the learner process (it alone talks to the servers; its peak memory)
 LEARNER_ONLY = (SYNC_S, SYNC_SAVE_S, SYNC_PAUSE_S, SYNC_CONNECT_S, SYNC_TRANSFER_S, PEAK_MEMORY_MB,
                 SYNC_PAUSES, GATHER_S, CHECKPOINT_S, EVAL_WAIT_S,
-                LINEAGE_GROUPS_DROPPED, AHEAD_GROUPS_DROPPED)  # fmt: skip
+                LINEAGE_GROUPS_DROPPED, AHEAD_GROUPS_DROPPED,
+                ZERO_VARIANCE_GROUPS_DROPPED)  # fmt: skip

@@ -42,7 +42,9 @@ STALE, REWARD_FAILED, LINEAGE, AHEAD, CORRUPT = (
     "corrupt",
 )
 GENERATION_FAILED = "generation_failed"
-STATES = ("trained", STALE, REWARD_FAILED, GENERATION_FAILED, LINEAGE, AHEAD, CORRUPT, "in_buffer")
+ZERO_VARIANCE = "zero_variance"  # dynamic sampling: every completion got the same reward
+STATES = ("trained", STALE, REWARD_FAILED, GENERATION_FAILED, LINEAGE, AHEAD, CORRUPT,
+          ZERO_VARIANCE, "in_buffer")  # fmt: skip
 
 
 # --- JSONL records -------------------------------------------------------------------

@@ -23,11 +23,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 
-from grpo_stream.buffer.cursor import GroupCursor
-from grpo_stream.buffer.schema import Group
-from grpo_stream.config import Config, LearnerConfig
+from grpo_stream.config import Config
 from grpo_stream.core import metric_names as M
 from grpo_stream.core import run_records
 from grpo_stream.core.timing import PhaseTimer
@@ -42,66 +39,9 @@ from grpo_stream.learner.distributed import (
 from grpo_stream.learner.records import NoRecords, RunRecords
 from grpo_stream.learner.setup import setup_learner
 from grpo_stream.learner.shutdown import StopRequested, StopSignals
+from grpo_stream.learner.source import BatchSource, NoGroupWithVariance
 from grpo_stream.learner.step import train_step, version_after
 from grpo_stream.sync import WeightSyncError, make_weight_sync
-
-
-@dataclass
-class Batch:
-    """The groups of one step as the cursor delivered them (stale ones dropped)."""
-
-    groups: list[Group]
-    info: dict  # CURSOR_START, CURSOR_END, STALE_GROUPS_DROPPED, WAIT_S
-    drops: list[dict] = field(default_factory=list)  # refused groups (grpo_stream.run.ledger rows)
-
-
-class BatchSource:
-    """Rank 0 reads the next batch with its cursor; every rank gets it by broadcast
-    (ranks never disagree on the batch, and a time-out cannot strike one rank alone)."""
-
-    def __init__(
-        self, cursor: GroupCursor | None, cfg: LearnerConfig, versions_servers: bool = True
-    ):
-        self.cursor, self.cfg = cursor, cfg
-        self.lineage = ""  # groups stamped with another lineage are refused
-        # without weight sync the servers' versions are not the learner's (it never
-        # pushes), so no sample's version is "ahead" (the transport's `versions_servers`)
-        self.refuse_ahead = versions_servers
-
-    @property
-    def position(self) -> int:
-        return self.cursor.position if self.cursor is not None else 0
-
-    def state(self) -> dict:
-        return self.cursor.state() if self.cursor is not None else {}
-
-    def next(self, version: int) -> Batch:
-        return broadcast_object(self._read(version) if self.cursor is not None else None)
-
-    def _read(self, version: int) -> Batch:
-        lc, t0, start = self.cfg, time.perf_counter(), self.cursor.position
-        if start == 0 and self.cursor.available() < lc.batch_groups:
-            print0(f"[learn] waiting for the first {lc.batch_groups} groups in the buffer ...")
-        groups, stale = self.cursor.next_groups(
-            lc.batch_groups, lc.wait_timeout_s, lc.max_staleness, current_version=version,
-            lineage=self.lineage, refuse_ahead=self.refuse_ahead,
-        )  # fmt: skip
-        info = {M.CURSOR_START: start, M.CURSOR_END: self.cursor.position,
-                M.STALE_GROUPS_DROPPED: stale, M.WAIT_S: time.perf_counter() - t0}  # fmt: skip
-        drops = [r for g, why in self.cursor.last_drops for r in run_records.group_drops([g], why)]
-        drops += [{"group_id": i, "reason": run_records.CORRUPT, "detail": "unreadable"}
-                  for i in self.cursor.last_corrupt]  # fmt: skip
-        info[M.LINEAGE_GROUPS_DROPPED] = sum(r["reason"] == run_records.LINEAGE for r in drops)
-        info[M.AHEAD_GROUPS_DROPPED] = sum(r["reason"] == run_records.AHEAD for r in drops)
-        for r in drops:
-            if r["reason"] in (run_records.LINEAGE, run_records.AHEAD):
-                print0(f"[learn] refused group {r['group_id']} ({r['prompt_id']}): "
-                       f"{r['reason']}, {r['detail']}")  # fmt: skip
-        return Batch(groups, info, drops)
-
-    def close(self) -> None:
-        if self.cursor is not None:
-            self.cursor.reader.close()
 
 
 def peak_memory_mb(device) -> float:
@@ -126,6 +66,7 @@ class Learner:
         self.stop = StopSignals(enabled=s.dist.world_size == 1)  # torchrun: default handlers
         self.t_train, self.out_of_time = time.monotonic(), False  # learner.max_wall_s
         self.source = BatchSource(s.cursor, cfg.learner)
+        self.source.on_advance = self._publish_progress  # dynamic sampling's refill
         self.records: RunRecords | NoRecords = NoRecords()
         self.sync = None
         try:
@@ -204,6 +145,9 @@ class Learner:
         self.records.dropped(
             batch.drops + run_records.group_drops(failed, run_records.REWARD_FAILED)
         )
+        if batch.error:  # dynamic sampling found nothing to learn from (its drops recorded)
+            self._publish_progress()
+            raise NoGroupWithVariance(batch.error)
         row = train_step(self.s.runner, batch.groups, self.version, batch.info)
         if row is None:
             self._publish_progress()

@@ -124,7 +124,8 @@ def test_every_prompt_lands_in_exactly_one_state(tmp_path) -> None:
     run_records.record_failure(str(run), "p7", "prompt p7: 4 attempts failed")
     led = ledger.compute_ledger(str(run), buf, _prompts(20))
     assert led.counts == {"trained": 3, "stale": 1, "reward_failed": 1, "generation_failed": 1,
-                          "lineage": 0, "ahead": 0, "corrupt": 0, "in_buffer": 1}  # fmt: skip
+                          "lineage": 0, "ahead": 0, "corrupt": 0, "zero_variance": 0,
+                          "in_buffer": 1}  # fmt: skip
     # p6 was started (p7 after it was) but is nowhere: lost
     assert led.none == ["p6"]
     assert led.multi == {} and led.duplicated_groups == 0
