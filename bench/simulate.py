@@ -6,7 +6,7 @@ Not a measurement of real hardware. What is REAL here (imported and driven, not
 re-implemented): the generator (`grpo_stream.generator.loop.Generator`: its producer,
 `max_in_flight`, the staleness gate `generator/gate.py`, least-loaded `ServerPool`,
 `request_group`, the reward runner, the buffer writer task), the buffer (an Arrow store
-in a temporary folder), the learner's batch source (`learner/loop.py: BatchSource`
+in a temporary folder), the learner's batch source (`learner/source.py: BatchSource`
 over a `GroupCursor`: batch size, stale-group drops at `learner.max_staleness`), the
 version rule (`learner/step.py: version_after`), the progress file the gate reads
 (`grpo_stream.core.progress`), and `--sync` (`grpo_stream.config.sync_mode.apply_sync_mode`).
@@ -145,7 +145,7 @@ def sim_learner(cfg: Config, servers: SimServers, out: Outcome, errors: list) ->
     from grpo_stream.buffer.store import open_reader
     from grpo_stream.core import run_records
     from grpo_stream.core.progress import LearnerProgress, write_progress
-    from grpo_stream.learner.loop import BatchSource
+    from grpo_stream.learner.source import BatchSource
     from grpo_stream.learner.step import version_after
 
     try:

@@ -81,7 +81,7 @@ def test_the_cursor_refuses_another_lineage_a_version_ahead_and_stale(tmp_path) 
 def test_no_weight_sync_means_no_ahead_refusal(tmp_path) -> None:
     """The learner's batch source knows whether it versions the servers."""
     from grpo_stream.config import load_config
-    from grpo_stream.learner.loop import BatchSource
+    from grpo_stream.learner.source import BatchSource
 
     path = str(tmp_path / "buf")
     open_writer(path, run_id="r").append_groups([make_group(0, version=7, run_id="r")])
