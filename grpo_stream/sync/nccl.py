@@ -58,6 +58,7 @@ from urllib.parse import urlparse
 import torch
 
 from grpo_stream.config import SyncConfig
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core import metric_names as M
 from grpo_stream.serving.client import BlockingClient, VLLMClient, VLLMError
 from grpo_stream.sync.base import WeightSyncError, current_rank
@@ -168,7 +169,7 @@ class NCCLSync:
     trainer rank (only rank 0 talks to the servers)."""
 
     needs_state_dict = False  # the parameters themselves are streamed
-    versions_servers = True
+    versions_servers = transport_traits("nccl").versions_servers
 
     def __init__(
         self,
