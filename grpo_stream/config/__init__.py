@@ -40,6 +40,7 @@ from grpo_stream.config.sections import (
     TaskConfig,
     _Section,
 )
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core.errors import ConfigError
 
 __all__ = [
@@ -150,8 +151,9 @@ class Config(_Section):
             raise ValueError("loss.mask_low must be below loss.mask_high")
         if self.task.name in ("jsonl", "parquet") and not self.task.path:
             raise ValueError(f"task.path is required for task.name = {self.task.name!r}")
-        if self.sync.transport == "nccl" and self.server.weight_transfer_backend is None:
-            self.server.weight_transfer_backend = "nccl"
+        backend = transport_traits(self.sync.transport).server_backend
+        if backend and self.server.weight_transfer_backend is None:
+            self.server.weight_transfer_backend = backend
         if self.server.seed is None:  # the launched servers sample with the run's seed
             self.server.seed = self.run.seed
         if self.loss.aggregation == "constant" and self.loss.constant_normalizer is None:

@@ -213,5 +213,6 @@ class SyncConfig(_Section):
         120.0,
         gt=0,
         description="limit for one sync of one server (pause, reload or transfer, version, "
-        "resume; seconds): past it the sync fails naming the server, and `run` restarts it",
+        "resume; seconds; nccl syncs all servers together, within one such limit): past it "
+        "the sync fails naming the server, and `run` restarts it",
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from grpo_stream.config import Config, ConfigError
+from grpo_stream.config.transports import transport_traits
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _gpus_in_play(cfg: Config) -> bool:
         cfg.server.gpus is not None
         or cfg.learner.gpus is not None
         or cfg.learner.device.startswith("cuda")
-        or cfg.sync.transport == "nccl"
+        or transport_traits(cfg.sync.transport).nccl_group
     )
 
 
@@ -120,9 +121,10 @@ def _check_learner_apart(cfg: Config, learner: list[int], servers: list[list[int
         if not shared:
             continue
         where = f"the learner (GPUs {learner}) and server {i} (GPUs {ids}) share GPU {shared[0]}"
-        if cfg.sync.transport == "nccl":
+        if transport_traits(cfg.sync.transport).nccl_group:
             raise ConfigError(
-                f'sync.transport = "nccl": {where}, and NCCL refuses two ranks of one group '
+                f"sync.transport = {cfg.sync.transport!r}: {where}, and NCCL refuses two "
+                "ranks of one group "
                 "on one GPU; give them distinct GPUs (learner.gpus or learner.device, and "
                 'server.gpus), or use sync.transport = "disk"'
             )

@@ -20,6 +20,7 @@ import contextlib
 import sys
 
 from grpo_stream.config import Config
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core.eval_progress import eval_due, write_eval_progress
 from grpo_stream.core.progress import read_progress
 from grpo_stream.eval.evaluate import Evaluator
@@ -80,7 +81,9 @@ class Follower:
         p = read_progress(self.buffer_path)
         if p.step < self.cfg.learner.max_steps:
             return False
-        return version == p.version or self.cfg.sync.transport == "none"
+        # without weight sync the servers' version is never the learner's
+        synced = transport_traits(self.cfg.sync.transport).versions_servers
+        return version == p.version or not synced
 
     async def _evaluate(self, pool: ServerPool, log: EvalLog, version: int) -> EvalRow:
         step = read_progress(self.buffer_path).step

@@ -198,7 +198,7 @@ class Learner:
             weights = gathered_state_dict(s.model) if gather else None
             opt_state = gathered_optimizer_state(s.model, s.opt) if due_ckpt else None
         # the held-out evaluation of the version these weights replace comes first (eval.every)
-        pushes = due_sync and cfg.sync.transport != "none"
+        pushes = due_sync and self.sync.versions_servers
         with timer.phase(M.EVAL_WAIT_S):
             evaluated = self.records.wait_for_eval(self.version) if pushes else {}
         self.version = version_after(self.step, cfg)

@@ -31,6 +31,7 @@ import torch
 from grpo_stream.algo import compute_advantages, grpo_loss
 from grpo_stream.buffer.schema import Group
 from grpo_stream.config import Config
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core import metric_names as M
 from grpo_stream.learner.batch import MicroBatch
 from grpo_stream.learner.plan import plan_micro_batches
@@ -274,7 +275,7 @@ class StepRunner:
 def version_after(step: int, cfg: Config) -> int:
     """The policy version after `step` learner steps: the last step whose weights were
     synced (every `sync.every` steps); with no servers to sync, every step's."""
-    if cfg.sync.transport == "none":
+    if not transport_traits(cfg.sync.transport).versions_servers:
         return step
     return step // cfg.sync.every * cfg.sync.every
 

@@ -31,6 +31,7 @@ import sys
 from collections.abc import Callable
 
 from grpo_stream.config import Config, ConfigError, load_config
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core.errors import UserError
 from grpo_stream.run.doctor_checks import Check, check_buffer, check_model, check_security
 
@@ -83,7 +84,7 @@ def check_servers(cfg: Config) -> list[Check]:
     urls = cfg.server.resolved_urls() if cfg.server.urls else []
     if not urls:
         return []
-    needs_dev = cfg.sync.transport != "none"
+    needs_dev = transport_traits(cfg.sync.transport).versions_servers  # the RL routes
 
     async def main() -> list[tuple[bool, str]]:
         key = cfg.server.resolved_api_key()

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from grpo_stream.config import DEFAULT_MODEL, Config, ConfigError
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core.errors import UserError
 
 # Disk estimate per stored sample (bytes): int32 ids + UTF-8 text for prompt tokens,
@@ -162,17 +163,17 @@ def _check_tied(cfg: Config, folder: Path, config: dict) -> Check:
         return Check("tied embeddings", False, str(e))
     if not tied:
         return Check("tied embeddings", True, "untied: lm_head is its own tensor")
-    if cfg.sync.transport != "disk":
-        return Check("tied embeddings", True, f"tied (fine with sync.transport = "
-                     f"{cfg.sync.transport!r})")  # fmt: skip
+    name = f"sync.transport = {cfg.sync.transport!r}"
+    if not transport_traits(cfg.sync.transport).reloads_from_disk:
+        return Check("tied embeddings", True, f"tied (fine with {name})")
     import grpo_stream.serving.model as m
 
     if hasattr(m, "untied_model_dir"):
-        return Check("tied embeddings", True, "tied: sync.transport = 'disk' serves an "
+        return Check("tied embeddings", True, f"tied: {name} serves an "
                      "untied copy, made into the cache on first use")  # fmt: skip
     return Check("tied embeddings", False, f"model.path: {folder} ties lm_head to the "
-                 "embedding; vLLM's disk reload would keep a stale head (sync.transport = "
-                 "'disk'): use an untied model or sync.transport = 'nccl'")  # fmt: skip
+                 f"embedding; vLLM's disk reload would keep a stale head ({name}): use an "
+                 "untied model or sync.transport = 'nccl'")  # fmt: skip
 
 
 # ---------------------------------------------------------------- buffer path and disk

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_stream.config import DEFAULT_MODEL, ConfigError, ModelConfig, cache_dir
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core.atomic import fresh_dir, publish_dir
 from grpo_stream.core.errors import UserError
 
@@ -250,8 +251,9 @@ def untied_model_dir(folder: Path) -> Path:
 def resolve_model_path(model_cfg: ModelConfig, sync_transport: str | None = None) -> Path:
     """`model.path` -> a Hugging Face folder (the default model is prepared if missing).
 
-    With `sync_transport = "disk"` a tied model (lm_head = embedding) is replaced by an
-    untied copy: vLLM's `reload_weights` finds no lm_head in a tied checkpoint and keeps
+    With a `sync_transport` that reloads from disk (its `reloads_from_disk` trait: "disk")
+    a tied model (lm_head = embedding) is replaced by an untied copy: vLLM's
+    `reload_weights` finds no lm_head in a tied checkpoint and keeps
     the old head, so it would serve a stale head after every sync. Every process of a
     run (servers, learner, replay) passes the same transport, so they share the copy.
     """
@@ -269,7 +271,7 @@ def resolve_model_path(model_cfg: ModelConfig, sync_transport: str | None = None
             "(expected a Hugging Face model folder)"
         )
     folder = folder.resolve()
-    if sync_transport == "disk" and is_tied(folder):
+    if sync_transport and transport_traits(sync_transport).reloads_from_disk and is_tied(folder):
         return untied_model_dir(folder)
     return folder
 

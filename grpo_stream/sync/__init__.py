@@ -5,10 +5,14 @@
     metrics = sync.push(hf_model, version, state_dict=sd)
     sync.close()
 
-`sync.transport` picks the implementation from `TRANSPORTS` (no branching on the name
-elsewhere): "disk" (`disk.DiskSync`: safetensors folder + in-place reload, CPU or GPU),
-"nccl" (`nccl.NCCLSync`: vLLM's NCCL weight-transfer engine, GPU), "none"
-(`base.NoSync`). The protocol and `WeightSyncError` live in `base`. This package talks
+`sync.transport` picks the implementation from `TRANSPORTS`: "disk" (`disk.DiskSync`:
+safetensors folder + in-place reload, CPU or GPU), "nccl" (`nccl.NCCLSync`: vLLM's NCCL
+weight-transfer engine, GPU), "none" (`base.NoSync`). No code outside this package
+branches on the name: the learner asks the sync object's traits (`needs_state_dict`,
+`versions_servers`), and code without one asks `transport_traits(name)` (the data-only
+table in `grpo_stream.config.transports`, below this package so that config's GPU
+placement can read it; tests/unit/test_transport_traits.py keeps both true). The
+protocol and `WeightSyncError` live in `base`. This package talks
 to vLLM only through `grpo_stream.serving.client` and imports nothing from `learner/` or
 `generator/`.
 """

@@ -10,7 +10,9 @@ Each transport knows its own rank rules (disk: rank 0 writes and reloads, the ot
 ranks return at once; NCCL: every rank joins the all-gathers), so the learner calls
 `push` on every rank without asking which transport it has. `needs_state_dict` says
 whether `push` reads the gathered `state_dict` (disk) or streams the parameters
-themselves (NCCL), so the learner gathers one only when it is used.
+themselves (NCCL), so the learner gathers one only when it is used. The learner asks
+these traits, never the transport's name; code that has no sync object (placement, the
+supervisor, the doctor) asks the same rows in `grpo_stream.config.transports`.
 
 A failed push raises `WeightSyncError` naming the server(s). After a failure that may
 have left a server's weights half-updated, the server is left paused (never resumed on
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core.errors import UserError
 
 
@@ -30,9 +33,12 @@ class WeightSyncError(UserError, RuntimeError):
 
 @runtime_checkable
 class WeightSync(Protocol):
+    # push reads the gathered `state_dict` (the learner gathers one only then)
     needs_state_dict: bool
     # push makes the servers serve the learner's own versions, so a sample stamped with a
-    # newer version than the learner's came from elsewhere (the learner refuses it)
+    # newer version than the learner's came from elsewhere (the learner refuses it), and a
+    # step that syncs first waits for the held-out evaluation of the version it replaces
+    # (the row of `config.transports.TRANSPORT_TRAITS`, which code without a sync object asks)
     versions_servers: bool
 
     def push(self, model: Any, version: int, state_dict: dict | None = None) -> dict[str, float]:
@@ -48,7 +54,7 @@ class NoSync:
     """`sync.transport = "none"`: the servers keep their weights; nothing is sent."""
 
     needs_state_dict = False
-    versions_servers = False  # the servers' versions are not the learner's
+    versions_servers = transport_traits("none").versions_servers  # False: the servers' own
 
     def push(self, model: Any, version: int, state_dict: dict | None = None) -> dict[str, float]:
         return {}

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from grpo_stream.config import SyncConfig
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core import metric_names as M
 from grpo_stream.core.atomic import fresh_dir, publish_dir
 from grpo_stream.serving.client import VLLMClient
@@ -122,7 +123,7 @@ class DiskSync:
     """`WeightSync` over a shared folder and vLLM's in-place `reload_weights`."""
 
     needs_state_dict = True  # rank 0 saves the gathered FSDP weights
-    versions_servers = True
+    versions_servers = transport_traits("disk").versions_servers
 
     def __init__(
         self, cfg: SyncConfig, urls: list[str], weights_root: Path, rank: int | None = None

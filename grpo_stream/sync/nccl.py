@@ -28,7 +28,11 @@ transfer (`NCCLTrainerWeightTransferEngine.send_weights`: "the transfer group is
 either way and the caller has to tear it down"). `push` raises `WeightSyncError` naming
 the servers, leaves them paused for the supervisor to restart, and refuses further
 pushes; `close()` then only drops the trainer side. (A failed `/pause` leaves the weights
-whole: the servers that did pause are resumed.)
+whole: the servers that did pause are resumed. A failed `/resume` comes after whole
+weights and version, but that server may still be paused: it is named the same way.)
+The whole sync, pause to resume, runs within `sync.timeout_s`: past it the push fails
+the same way, naming the limit. The send runs in a daemon thread (`in_daemon_thread`),
+so a broadcast stuck in NCCL cannot hold the push, nor the process's exit, past it.
 
 Weights travel under Hugging Face names (`named_parameters()` of the HF model the
 learner passes, a `ShardedPolicy` already unwrapped) through
@@ -49,7 +53,9 @@ distinct GPUs for the trainer and each worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -58,6 +64,7 @@ from urllib.parse import urlparse
 import torch
 
 from grpo_stream.config import SyncConfig
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core import metric_names as M
 from grpo_stream.serving.client import BlockingClient, VLLMClient, VLLMError
 from grpo_stream.sync.base import WeightSyncError, current_rank
@@ -119,6 +126,33 @@ class _ServersClient:
         _fan_out(self.urls, lambda i, u: self.http.post(u, "/shutdown_weight_transfer_engine"))
 
 
+async def in_daemon_thread(fn, *args):
+    """`fn(*args)` in a daemon thread, awaited. Not `asyncio.to_thread`: a send blocked in
+    NCCL cannot be cancelled, and past the deadline `asyncio.run` (and the interpreter's
+    exit) would wait for the executor's thread; a daemon thread is left behind instead."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(result, error) -> None:
+        if done.done():  # the deadline passed: nobody waits for it
+            return
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except Exception as e:
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is closed (the push returned)
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="nccl-send", daemon=True).start()
+    return await done
+
+
 def sender_device(module: torch.nn.Module) -> torch.device:
     """The CUDA device the trainer's weights live on (where NCCL must run), with its
     index made explicit: a new thread's current device is 0, whatever this one's is."""
@@ -168,7 +202,7 @@ class NCCLSync:
     trainer rank (only rank 0 talks to the servers)."""
 
     needs_state_dict = False  # the parameters themselves are streamed
-    versions_servers = True
+    versions_servers = transport_traits("nccl").versions_servers
 
     def __init__(
         self,
@@ -240,13 +274,28 @@ class NCCLSync:
             on_device(self.device, self.engine.send_weights)  # joins the all-gathers only
             return {}
         self.client.version = str(version)
-        pause_s, transfer_s = asyncio.run(self._paused_transfer())
+        pause_s, transfer_s = asyncio.run(self._within_deadline(version))
         return {
             M.SYNC_CONNECT_S: t1 - t0,
             M.SYNC_TRANSFER_S: transfer_s,
             M.SYNC_PAUSE_S: pause_s,
             M.SYNC_S: time.perf_counter() - t0,
         }
+
+    async def _within_deadline(self, version: int) -> tuple[float, float]:
+        """The paused transfer, all of it (pause, transfer, version, resume) within
+        `sync.timeout_s`. Past it the servers may be paused on half-sent weights and the
+        group is unusable: the push fails naming them, and refuses further pushes."""
+        try:
+            return await asyncio.wait_for(self._paused_transfer(), self.cfg.timeout_s)
+        except TimeoutError:
+            limit = f"sync.timeout_s={self.cfg.timeout_s:g}s"
+            self.failed = f"no end within {limit}"
+            raise WeightSyncError(
+                f"the sync of version {version} to {', '.join(self.urls)} did not finish "
+                f"within {limit} (pause, transfer, version, resume); the servers are left "
+                "paused, not resumed (their weights may be half-updated: restart them)"
+            ) from None
 
     async def _paused_transfer(self) -> tuple[float, float]:
         """Pause → transfer → reset prefix caches → resume; (paused s, transfer s).
@@ -257,7 +306,7 @@ class NCCLSync:
             t1 = time.perf_counter()
             try:
                 # blocking NCCL + HTTP round trip, off the event loop
-                await asyncio.to_thread(on_device, self.device, self.engine.send_weights)
+                await in_daemon_thread(on_device, self.device, self.engine.send_weights)
                 transfer_s = time.perf_counter() - t1
                 await asyncio.gather(*(http.reset_prefix_cache(u) for u in self.urls))
             except Exception as e:
@@ -268,8 +317,20 @@ class NCCLSync:
                     f"weights may be half-updated and the NCCL group is unusable: restart "
                     f"them): {self.failed}"
                 ) from e
-            await asyncio.gather(*(http.resume(u) for u in self.urls))
+            await self._resume_all(http)
             return time.perf_counter() - t0, transfer_s
+
+    async def _resume_all(self, http: VLLMClient) -> None:
+        """Resume every server (the new weights and version are whole); raise naming
+        each server whose /resume failed (it may still be paused: restart it)."""
+        results = await asyncio.gather(*(http.resume(u) for u in self.urls), return_exceptions=True)
+        errors = [(u, r) for u, r in zip(self.urls, results, strict=True) if r is not None]
+        if errors:
+            v = self.client.version
+            self.failed = "; ".join(f"{u}: /resume failed after version {v} was sent: {r}"
+                                    for u, r in errors)  # fmt: skip
+            # no more pushes, and close() leaves the servers' side alone
+            raise WeightSyncError(f"{self.failed} (restart it)") from errors[0][1]
 
     async def _pause_all(self, http: VLLMClient) -> None:
         """Pause every server; if any pause fails, resume the paused ones (their weights

@@ -5,7 +5,8 @@ Now the learner (the real `grpo-stream learn` entry point, in-process, tiny mode
 Arrow buffer) checkpoints that step, keeps its metrics row, leaves RUN/sync_failure.json
 naming the server for `run`'s supervisor, and exits with EXIT_SYNC_FAILED and one line.
 The server is a scripted HTTP server (fault injection) that accepts the first push and
-then cuts the connection, as a killed server does.
+then cuts the connection, as a killed server does. Under NCCL sync (issue 20 defect 8)
+a server whose /resume fails after the transfer is handled the same way.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pathlib import Path
 from aiohttp import web
 from fake_vllm import OK_JSON, CannedServer
 from test_learner_loop import append, groups_with, read_jsonl, tiny  # noqa: F401 (fixture)
+from test_sync_failures import NCCL_ROUTES, FakeNCCLEngine
 
 from grpo_stream.cli import main
 from grpo_stream.sync.failure import EXIT_SYNC_FAILED
+from grpo_stream.sync.nccl import NCCLSync, _ServersClient
 
 
 class ServerThread:
@@ -80,4 +83,46 @@ def test_a_dead_server_at_sync_keeps_the_trained_step(tiny, tmp_path: Path, caps
     failure = json.loads((run / "sync_failure.json").read_text())
     assert failure["step"] == 1 and failure["error"].startswith(f"{srv.url}: /pause failed")
     assert "[learn] weight sync failed after step 1 (checkpoint step-1; " in err
+    assert "Traceback" not in err
+
+
+def test_a_failed_nccl_resume_keeps_the_trained_step(
+    tiny,  # noqa: F811
+    tmp_path: Path,
+    capsys,
+    monkeypatch,
+) -> None:
+    """NCCL sync: the weights reached the server but its /resume failed. The learner
+    keeps the step as for any failed sync (checkpoint, sync_failure.json, exit code).
+    No GPU here: the rendezvous is replaced by the fake engine, which drives the real
+    `_ServersClient` over HTTP; pause, version, cache reset and resume are the product's."""
+
+    def connect(self: NCCLSync, module) -> None:
+        self.client = _ServersClient(self.urls, [1] * len(self.urls), self.cfg.timeout_s)
+        self.engine, self.device, self._module = FakeNCCLEngine(self.client), -1, module
+
+    monkeypatch.setattr(NCCLSync, "_connect", connect)
+    run = tmp_path / "run"
+    run.mkdir()
+    append(run, groups_with(set(), [0, 0, 0, 0]))
+    routes = ["/pause", *NCCL_ROUTES, "/reset_prefix_cache"]
+    script = {r: [OK_JSON] for r in routes} | {"/resume": [OK_JSON, (500, "engine core died")]}
+    with ServerThread(script) as srv:
+        overrides = [f"run.run_dir={run}", f"model.path={tiny}", f'server.urls=["{srv.url}"]',
+                     "sync.transport=nccl", "sync.timeout_s=10", "learner.device=cpu",
+                     "learner.num_threads=1", "learner.max_steps=2", "learner.batch_groups=2",
+                     "learner.micro_batch_size=4", "learner.checkpoint_every=100",
+                     "learner.wait_timeout_s=60"]  # fmt: skip
+        code = main(["learn", *overrides])
+        paths = srv.paths()
+    err = capsys.readouterr().err
+    assert code == EXIT_SYNC_FAILED, err[-2000:]
+    assert paths[:6] == [*routes, "/resume"]  # the fresh learner's push of version 0
+    assert paths[6:11] == routes and set(paths[11:]) == {"/resume"}  # version 1: not resumed
+    state = json.loads((run / "checkpoints" / "step-1" / "state.json").read_text())
+    assert (state["step"], state["version"]) == (1, 1)
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+    failure = json.loads((run / "sync_failure.json").read_text())
+    assert failure["step"] == 1
+    assert failure["error"].startswith(f"{srv.url}: /resume failed after version 1 was sent")
     assert "Traceback" not in err

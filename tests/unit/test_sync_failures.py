@@ -6,12 +6,15 @@ failures with `fake_vllm.CannedServer` (a real HTTP server that records every ca
 check that the push raises `WeightSyncError` naming the server and never calls /resume
 on it, while servers that are intact are resumed. The NCCL engine is a fake too (no GPU
 here): it drives the real `_ServersClient` over HTTP in the order vLLM's
-`NCCLTrainerWeightTransferEngine.send_weights` does, and can fail its broadcast.
+`NCCLTrainerWeightTransferEngine.send_weights` does, and can fail or block its
+broadcast (a failed /resume and `sync.timeout_s` over the whole NCCL sync are errors too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -102,15 +105,19 @@ def test_disk_push_off_rank_0_sends_nothing(tmp_path: Path, tiny_lm) -> None:
 
 class FakeNCCLEngine:
     """vLLM's trainer engine's HTTP sequence (start → update ∥ broadcast → finish)
-    through the real `_ServersClient`; `broadcast_error` fails the broadcast."""
+    through the real `_ServersClient`; `broadcast_error` fails the broadcast, `hang`
+    (an Event) blocks it until set, as a peer that never joins the group does."""
 
-    def __init__(self, client: _ServersClient, broadcast_error: str | None = None):
-        self.client, self.broadcast_error = client, broadcast_error
+    def __init__(self, client: _ServersClient, broadcast_error: str | None = None,
+                 hang: threading.Event | None = None):  # fmt: skip
+        self.client, self.broadcast_error, self.hang = client, broadcast_error, hang
         self.shutdowns = 0
 
     def send_weights(self) -> None:
         self.client.start_weight_update()
         self.client.update_weights({"names": ["w"], "dtype_names": ["bfloat16"], "shapes": [[2]]})
+        if self.hang is not None:
+            self.hang.wait()
         if self.broadcast_error:
             raise RuntimeError(self.broadcast_error)
         self.client.finish_weight_update()
@@ -119,12 +126,13 @@ class FakeNCCLEngine:
         self.shutdowns += 1
 
 
-def nccl_sync(servers: list[CannedServer], broadcast_error: str | None = None) -> NCCLSync:
+def nccl_sync(servers: list[CannedServer], broadcast_error: str | None = None,
+              timeout_s: float = 10, hang: threading.Event | None = None) -> NCCLSync:  # fmt: skip
     """An NCCLSync past its rendezvous (engine and client set), on the CPU."""
     urls = [s.url for s in servers]
-    sync = NCCLSync(SyncConfig(transport="nccl", timeout_s=10), urls, rank=0)
+    sync = NCCLSync(SyncConfig(transport="nccl", timeout_s=timeout_s), urls, rank=0)
     sync.client = _ServersClient(urls, [1] * len(urls), timeout_s=10)
-    sync.engine = FakeNCCLEngine(sync.client, broadcast_error)
+    sync.engine = FakeNCCLEngine(sync.client, broadcast_error, hang)
     sync._module = module = torch.nn.Linear(2, 2)
     sync.device = -1  # what `on_device` makes current: torch.cuda.device(-1) is a no-op
     return sync, module
@@ -199,6 +207,48 @@ def test_failed_pause_resumes_the_paused_servers_and_sends_nothing() -> None:
     )
     assert good_paths == ["/pause", "/resume"] and bad_paths == ["/pause"]
     assert bad_url in message and "no weights sent" in message
+
+
+def test_a_failed_nccl_resume_is_a_weight_sync_error_naming_that_server() -> None:
+    """Weights and version are whole, but one server did not resume: a WeightSyncError
+    (the learner checkpoints its step on it), not the client's VLLMError."""
+    message, good_paths, bad_paths, bad_url = nccl_push_with_one_bad_server(
+        "/resume", (500, "engine core died")
+    )
+    assert good_paths[-1] == "/resume" and bad_paths[-1] == "/resume"  # both were asked
+    assert "/finish_weight_update" in bad_paths  # the version reached it first
+    assert message.startswith(f"{bad_url}: /resume failed after version 1 was sent")
+    assert "engine core died" in message
+    assert set(re.findall(r"http://[\d.]+:\d+", message)) == {bad_url}  # only that one
+
+
+def test_an_nccl_sync_past_sync_timeout_s_fails_and_leaves_the_servers_paused() -> None:
+    """The broadcast blocks (a worker never joins): the push fails within
+    sync.timeout_s, naming it, instead of waiting for the send (released 20 s later)."""
+    hang = threading.Event()
+    release = threading.Timer(20, hang.set)  # before the fix the push waited for this
+    release.start()
+
+    async def main():
+        async with CannedServer(ok_script(["/pause", *NCCL_ROUTES, "/reset_prefix_cache"])) as s:
+            sync, module = nccl_sync([s], timeout_s=0.5, hang=hang)
+            with pytest.raises(WeightSyncError) as first:
+                await asyncio.to_thread(sync.push, module, 4)
+            unreleased = not hang.is_set()
+            with pytest.raises(WeightSyncError) as again:
+                await asyncio.to_thread(sync.push, module, 5)
+            await asyncio.to_thread(sync.close)
+            return str(first.value), str(again.value), s.paths(), s.url, unreleased
+
+    try:
+        message, again, paths, url, unreleased = asyncio.run(main())
+    finally:
+        hang.set()
+        release.cancel()
+    assert unreleased  # it returned while the send was still blocked
+    assert "did not finish within sync.timeout_s=0.5s" in message and url in message
+    assert "left paused" in message and "earlier weight transfer failed" in again
+    assert paths == ["/pause", "/start_weight_update", "/update_weights"]  # no /resume
 
 
 def test_factory_picks_by_table_and_every_transport_is_a_weight_sync(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo_stream.config import Config
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.core.errors import UserError
 from grpo_stream.core.proc import log_tail
 from grpo_stream.run.supervise.child import Child
@@ -188,7 +189,8 @@ class Supervisor:
         print(f"[run] vLLM server {new.url} back in {dt:.1f}s, serving version {version}",
               flush=True)  # fmt: skip
         self.log.event("restart", name, exit_code=code, restart_s=dt, version=version, why=why)
-        if self.cfg.sync.transport == "nccl" and self.learner.proc.poll() is None:
+        in_group = transport_traits(self.cfg.sync.transport).nccl_group
+        if in_group and self.learner.proc.poll() is None:
             return self._restart_child("learner", None)  # its NCCL group died with the server
         return True
 

@@ -18,6 +18,7 @@ import asyncio
 from pathlib import Path
 
 from grpo_stream.config import Config
+from grpo_stream.config.transports import transport_traits
 from grpo_stream.sync.base import WeightSyncError
 
 
@@ -51,7 +52,7 @@ async def _reload(url: str, folder: Path, version: int, cfg: Config) -> None:
 def resync(url: str, cfg: Config, run_dir: str | Path) -> int:
     """Disk sync: load the newest published weights into the server at `url`; returns
     their version (0 when the learner published none: the initial model is version 0)."""
-    if cfg.sync.transport != "disk":
+    if not transport_traits(cfg.sync.transport).reloads_from_disk:
         return 0
     held = None
     for _ in range(5):  # a folder newer than the one just loaded: load that one
