@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grpo_stream.config import Config, load_config
+from grpo_stream.config import SECRET_FIELDS, Config, load_config
 from grpo_stream.core.errors import UserError
 
 DONE_FILE = "sweep_done.json"
@@ -190,9 +190,23 @@ def _check(sw: Sweep) -> None:
                 if v not in sw.bundles[k]:
                     raise SweepError(f"{p}: sweep.grid[{i}].{k}: no bundle {v!r} in "
                                      f"[sweep.bundles.{k}]")  # fmt: skip
+    _check_no_secret(sw)
     labels = [label(sw, k) for k in axes(sw)]
     if len(set(labels)) != len(labels):
         raise SweepError(f"{p}: axes share a short name {labels}: set [sweep.labels]")
+
+
+def _check_no_secret(sw: Sweep) -> None:
+    """A secret (`server.api_key`) is no sweep override: it would be recorded in every
+    sweep_done.json and shown in the process list (argv)."""
+    keys = [o.split("=", 1)[0].strip() for o in sw.fixed]
+    keys += [k for g in sw.grids for k in g]
+    keys += [k for b in sw.bundles.values() for o in b.values() for k in o]
+    for k in keys:
+        if k in SECRET_FIELDS:
+            raise SweepError(f"{sw.path}: {k}: a secret is not a sweep override (it would be "
+                             "written to sweep_done.json and shown in argv); name its "
+                             "variable instead: server.api_key_env")  # fmt: skip
 
 
 def axes(sw: Sweep) -> list[str]:

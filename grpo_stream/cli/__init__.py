@@ -46,12 +46,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> Config:
-    return _export_api_key(load_config(args.config, args.overrides))
+    return _check_api_key(load_config(args.config, args.overrides))
 
 
-def _export_api_key(cfg: Config) -> Config:
-    if key := cfg.server.resolved_api_key():  # every vLLM client here and in children sends it
-        os.environ["VLLM_API_KEY"] = key
+def _check_api_key(cfg: Config) -> Config:
+    """Fail now, naming `server.api_key_env`, when the key's variable is missing. The key
+    stays in `cfg` (never in os.environ): each client is handed `resolved_api_key()`."""
+    cfg.server.resolved_api_key()
     return cfg
 
 
@@ -130,7 +131,7 @@ def cmd_run(args) -> int:
     from grpo_stream.run.orchestrate import run_pipeline
 
     if args.resume and args.config is None:  # continue with the run's own resolved config
-        cfg = _export_api_key(load_run_config(args.resume, args.overrides))
+        cfg = _check_api_key(load_run_config(args.resume, args.overrides))
     else:
         cfg = _load(args)
     if getattr(args, "sync", False):  # synchronous GRPO on the same processes (sync_mode.py)

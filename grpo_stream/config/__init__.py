@@ -9,6 +9,9 @@ that belongs to one variant (`VARIANT_RULES`, e.g. `loss.tis_cap` with
 `behaviour_correction = "tis"`) is refused when set under another, and a renamed field
 (`RENAMED`) names its new name. Every process writes the config it runs with to
 RUN/config.toml (`write_run_config`), and tools read it back with `load_run_config`.
+It holds what was set and the defaults; derived values stay unset and are derived where
+used (`resolved_server`, `resolved_loss`, `TaskConfig.resolved_instruction`), so a resume
+derives them anew. `server.api_key` is a `SecretStr`: no file or printout holds it.
 This module imports nothing heavy, so `--help` and config errors are fast.
 
     cfg = load_config("configs/cpu.toml", ["learner.max_steps=3"])
@@ -57,6 +60,7 @@ __all__ = [
     "RewardConfig",
     "RewardFunctionConfig",
     "RunConfig",
+    "SECRET_FIELDS",
     "ServerConfig",
     "SyncConfig",
     "TaskConfig",
@@ -73,6 +77,9 @@ def cache_dir() -> Path:
     )
     return Path(root)
 
+
+# Fields whose values are secrets (SecretStr): no file, printout or record holds them.
+SECRET_FIELDS: tuple[str, ...] = ("server.api_key",)
 
 # Old field names and their new ones: an old name in a file or override is refused.
 RENAMED: dict[str, str] = {
@@ -151,14 +158,6 @@ class Config(_Section):
             raise ValueError("loss.mask_low must be below loss.mask_high")
         if self.task.name in ("jsonl", "parquet") and not self.task.path:
             raise ValueError(f"task.path is required for task.name = {self.task.name!r}")
-        backend = transport_traits(self.sync.transport).server_backend
-        if backend and self.server.weight_transfer_backend is None:
-            self.server.weight_transfer_backend = backend
-        if self.server.seed is None:  # the launched servers sample with the run's seed
-            self.server.seed = self.run.seed
-        if self.loss.aggregation == "constant" and self.loss.constant_normalizer is None:
-            # Dr. GRPO divides by a constant: the longest completion the generator can make
-            self.loss.constant_normalizer = float(self.generator.max_tokens)
         if self.task.name == "countdown" and not any(
             f.name == "countdown" for f in self.reward.functions
         ):
@@ -185,6 +184,23 @@ class Config(_Section):
                 "sequences); set loss.aggregation = 'seq_mean_token_mean'"
             )
 
+    # Derived on use, never stored: an unset field stays unset (and out of config.toml).
+    def resolved_server(self) -> ServerConfig:
+        """`server` for launching: its seed (`server.seed`, else `run.seed`) and weight
+        transfer backend (`server.weight_transfer_backend`, else nccl for an nccl sync)."""
+        s = self.server
+        backend = s.weight_transfer_backend or transport_traits(self.sync.transport).server_backend
+        derived = {"seed": s.resolved_seed(self.run), "weight_transfer_backend": backend}
+        return s.model_copy(deep=True, update=derived)
+
+    def resolved_loss(self) -> LossConfig:
+        """`loss` for the learner: the constant normaliser (`loss.constant_normalizer`,
+        else generator.max_tokens: Dr. GRPO divides by the longest possible completion)."""
+        if self.loss.aggregation != "constant" or self.loss.constant_normalizer is not None:
+            return self.loss
+        n = float(self.generator.max_tokens)
+        return self.loss.model_copy(update={"constant_normalizer": n})
+
     def buffer_path(self, run_dir: str | os.PathLike | None = None) -> str:
         if self.buffer.path:
             return self.buffer.path
@@ -194,12 +210,17 @@ class Config(_Section):
         return os.path.join(str(rd), "buffer")
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved values as TOML-ready data: no unset (None) fields, and no fields
-        the chosen variants ignore (so the result loads back without a variant error)."""
+        """The values as TOML-ready data: no unset (None) fields (derived values stay
+        unset: see `resolved_server`), no fields the chosen variants ignore (so the result
+        loads back without a variant error), and no secret: a literal `server.api_key`
+        becomes `api_key_env`, the variable that hands it on (`ServerConfig.key_env`)."""
         data = self.model_dump(mode="json", exclude_none=True)
         for key in inapplicable(self):
             section, field = key.split(".", 1)
             data[section].pop(field, None)
+        data["server"].pop("api_key", None)
+        if name := self.server.key_env_name():
+            data["server"]["api_key_env"] = name
         return data
 
     def to_toml(self) -> str:
@@ -250,7 +271,9 @@ def _format_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         got = e.get("input")
-        shown = "" if isinstance(got, dict) or got is None or not loc else f" (got {got!r})"
+        secret = loc.endswith("api_key")  # a bad key is not echoed either
+        hidden = isinstance(got, dict) or got is None or not loc or secret
+        shown = "" if hidden else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{shown}" if loc else f"  {msg}")
     return "\n".join(lines)
 
@@ -293,7 +316,8 @@ def run_config_path(run_dir: str | os.PathLike, role: str | None = None) -> Path
 def load_run_config(
     run_dir: str | os.PathLike, overrides: list[str] | None = None, role: str | None = None
 ) -> Config:
-    """The resolved config a run folder's processes ran with, plus `overrides`.
+    """The config a run folder's processes ran with, plus `overrides` (derived values are
+    derived again, from the new values; an API key is read from `server.api_key_env`).
 
     `role` ("learn", "generate") prefers that process's own file (see `write_run_config`).
     The file is machine-written, so it is read leniently: a field renamed since it was
@@ -356,8 +380,8 @@ def write_run_config(cfg: Config, run_dir: str | os.PathLike, role: str) -> Path
         pass
     finally:
         tmp.unlink(missing_ok=True)
-    try:
-        same = load_config(target) == cfg
+    try:  # as written: a literal key and the variable the file names for it are equal
+        same = load_config(target).to_dict() == cfg.to_dict()
     except ConfigError:
         same = False
     if same:

@@ -14,11 +14,15 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from grpo_stream.core.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
+
+# The variable that carries a literal `server.api_key` to `run`'s children and to a
+# resume: the run folder's config.toml names it (`api_key_env`), never the key itself.
+CHILD_KEY_ENV = "GRPO_STREAM_API_KEY"
 
 # The instruction appended to generated prompts when `task.instruction` is not given.
 TASK_INSTRUCTIONS: dict[str, str] = {
@@ -100,7 +104,7 @@ class ServerConfig(_Section):
     )
     weight_transfer_backend: Literal["nccl"] | None = Field(
         None,
-        description='starts vLLM with --weight-transfer-config; set to "nccl" by '
+        description='starts vLLM with --weight-transfer-config; unset: "nccl" when '
         'sync.transport = "nccl"',
     )
     log_file: str | None = Field(
@@ -111,11 +115,13 @@ class ServerConfig(_Section):
         description="allow a non-loopback `host` or URL without `api_key` (dev mode runs any "
         "RPC for anyone who reaches the port): only on a trusted private network",
     )
-    api_key: str | None = Field(
+    api_key: SecretStr | None = Field(
         None,
         description="API key the servers require (vLLM --api-key, given as VLLM_API_KEY) and "
-        "the generator and weight sync send (Authorization: Bearer); needed for a "
-        "non-loopback host; prefer `api_key_env` (this value is written to RUN/config.toml)",
+        "the generator, evaluator, doctor and weight sync send (Authorization: Bearer); "
+        "needed for a non-loopback host. A secret: never written or printed; a run folder's "
+        f'config.toml names the variable instead (`api_key_env = "{CHILD_KEY_ENV}"`, set '
+        "by `run` for its children), so a resume reads the key from that variable",
     )
     api_key_env: str | None = Field(
         None,
@@ -144,19 +150,37 @@ class ServerConfig(_Section):
         "server may take (lower it when the learner shares the GPU); unset: vLLM's 0.9",
     )
 
+    def resolved_seed(self, run: RunConfig) -> int:
+        """vLLM --seed of the servers launched here: `seed`, else `run.seed`."""
+        return run.seed if self.seed is None else self.seed
+
     def resolved_api_key(self) -> str | None:
         """`api_key`, else the variable `api_key_env` names (which must be set), else None."""
-        if self.api_key:
-            return self.api_key
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value()
         if not self.api_key_env:
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
             raise ConfigError(
                 f"server.api_key_env = {self.api_key_env!r}: that environment variable is "
-                "not set (or empty)"
+                "not set (or empty), and the servers need the API key (a run folder's "
+                "config.toml names the variable, never the key: set it to resume the run)"
             )
         return key
+
+    def key_env_name(self) -> str | None:
+        """The variable a written config names for the key (`api_key_env` there)."""
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return CHILD_KEY_ENV
+        return self.api_key_env
+
+    def key_env(self) -> dict[str, str]:
+        """{variable: key} that hands the key to a child process reading this config as
+        written (`Config.to_dict`): the one way the secret leaves this process, never
+        through a file or argv; {} without a key."""
+        key, name = self.resolved_api_key(), self.key_env_name()
+        return {name: key} if key and name else {}
 
     def resolved_urls(self) -> list[str]:
         if self.urls:
@@ -178,10 +202,10 @@ class TaskConfig(_Section):
     countdown_min_numbers: int = Field(3, ge=2, description="countdown: fewest numbers given")
     countdown_max_numbers: int = Field(4, ge=2, description="countdown: most numbers given")
     countdown_max_target: int = Field(1000, ge=1, description="countdown: largest target")
-    instruction: str = Field(
-        "",
-        description="text appended to each question; default per task "
-        '("Reply with only the number." for arithmetic, "" for files)',
+    instruction: str | None = Field(
+        None,
+        description="text appended to each question; unset: the task's own "
+        '("Reply with only the number." for arithmetic, none for files)',
     )
     system_prompt: str | None = Field(None, description="system message of the chat template")
     use_chat_template: bool = Field(
@@ -199,13 +223,10 @@ class TaskConfig(_Section):
     )
     seed: int = Field(0, description="seed of generated prompts and of the file shuffle")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_instruction(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "instruction" not in data:
-            name = data.get("name", "arithmetic")
-            data = {**data, "instruction": TASK_INSTRUCTIONS.get(name, "")}
-        return data
+    def resolved_instruction(self) -> str:
+        """`instruction`, else the task's own (`TASK_INSTRUCTIONS`), derived on use so a
+        changed `name` brings its own."""
+        return TASK_INSTRUCTIONS[self.name] if self.instruction is None else self.instruction
 
     @model_validator(mode="after")
     def _check_ranges(self) -> TaskConfig:

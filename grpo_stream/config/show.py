@@ -5,8 +5,10 @@ The output loads back as a config (descriptions and unset fields are TOML commen
     grpo-stream config show --config configs/cpu.toml learner.lr=3e-5 > my.toml
     text = render_config(load_config("configs/cpu.toml"))
 
-A field that is unset shows as `# name = (unset)`, and a field the chosen variant ignores
-(see `config.VARIANT_RULES`) as `# name = value  (ignored: ...)`.
+A field that is unset shows as `# name = (unset)`, a field the chosen variant ignores
+(see `config.VARIANT_RULES`) as `# name = value  (ignored: ...)`, and a secret that is set
+(`server.api_key`) as `# api_key = (secret: set, not shown)`. Derived values (the servers'
+seed, ...) show unset: they are derived where they are used.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import textwrap
 import typing
 
 import tomli_w
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from grpo_stream.config import Config, inapplicable
 
@@ -59,6 +61,8 @@ def _section_lines(cfg: Config, section: str, data: dict, full: dict) -> list[st
             shown = [f"{name} = (unset)"] if value is None else _value(name, value).splitlines()
             lines += [f"# {ln}" for ln in shown]
             lines[-1] += f"  (ignored: applies only with {rule.condition()})"
+        elif isinstance(getattr(getattr(cfg, section), name), SecretStr):
+            lines.append(f"# {name} = (secret: set, not shown)")
         elif name in data:
             lines.append(_value(name, data[name]))
         else:
@@ -69,6 +73,9 @@ def _section_lines(cfg: Config, section: str, data: dict, full: dict) -> list[st
 def render_config(cfg: Config, source: str = "defaults") -> str:
     """TOML text of `cfg` with every field's description as a comment."""
     data, full = cfg.to_dict(), cfg.model_dump(mode="json")
+    data["server"].pop("api_key_env", None)  # the variable in effect, not the one a run
+    if cfg.server.api_key_env:  # folder's file names for a literal key
+        data["server"]["api_key_env"] = cfg.server.api_key_env
     lines = [
         f"# grpo-stream resolved config (from {source}).",
         "# Every value below is in effect; '# name = ...' lines are unset or ignored.",

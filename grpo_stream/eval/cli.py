@@ -90,7 +90,8 @@ async def _evaluate(cfg: Config, urls: list[str], tokenizer: Path, label: str, s
     prompts = await asyncio.to_thread(heldout_prompts, cfg)
     evaluator = Evaluator(cfg, AutoTokenizer.from_pretrained(tokenizer), prompts)
     try:
-        async with VLLMClient(cfg.generator.request_timeout_s) as client:
+        key = cfg.server.resolved_api_key()  # passed in: never read from os.environ
+        async with VLLMClient(cfg.generator.request_timeout_s, api_key=key) as client:
             await client.wait_healthy(urls, cfg.server.startup_timeout_s, need="all")
             pool = ServerPool(urls, client, wait_timeout_s=cfg.server.startup_timeout_s)
             try:
@@ -104,7 +105,7 @@ async def _evaluate(cfg: Config, urls: list[str], tokenizer: Path, label: str, s
 def _serve_and_evaluate(cfg: Config, target: Target, log_dir: Path):
     from grpo_stream.serving.server import launch_servers
 
-    server = cfg.server.model_copy(deep=True)
+    server = cfg.resolved_server()  # a copy, with the seed and transfer backend derived
     if target.tokenizer != target.weights:
         server.extra_args = [*server.extra_args, "--tokenizer", str(target.tokenizer)]
     print(f"[eval] serving {target.weights}", file=sys.stderr, flush=True)

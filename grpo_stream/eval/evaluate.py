@@ -1,7 +1,7 @@
 """One evaluation of the held-out prompts on the vLLM servers, at a known policy version.
 
     evaluator = Evaluator(cfg, tokenizer, heldout_prompts(cfg))  # renders, checks rewards
-    async with VLLMClient(cfg.generator.request_timeout_s) as client:
+    async with VLLMClient(cfg.generator.request_timeout_s, api_key=key) as client:
         row = await evaluator.evaluate(ServerPool(urls, client))  # -> EvalRow
     await evaluator.aclose()
 

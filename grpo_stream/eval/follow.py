@@ -98,7 +98,8 @@ class Follower:
     async def run(self) -> int:
         urls = self.cfg.server.resolved_urls()
         log = EvalLog(self.run_dir)
-        async with VLLMClient(self.cfg.generator.request_timeout_s) as client:
+        key = self.cfg.server.resolved_api_key()  # passed in: never read from os.environ
+        async with VLLMClient(self.cfg.generator.request_timeout_s, api_key=key) as client:
             await client.wait_healthy(urls, self.cfg.server.startup_timeout_s, need="all")
             pool = ServerPool(urls, client, wait_timeout_s=self.cfg.server.startup_timeout_s)
             try:

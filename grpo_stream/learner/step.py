@@ -169,6 +169,7 @@ class StepRunner:
         """Backward-ready loss of one micro-batch, its metrics and its log-probs [B, T];
         `old` None: pi_old is these log-probs, detached (before any optimizer step)."""
         fixed = (old, mb.behaviour_logprobs, mb.advantages, mb.mask, ref)  # each [B, ...]
+        loss_cfg = self.cfg.resolved_loss()  # the constant normaliser derived on use
 
         def loss_of(rows, lp, ent, metrics: bool):
             o, b, a, m, r = (None if x is None else x[rows] for x in fixed)
@@ -176,7 +177,7 @@ class StepRunner:
                 o = lp.detach().float()
             ent = None if ent is None else ent.float()
             kw = dict(ref_logprobs=r, entropy=ent, metrics=metrics)
-            return grpo_loss(self.cfg.loss, lp.float(), o, b, a, m, **totals, **kw)
+            return grpo_loss(loss_cfg, lp.float(), o, b, a, m, **totals, **kw)
 
         everything = slice(None)
         if not self.cfg.learner.fused_loss:

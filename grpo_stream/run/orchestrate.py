@@ -19,6 +19,11 @@
    the servers.
 Children get PR_SET_PDEATHSIG, so even a SIGKILL of `run` leaves no orphan behind.
 The last line printed is the run folder.
+
+The API key (`server.api_key`, a secret) never reaches RUN/config.toml or argv: the file
+names a variable instead (`server.api_key_env`, GRPO_STREAM_API_KEY for a literal key),
+and `run` hands every child that variable in its environment (`ServerConfig.key_env`),
+explicitly, through `Commands.env`; the child reads the key from it, as a resume does.
 """
 
 from __future__ import annotations
@@ -70,13 +75,14 @@ def _start_servers(cfg: Config, rd: Path):
     from grpo_stream.serving.server import check_host, launch_servers
 
     if cfg.server.urls:
-        BlockingClient().wait_healthy(cfg.server.resolved_urls(), cfg.server.startup_timeout_s)
+        client = BlockingClient(api_key=cfg.server.resolved_api_key())
+        client.wait_healthy(cfg.server.resolved_urls(), cfg.server.startup_timeout_s)
         return []
     check_host(cfg.server)
     model_dir = resolve_model_path(cfg.model, cfg.sync.transport)
     print(f"[run] starting {cfg.server.num_servers} vLLM server(s) on {model_dir}", flush=True)
     t0 = time.perf_counter()
-    servers = launch_servers(cfg.server, model_dir, cfg.model.served_name, rd / "logs")
+    servers = launch_servers(cfg.resolved_server(), model_dir, cfg.model.served_name, rd / "logs")
     print(
         f"[run] server(s) up in {time.perf_counter() - t0:.0f}s: "
         f"{', '.join(s.url for s in servers)}",
@@ -86,8 +92,9 @@ def _start_servers(cfg: Config, rd: Path):
 
 
 def _commands(cfg: Config, config: Path, learner_env: dict, resume: bool) -> Commands:
-    """The children's command lines; the evaluator's (`eval --follow`, held-out rows into
-    RUN/eval.jsonl) only when eval.every > 0."""
+    """The children's command lines and environment (the API key's variable, for every
+    child); the evaluator's (`eval --follow`, held-out rows into RUN/eval.jsonl) only
+    when eval.every > 0."""
     evaluator = _cli("eval", config, "--follow") if cfg.eval.every > 0 else None
     return Commands(
         generator=_cli("generate", config),
@@ -95,6 +102,7 @@ def _commands(cfg: Config, config: Path, learner_env: dict, resume: bool) -> Com
         learner_env=learner_env,
         evaluator=evaluator,
         resume=resume,
+        env=cfg.server.key_env(),
     )
 
 

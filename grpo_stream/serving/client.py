@@ -16,9 +16,9 @@ Every error names the server URL: `ServerHTTPError` (status and body), `ServerRe
 the call's deadline), `ServerUnavailable` (no /health in time). `is_transient` picks the
 ones worth another try (connection errors, 5xx, 429). Every call has a deadline
 (`timeout_s`); idempotent calls retry transient errors `retries` times with jittered
-exponential backoff (`Backoff`), and `CancelledError` always propagates. An API key
-(`api_key`, default $VLLM_API_KEY, the variable vLLM's own server reads for `--api-key`)
-is sent as `Authorization: Bearer KEY`.
+exponential backoff (`Backoff`), and `CancelledError` always propagates. The API key is
+passed in (`api_key`, from `cfg.server.resolved_api_key()`) and sent as
+`Authorization: Bearer KEY`; the client never reads it from the environment.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ import aiohttp
 
 from grpo_stream.core.errors import UserError
 
-API_KEY_ENV = "VLLM_API_KEY"
+API_KEY_ENV = "VLLM_API_KEY"  # what vLLM's server reads for --api-key (serving.server sets it)
 
 
 class VLLMError(UserError, RuntimeError):
@@ -177,8 +176,7 @@ class VLLMClient:
     ):
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self._max_connections = max_connections
-        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> VLLMClient:

@@ -44,7 +44,7 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> int:
         stop = threading.Event()
         _install_stop_handlers(stop)
     print(f"[serve] model {model_dir}; logs in {log_dir}", flush=True)
-    servers = launch_servers(cfg.server, model_dir, cfg.model.served_name, log_dir)
+    servers = launch_servers(cfg.resolved_server(), model_dir, cfg.model.served_name, log_dir)
     code = 0
     try:
         for s in servers:

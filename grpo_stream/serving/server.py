@@ -37,6 +37,7 @@ from grpo_stream.config.placement import visible_devices
 from grpo_stream.core.errors import UserError
 from grpo_stream.core.proc import die_with_parent, log_tail
 from grpo_stream.serving.client import (  # noqa: F401 (get_json/post_json: re-exported)
+    API_KEY_ENV,
     BlockingClient,
     ServerUnavailable,
     get_json,
@@ -120,8 +121,9 @@ def build_env(
     )
     if cfg.cpu_threads is not None:
         env["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
+    env.pop(API_KEY_ENV, None)  # the server's key is the config's, not one inherited
     if key := cfg.resolved_api_key():  # vLLM's --api-key, kept out of argv (ps) and the log
-        env["VLLM_API_KEY"] = key
+        env[API_KEY_ENV] = key
     env.update(visible_devices(gpus))
     return env
 

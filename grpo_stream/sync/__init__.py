@@ -29,7 +29,8 @@ from grpo_stream.sync.base import NoSync, WeightSync, WeightSyncError
 def _disk(cfg: Config, run_dir: str) -> WeightSync:
     from grpo_stream.sync.disk import DiskSync
 
-    return DiskSync(cfg.sync, cfg.server.resolved_urls(), Path(run_dir) / "weights")
+    urls, key = cfg.server.resolved_urls(), cfg.server.resolved_api_key()
+    return DiskSync(cfg.sync, urls, Path(run_dir) / "weights", api_key=key)
 
 
 def _nccl(cfg: Config, run_dir: str) -> WeightSync:
@@ -37,7 +38,8 @@ def _nccl(cfg: Config, run_dir: str) -> WeightSync:
     from grpo_stream.sync.weight_source import wire_dtype_for
 
     wire = wire_dtype_for(cfg.server.dtype)  # the servers' dtype: bf16 servers get bf16
-    return NCCLSync(cfg.sync, cfg.server.resolved_urls(), wire_dtype=wire)
+    key = cfg.server.resolved_api_key()
+    return NCCLSync(cfg.sync, cfg.server.resolved_urls(), wire_dtype=wire, api_key=key)
 
 
 def _none(cfg: Config, run_dir: str) -> WeightSync:

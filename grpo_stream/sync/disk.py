@@ -126,9 +126,14 @@ class DiskSync:
     versions_servers = transport_traits("disk").versions_servers
 
     def __init__(
-        self, cfg: SyncConfig, urls: list[str], weights_root: Path, rank: int | None = None
+        self,
+        cfg: SyncConfig,
+        urls: list[str],
+        weights_root: Path,
+        rank: int | None = None,
+        api_key: str | None = None,  # server.resolved_api_key(), sent on every call
     ):
-        self.cfg, self.urls = cfg, [u.rstrip("/") for u in urls]
+        self.cfg, self.urls, self.api_key = cfg, [u.rstrip("/") for u in urls], api_key
         self.rank = current_rank() if rank is None else rank
         self.root = Path(weights_root).resolve()
         self.pauses: list[list] = []  # the last push's [url, paused_at, resumed_at]
@@ -155,7 +160,7 @@ class DiskSync:
     async def _reload_all(self, folder: Path, version: int) -> list[float]:
         """Reload every server; each runs to its end (no server is abandoned mid-way,
         paused forever), then one error names every server that failed."""
-        async with VLLMClient(self.cfg.timeout_s) as client:
+        async with VLLMClient(self.cfg.timeout_s, api_key=self.api_key) as client:
             jobs = (self._reload_within(client, u, folder, version) for u in self.urls)
             if self.cfg.mode == "rolling":  # one server at a time: the others keep serving
                 results = [await _settle(job) for job in jobs]

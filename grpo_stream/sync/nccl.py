@@ -1,6 +1,6 @@
 """NCCL weight sync (GPU): vLLM's own weight-transfer engine, no disk in between.
 
-    sync = NCCLSync(cfg.sync, cfg.server.resolved_urls())   # on EVERY trainer rank
+    sync = NCCLSync(cfg.sync, urls, api_key=cfg.server.resolved_api_key())  # EVERY rank
     metrics = sync.push(model, version)                      # on every rank; {} off rank 0
 
 The servers must be started with `--weight-transfer-config '{"backend":"nccl"}'` (and in
@@ -89,11 +89,17 @@ def _fan_out(urls: list[str], fn) -> list:
 class _ServersClient:
     """A `VLLMWeightSyncClient` (vLLM's structural protocol) over several servers."""
 
-    def __init__(self, urls: list[str], worker_counts: list[int], timeout_s: float):
+    def __init__(
+        self,
+        urls: list[str],
+        worker_counts: list[int],
+        timeout_s: float,
+        api_key: str | None = None,
+    ):
         self.urls = urls
         # no retries: these routes are not idempotent (a second init or update would
         # wait in NCCL for peers that never come)
-        self.http = BlockingClient(timeout_s, retries=0)
+        self.http = BlockingClient(timeout_s, retries=0, api_key=api_key)
         # server k's workers follow the trainer (rank 0) and the workers of servers < k
         self.offsets = [sum(worker_counts[:k]) for k in range(len(urls))]
         self.version: str | None = None  # attached to the next finish_weight_update
@@ -173,10 +179,10 @@ def on_device(device: torch.device, fn, *args):
         return fn(*args)
 
 
-def worker_count(url: str, timeout_s: float) -> int:
+def worker_count(url: str, timeout_s: float, api_key: str | None = None) -> int:
     """Inference workers behind one server (TP × PP × DP), from GET /get_world_size."""
     try:
-        return BlockingClient(timeout_s).world_size(url)
+        return BlockingClient(timeout_s, api_key=api_key).world_size(url)
     except VLLMError as e:
         raise WeightSyncError(f"{e} (a dev mode server is needed)") from e
 
@@ -213,13 +219,14 @@ class NCCLSync:
         master_port: int | None = None,
         wire_dtype: torch.dtype | None = None,
         packed: bool = True,
+        api_key: str | None = None,  # server.resolved_api_key(), sent on every call
     ):
         if not urls:
             raise WeightSyncError("sync.transport = 'nccl' needs at least one server url")
         self.cfg, self.urls = cfg, [u.rstrip("/") for u in urls]
         self.rank = current_rank() if rank is None else rank
         self.master_address, self.master_port = master_address, master_port
-        self.wire_dtype, self.packed = wire_dtype, packed
+        self.wire_dtype, self.packed, self.api_key = wire_dtype, packed, api_key
         self.engine = self.client = self._module = None
         self.device: torch.device | None = None
         self.failed: str | None = None  # why the transfer group is unusable
@@ -237,10 +244,10 @@ class NCCLSync:
             raise WeightSyncError("sync.transport = 'nccl' needs a CUDA device (use 'disk' on CPU)")
         self.device = sender_device(module)
         if self.is_sender:
-            counts = [worker_count(u, self.cfg.timeout_s) for u in self.urls]
+            counts = [worker_count(u, self.cfg.timeout_s, self.api_key) for u in self.urls]
             address = self.master_address or local_address_for(self.urls)
             port = self.master_port or free_port(address)
-            self.client = _ServersClient(self.urls, counts, self.cfg.timeout_s)
+            self.client = _ServersClient(self.urls, counts, self.cfg.timeout_s, self.api_key)
         else:  # non-senders only join the trainer-side all-gathers: no endpoint
             counts, address, port = [], "unused", 0
         info = NCCLTrainerInitInfo(
@@ -300,7 +307,7 @@ class NCCLSync:
     async def _paused_transfer(self) -> tuple[float, float]:
         """Pause → transfer → reset prefix caches → resume; (paused s, transfer s).
         `/resume` only after everything succeeded (see the module docstring)."""
-        async with VLLMClient(self.cfg.timeout_s) as http:
+        async with VLLMClient(self.cfg.timeout_s, api_key=self.api_key) as http:
             t0 = time.perf_counter()
             await self._pause_all(http)
             t1 = time.perf_counter()

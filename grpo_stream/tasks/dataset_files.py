@@ -3,7 +3,7 @@
 The file is read with the `datasets` library, offline (HF_DATASETS_OFFLINE=1 is set
 unless already set) and without leaving a cache behind, or with pyarrow/json when
 `datasets` is not installed. Each row gives one prompt: `cfg.prompt_column` is the
-question (followed by `cfg.instruction`, or put into it where it says "{question}") and
+question (followed by the task's instruction, or put into it where it says "{question}") and
 `cfg.answer_column` the reference answer (as a string; GSM8K's "... #### 72" and MATH's
 "... \\boxed{72}" solutions are read by the `math_verify` reward); the other columns go
 to `meta["fields"]`. Ids are `{file stem}-r{row}-e{epoch}`.
@@ -89,9 +89,10 @@ def _row_prompt(row: dict[str, Any], index: int, epoch: int, path: Path, cfg: Ta
         )
     answer = row[cfg.answer_column]
     others = {k: v for k, v in row.items() if k not in (cfg.prompt_column, cfg.answer_column)}
+    instruction = cfg.resolved_instruction()
     return Prompt(
         prompt_id=f"{path.stem}-r{index}-e{epoch}",
-        text=apply_instruction(text, cfg.instruction) if cfg.instruction else text,
+        text=apply_instruction(text, instruction) if instruction else text,
         answer="" if answer is None else str(answer),
         meta={"source": path.name, "row": index, "epoch": epoch, "fields": others},
     )

@@ -44,7 +44,7 @@ def arithmetic_prompts(cfg: TaskConfig) -> Iterator[Prompt]:
         op = rng.choice(cfg.operations)
         yield Prompt(
             prompt_id=f"arithmetic-s{cfg.seed}-{i}",
-            text=_question(f"What is {a}{op}{b}?", cfg.instruction),
+            text=_question(f"What is {a}{op}{b}?", cfg.resolved_instruction()),
             answer=str(_ARITHMETIC_OPS[op](a, b)),
             meta={"a": a, "b": b, "op": op},
         )
@@ -69,7 +69,7 @@ def countdown_prompts(cfg: TaskConfig) -> Iterator[Prompt]:
         }
         yield Prompt(
             prompt_id=f"countdown-s{cfg.seed}-{i}",
-            text=_question(question, cfg.instruction),
+            text=_question(question, cfg.resolved_instruction()),
             answer=json.dumps(answer),
             meta={"numbers": problem.numbers, "target": problem.target},
         )
@@ -105,4 +105,4 @@ def make_prompt_source(
 
 def question_key(prompt: Prompt, cfg: TaskConfig) -> str:
     """The question without the task's instruction: how held-out prompts are compared."""
-    return strip_instruction(prompt.text, cfg.instruction)
+    return strip_instruction(prompt.text, cfg.resolved_instruction())

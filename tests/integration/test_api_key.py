@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from grpo_stream.serving.client import VLLMClient, get_json, post_json
+from grpo_stream.serving.client import ServerHTTPError, VLLMClient, get_json, post_json
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -74,8 +74,10 @@ def test_the_project_client_sends_the_key(keyed_server, monkeypatch) -> None:
 
     outs = asyncio.run(sample(KEY))
     assert len(outs) == 2 and all(len(o.token_ids) == 2 for o in outs)
-    monkeypatch.setenv("VLLM_API_KEY", KEY)  # what the CLI exports from server.api_key
-    assert len(asyncio.run(sample(None))) == 2
+    monkeypatch.setenv("VLLM_API_KEY", KEY)  # the client never reads the key from os.environ
+    with pytest.raises(ServerHTTPError) as refused:
+        asyncio.run(sample(None))
+    assert refused.value.status == 401
     monkeypatch.delenv("VLLM_API_KEY")
     status, _ = post_json(f"{keyed_server.url}/v1/completions", _completion_body())
     assert status == 401

@@ -63,7 +63,7 @@ def test_no_eval_prompt_in_the_training_buffer(run):
     reader = open_reader(str(run_dir / "buffer"))
     samples = [s for g in reader.read_groups(0, reader.num_groups()) for s in g]
     assert len(samples) >= 3 * cfg.learner.batch_groups * cfg.generator.group_size
-    asked = {strip_instruction(s.prompt_text, cfg.task.instruction) for s in samples}
+    asked = {strip_instruction(s.prompt_text, cfg.task.resolved_instruction()) for s in samples}
     assert all(s.prompt_id.startswith("arithmetic-s0-") for s in samples)  # training seed
     assert not {s.prompt_text for s in samples} & {p.text for p in heldout_prompts(cfg)}
     assert not asked & held

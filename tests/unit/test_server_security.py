@@ -1,5 +1,6 @@
 """The API key (issue 12, security): a non-loopback server needs one; it reaches vLLM as
-VLLM_API_KEY (not in argv), the CLI hands it to every client, and `grpo_stream.serving.vllm_entry`
+VLLM_API_KEY (not in argv), the config hands it to every client (never os.environ), and
+`grpo_stream.serving.vllm_entry`
 makes vLLM's own key check cover the dev routes too (stock vLLM guards only /v1...).
 The real server's answers are in tests/integration/test_api_key.py."""
 
@@ -43,12 +44,16 @@ def test_cli_hands_the_key_to_every_client(monkeypatch) -> None:
     from grpo_stream import cli
     from grpo_stream.serving.client import VLLMClient
 
-    monkeypatch.setenv("VLLM_API_KEY", "before")  # restored afterwards (_load overwrites it)
+    monkeypatch.setenv("VLLM_API_KEY", "before")
     monkeypatch.setenv("H8_KEY", "k-from-env")
     args = cli.build_parser().parse_args(["serve", "server.api_key_env='H8_KEY'"])
-    assert cli._load(args).server.resolved_api_key() == "k-from-env"
-    assert os.environ["VLLM_API_KEY"] == "k-from-env"  # children and their clients inherit it
-    assert VLLMClient()._headers == {"Authorization": "Bearer k-from-env"}
+    cfg = cli._load(args)
+    assert cfg.server.resolved_api_key() == "k-from-env"
+    assert os.environ["VLLM_API_KEY"] == "before"  # the CLI leaves os.environ alone
+    key = cfg.server.resolved_api_key()  # what every client is handed
+    assert VLLMClient(api_key=key)._headers == {"Authorization": "Bearer k-from-env"}
+    assert VLLMClient()._headers == {}  # never from the environment
+    assert cfg.server.key_env() == {"H8_KEY": "k-from-env"}  # what `run`'s children get
 
 
 def test_config_fields_are_described() -> None:

@@ -42,8 +42,8 @@ def test_build_command_has_the_required_flags() -> None:
 
 def test_the_servers_sample_with_the_runs_seed_unless_their_own_is_set() -> None:
     def seed_flag(*overrides: str) -> str:
-        return _flag(build_command(Path("m"), "p", 8000, load_config(None, [*overrides]).server),
-                     "--seed")  # fmt: skip
+        server = load_config(None, [*overrides]).resolved_server()  # as launch sites do
+        return _flag(build_command(Path("m"), "p", 8000, server), "--seed")
 
     assert seed_flag("run.seed=7") == "7"  # two seeds of a sweep: two sample streams
     assert seed_flag("run.seed=7", "server.seed=2") == "2"

@@ -51,7 +51,7 @@ def test_num_prompts_caps_and_start_resumes():
 
 def test_countdown_always_solvable():
     cfg = TaskConfig(name="countdown", seed=1)
-    assert cfg.instruction == "Reply with only the expression."
+    assert cfg.resolved_instruction() == "Reply with only the expression."
     prompts = take(cfg, 300)
     assert len({p.prompt_id for p in prompts}) == 300
     for p in prompts:
@@ -83,8 +83,8 @@ def test_task_config_validation():
         TaskConfig(min_operand=5, max_operand=2)
     with pytest.raises(ValueError, match="operations"):
         TaskConfig(operations=[])
-    assert TaskConfig(name="jsonl", path="x.jsonl").instruction == ""
-    assert TaskConfig(instruction="Think.").instruction == "Think."
+    assert TaskConfig(name="jsonl", path="x.jsonl").resolved_instruction() == ""
+    assert TaskConfig(instruction="Think.").resolved_instruction() == "Think."
 
 
 class FakeTokenizer:

@@ -119,7 +119,7 @@ def test_connection_refused_names_the_url() -> None:
     assert err.url == f"{url}/update_weight_version" and is_transient(err)
 
 
-def test_api_key_header_explicit_from_env_and_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_key_header_explicit_never_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     async def auth(**kw) -> str | None:
         async with CannedServer() as srv, VLLMClient(5, **kw) as c:
             await c.health(srv.url)
@@ -129,8 +129,8 @@ def test_api_key_header_explicit_from_env_and_absent(monkeypatch: pytest.MonkeyP
     assert run(auth()) is None
     assert run(auth(api_key="k1")) == "Bearer k1"
     monkeypatch.setenv(API_KEY_ENV, "from-env")
-    assert run(auth()) == "Bearer from-env"
-    assert run(auth(api_key="k2")) == "Bearer k2"  # an explicit key wins
+    assert run(auth()) is None  # the key is passed in from the config, never read from env
+    assert run(auth(api_key="k2")) == "Bearer k2"
 
 
 def test_wait_healthy_any_all_and_the_error() -> None:

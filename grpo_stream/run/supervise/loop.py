@@ -54,6 +54,7 @@ class Commands:
     learner_env: dict | None = None
     evaluator: list[str] | None = None
     resume: bool = False  # `run --resume`: the first learner resumes too
+    env: dict | None = None  # every child's (the API key's variable: ServerConfig.key_env)
 
 
 class Supervisor:
@@ -78,12 +79,15 @@ class Supervisor:
     def start(self) -> None:
         logs, c = self.rd / "logs", self.cmds
         take_sync_failure(str(self.rd))  # one left by an earlier run (run --resume) is old
-        self.generator = Child("generator", c.generator, logs / "generator.log", echo=False)
+        env = c.env or {}
+        self.generator = Child("generator", c.generator, logs / "generator.log", echo=False,
+                               env=env)  # fmt: skip
         self.learner = Child("learner", c.learner(c.resume), logs / "learner.log", echo=True,
-                             env=c.learner_env)  # fmt: skip
+                             env={**env, **(c.learner_env or {})})  # fmt: skip
         self._learner_since = time.time()
         if c.evaluator:  # echoed: its line per evaluated version sits beside the step lines
-            self.evaluator = Child("evaluator", c.evaluator, logs / "eval.log", echo=True)
+            self.evaluator = Child("evaluator", c.evaluator, logs / "eval.log", echo=True,
+                                   env=env)  # fmt: skip
 
     def shutdown(self) -> None:
         """Generator first (it flushes scored groups), then the learner (it checkpoints its
