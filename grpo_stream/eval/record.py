@@ -169,7 +169,7 @@ def run_summary(run_dir: str, metrics_rows: list[dict[str, Any]]) -> str | None:
     end, and the learner's waits before syncs (`eval_wait_s` in metrics.jsonl). Busy time
     overlaps training, so it is not the cost in wall time: that is what the same run with
     `eval.every=0` saves, measured by a pair of runs (README)."""
-    from grpo_stream.eval.progress import EVAL_WAIT_S
+    from grpo_stream.core.metric_names import EVAL_WAIT_S
 
     rows = read_eval_rows(run_dir)
     line = summary_line(rows)

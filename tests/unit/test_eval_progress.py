@@ -6,8 +6,8 @@ import threading
 import time
 
 from grpo_stream.config.evaluation import EvalConfig
+from grpo_stream.core.metric_names import EVAL_WAIT_S
 from grpo_stream.eval.progress import (
-    EVAL_WAIT_S,
     eval_due,
     read_eval_progress,
     wait_for_eval,
