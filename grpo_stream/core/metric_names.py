@@ -42,7 +42,7 @@ TIS_TRUNCATED_FRAC = "tis_truncated_frac"
 BEHAVIOUR_LOGPROB_ABS_DIFF = "behaviour_logprob_abs_diff"  # mean |log pi_old - log pi_b|
 BEHAVIOUR_MASKED_FRAC = "behaviour_masked_frac"
 NUM_TOKENS = "num_tokens"  # weights for averaging over micro-batches; not logged
-NUM_SEQS = "num_seqs"
+NUM_SEQS = "num_seqs"  # in the row: sequences trained in the step (each once, not per epoch)
 
 # ---- the optimizer steps of one learner step (learner.step)
 GRAD_NORM = "grad_norm"

@@ -58,7 +58,8 @@ class MetricMean:
     """Token-weighted mean of the loss metrics over micro-batches (and, under torchrun,
     ranks); `*_min` / `*_max` metrics are the extreme over them instead, and `loss` (each
     micro-batch's share of its optimizer batch's loss) sums to the batch loss, averaged
-    over the optimizer steps (`end_step`).
+    over the optimizer steps (`end_step`). `num_tokens` and `num_seqs` are the weights,
+    not means: the step's counts come from `StepRunner.run`.
 
     Every key seen is kept even when all its values were non-finite, so ranks running
     the same config reduce the same keys.
@@ -76,7 +77,7 @@ class MetricMean:
 
     def add(self, metrics: dict, weight: float) -> None:
         for k, v in metrics.items():
-            if k == M.NUM_TOKENS or v is None:
+            if k in (M.NUM_TOKENS, M.NUM_SEQS) or v is None:
                 continue
             v = float(v)
             ok = math.isfinite(v)
@@ -257,7 +258,8 @@ class StepRunner:
         t2 = time.perf_counter()
         out = meter.result(self.world) | epoch_metrics(epoch_meters, self.world)
         counts = {M.TOKENS: sum(int(mb.attention_mask.sum()) for mb in mbs),
-                  M.COMPLETION_TOKENS: sum(mb.num_tokens for mb in mbs)}  # fmt: skip
+                  M.COMPLETION_TOKENS: sum(mb.num_tokens for mb in mbs),
+                  M.NUM_SEQS: sum(self.real_seqs)}  # fmt: skip
         times = {M.PROXIMAL_S: t1 - t0, M.TRAIN_S: t2 - t1}
         if self.world > 1:  # the whole batch's tokens, the slowest rank's times
             from grpo_stream.learner.distributed import all_reduce_scalars
