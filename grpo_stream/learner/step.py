@@ -147,8 +147,6 @@ class StepRunner:
         # a ShardedPolicy computes its own log-probs/loss (FSDP does precision), even on
         # one rank (bench.gpu_smoke runs FSDP2 with one rank)
         self.sharded = world > 1 or isinstance(model, ShardedPolicy)
-        # True: pi_old always from its own no-grad pass (tests compare both ways)
-        self.proximal_pass = False
 
     def _logprobs(self, model, mb: MicroBatch, entropy: bool = False):
         chunk = self.cfg.learner.logprob_chunk_size
@@ -246,7 +244,7 @@ class StepRunner:
         n_mini = min(lc.minibatches_per_epoch, len(mbs))
         t0 = time.perf_counter()
         # one optimizer step per epoch: every epoch-1 forward runs at the starting weights
-        old, ref = self._frozen_logprobs(mbs, own_pass=n_mini > 1 or self.proximal_pass)
+        old, ref = self._frozen_logprobs(mbs, own_pass=n_mini > 1)
         t1 = time.perf_counter()
         meter, grad_norms = MetricMean(), []
         epoch_meters = [MetricMean() for _ in range(lc.epochs)]
