@@ -1,8 +1,8 @@
 """Typed configuration for every grpo-stream role.
 
 One pydantic model per role (`server`, `generator`, `task`, `reward`, `buffer`,
-`learner`, `loss`, `sync`; defined in `config_sections.py` and `config_learning.py`,
-re-exported here), gathered in `Config`. Every default lives there, each field with a
+`learner`, `loss`, `sync`; defined in `sections.py` and `learning.py`, re-exported
+here), gathered in `Config`. Every default lives there, each field with a
 description (`grpo-stream config show` prints them). Configs are TOML files (see
 `configs/`); the CLI applies dotted overrides such as `learner.lr=1e-5` on top. A field
 that belongs to one variant (`VARIANT_RULES`, e.g. `loss.tis_cap` with

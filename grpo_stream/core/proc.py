@@ -1,4 +1,4 @@
-"""Child-process helpers shared by `run` (orchestrate) and the vLLM launcher (services).
+"""Child-process helpers shared by `run` (orchestrate) and the vLLM launcher (serving).
 
     subprocess.Popen(argv, preexec_fn=die_with_parent, ...)   # no orphan if we die
     print(f"log tail:\\n{log_tail(path)}")                   # last lines of a child's log

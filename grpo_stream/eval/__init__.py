@@ -4,7 +4,8 @@
 - `evaluate.py`: one evaluation of the held-out prompts on the vLLM servers at a known
   policy version (greedy pass@1, mean@k, pass@k, rewards, lengths, truncation).
 - `record.py`: the `EvalRow` record, RUN/eval.jsonl, TensorBoard, the printed table.
-- `progress.py`: the evaluator's published progress, which the learner's gate reads.
+- `progress.py`: the evaluator's published progress, which the learner waits on before
+  a weight sync replaces a version due for evaluation.
 - `follow.py`: the evaluator process of `grpo-stream run` (`eval.every`).
 - `cli.py`: `grpo-stream eval` on a checkpoint, a run or any model folder.
 - `plot.py`: eval curves for `grpo-stream plot`.
