@@ -14,8 +14,8 @@ Failures are loud, never a silent 0: when a function raises, returns a non-numbe
 times out, that sample's component is NaN, `error` says which function and why
 ("numeric_answer: ValueError: ...", "slow_fn: timed out after 5s"), and its `total` is
 NaN. Such a group must not be trained on (its group-relative advantages are unknown):
-the learner drops any group where `group_failed(results)`; the generator still writes it
-to the buffer, so failures are visible there.
+the learner drops any group with a NaN reward (what `group_failed(results)` tells of the
+results); the generator still writes it to the buffer, so failures are visible there.
 """
 
 from __future__ import annotations
