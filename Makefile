@@ -6,7 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/cpu.toml
 ARGS ?=
-BENCHES := logprobs buffer generator learner
+# every runnable module of bench/ (tests/unit/test_make_bench.py keeps the list whole);
+# gpu_smoke needs CUDA: without it, it says so in one line and make bench goes on
+BENCHES := logprobs buffer generator learner choices pipeline simulate gpu_smoke
+BENCH_ARGS_gpu_smoke := --if-cuda
 
 .PHONY: env demo test lint unit integration bench clean
 
@@ -30,7 +33,7 @@ integration: env
 	$(PY) -m pytest tests/integration -m "not gpu" $(ARGS)
 
 bench: env
-	@set -e; for b in $(BENCHES); do echo "== bench/$$b"; $(PY) -m bench.$$b; done
+	@set -e; $(foreach b,$(BENCHES),echo "== bench/$(b)"; $(PY) -m bench.$(b) $(BENCH_ARGS_$(b));)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

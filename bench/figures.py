@@ -1,6 +1,7 @@
-"""Shared by bench/pipeline.py and bench/simulate.py: the figure record of DESIGN.md,
-the machine description, and the table appended to bench/RESULTS.md (the benchmark
-writes that file, never a person).
+"""Shared by bench/pipeline.py, bench/simulate.py and bench/choices.py: the figure record
+of DESIGN.md, the machine description, and the run tables appended to bench/RESULTS.md
+(a benchmark appends its runs there, below the index of figures; a person edits only
+that index).
 
     fig = figure("async_vs_sync_speedup", 2.9, "x", ">=", 2.77)
     write_result(path, [fig], config)           # {"figures", "machine", "config"}

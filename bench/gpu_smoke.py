@@ -2,6 +2,7 @@
 
     python -m bench.gpu_smoke                      # CUDA: writes bench/results/gpu.json
     python -m bench.gpu_smoke --device cpu         # small sizes, < 1 min: results/gpu-cpu.json
+    python -m bench.gpu_smoke --if-cuda            # make bench: one line and exit 0 without CUDA
 
 What it runs, on one device:
 1. a small random Llama (vocabulary 151,936 on CUDA, like Qwen2.5; 8,192 with --size small)
@@ -345,8 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: bench/results/gpu.json (gpu-cpu.json with --device cpu)",
     )
+    p.add_argument(
+        "--if-cuda",
+        action="store_true",
+        help="where no CUDA device is present, say so in one line and exit 0 (make bench)",
+    )
     p.add_argument("--fsdp-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.if_cuda and args.device == "cuda" and not torch.cuda.is_available():
+        print("bench.gpu_smoke: skipped, no CUDA device here "
+              "(`python -m bench.gpu_smoke --device cpu` runs its small CPU check)")  # fmt: skip
+        return 0
     check_imports()
     size_name = args.size or ("full" if args.device == "cuda" else "small")
     if args.fsdp_worker:

@@ -1,16 +1,21 @@
 """Per-token KL estimators from log-probs of sampled tokens (Schulman's k1, k2, k3).
 
-With x = log pi_ref(y) - log pi_theta(y) for y sampled (approximately) from pi_theta:
+Each estimates KL(pi_theta || pi_ref) per token, for tokens y sampled from pi_theta, from
+the ratio r = pi_ref(y) / pi_theta(y) and x = log r:
 
-* ``k1`` = -x                         unbiased for KL(theta || ref), high variance, can be < 0
-* ``k2`` = x^2 / 2                    low variance, biased
-* ``k3`` = exp(x) - x - 1             unbiased and always >= 0 (DeepSeekMath's choice)
+* ``k1`` = -x = -log r              unbiased, high variance, can be < 0
+* ``k2`` = x^2 / 2                  low variance, biased
+* ``k3`` = r - log r - 1 = e^x - x - 1  unbiased (E[r] = 1 under pi_theta) and always >= 0
+                                    (DeepSeekMath's choice)
 
     kl = KL_ESTIMATORS[cfg.kl_estimator](logprobs, ref_logprobs)  # [B, T]
 
-The same functions give the logged "approximate KL" between any two policies (pass
-the sampled policy's log-probs first). x is clamped to +-20 before the exponential so
-a wild padding value or a far-off reference gives a large finite number, not inf.
+The learner's tokens come from vLLM's behaviour policy pi_b, pi_theta up to staleness
+and the epochs' updates, so the estimate is approximate there. In general
+`kl_kN(logp, other)` estimates KL(p || other) for tokens sampled from p (pass the
+sampled policy's log-probs first): the loss also logs KL(pi_old || pi_theta) and
+KL(pi_b || pi_old) this way. x is clamped to +-20 before the exponential so a wild
+padding value or a far-off reference gives a large finite number, not inf.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Per token (t over completion tokens, mask = 1):
     loss_t = w_t * policy_loss_t + beta * kl_t
     policy_loss_t = -min(rho_t A, clip(rho_t, 1-eps_low, 1+eps_high) A)   (policy.py)
     w_t = behaviour correction of pi_old/pi_b, detached               (corrections.py)
-    kl_t = estimator of KL(pi_theta || pi_ref)                         (kl.py)
+    kl_t = estimate of KL(pi_theta || pi_ref), k3 by default             (kl.py)
 
 then reduced with batch-global normalisers (aggregation.py), so the micro-batch losses
 of one optimizer batch sum to the full-batch loss. Variants come from the registry

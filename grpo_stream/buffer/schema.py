@@ -8,7 +8,8 @@ readers refuse versions they do not know.
 
 Versions (the rows are the same in both; the version is the store format's):
   1  Arrow segments carry a CRC-32 (zlib) per column
-  2  Arrow segments carry a CRC-32C per column (hardware-accelerated, ~5x faster)
+  2  Arrow segments carry a CRC-32C per column (hardware-accelerated, so a reader's
+     first-use check costs less: `bench.choices`, bench/RESULTS.md)
 A writer appending to an existing store keeps that store's version.
 """
 

@@ -8,7 +8,8 @@
 
 `path` is a local path or any fsspec URL (`memory://`, `s3://`). The backends
 (arrow_store.py + arrow_reader.py, zarr_store.py + zarr_reader.py) import base.py and
-never this module; the names of base.py are re-exported here for older imports.
+never this module; the errors and protocols of base.py are re-exported here, so a
+caller of the store finds them beside `open_reader`.
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ carry a checksum, so a truncated or damaged chunk fails to decode and is reporte
 by name, and a missing chunk is detected (every chunk is always written).
 
 Chunks are byte-shuffled and LZ4-compressed (Blosc), then CRC-32C-checksummed
-(`CHUNK_CODECS`): an append re-encodes each array's partly filled tail chunk, and this
-is ~15x faster to encode than zstd level 1 (which stores made before used; their
-arrays keep their own codecs) while compressing token ids better (shuffled, their
-high bytes are mostly zero).
+(`CHUNK_CODECS`): an append re-encodes each array's partly filled tail chunk, so the
+encode speed is what counts, and LZ4 encodes much faster than zstd level 1 while
+compressing token ids better (shuffled, their high bytes are mostly zero; `bench.choices`,
+bench/RESULTS.md). The codecs are stored in each array's metadata, so an array made
+with other codecs (zstd) is read and extended with its own.
 
 No consolidated metadata: the store is live.
 

@@ -1,6 +1,6 @@
 """The learner's config sections: `loss`, `learner`, `sync`, every field described.
 
-Split from `sections.py` only to keep files small; `grpo_stream.config` gathers
+Kept apart from `sections.py` only to keep files small; `grpo_stream.config` gathers
 both into `Config` and re-exports every section (import them from there). The `loss`
 string fields are registry keys in `grpo_stream.algo` (one function per variant); the
 Literal choices make a bad name fail at load, and a unit test keeps them equal to the

@@ -40,8 +40,3 @@ def apply_sync_mode(cfg: Config) -> Config:
     for (section, field), value in SYNC_OVERRIDES.items():
         setattr(getattr(cfg, section), field, value)
     return cfg
-
-
-def is_sync_mode(cfg: Config) -> bool:
-    """Whether `cfg` runs synchronously (all three overrides hold)."""
-    return all(getattr(getattr(cfg, s), f) == v for (s, f), v in SYNC_OVERRIDES.items())

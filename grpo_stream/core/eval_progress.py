@@ -6,7 +6,8 @@ for evaluation (`eval_due`: version 0 and every `eval.every`-th), the learner wa
 the file says that version is done, at most `eval.wait_timeout_s`: so each due version
 is evaluated exactly at its weights, and the learner stalls only for the part of an
 evaluation that did not fit in its own next step. Works on any fsspec path, like
-`grpo_stream.core.progress` (whose consumer-file helpers it uses; nothing else of the project).
+`grpo_stream.core.progress`, whose consumer-file helpers it uses (and
+`core.metric_names` for `eval_wait_s`; nothing else of the project).
 
     waited = wait_for_eval(buffer_path, cfg.eval, version)   # learner, before a sync
     write_eval_progress(buffer_path, version)                # evaluator, after a row
@@ -21,7 +22,7 @@ from typing import Any
 
 import fsspec
 
-from grpo_stream.core.metric_names import EVAL_WAIT_S
+from grpo_stream.core import metric_names as M
 from grpo_stream.core.progress import consumer_file, write_json_atomic
 
 POLL_S = 0.2
@@ -54,7 +55,7 @@ def read_eval_progress(buffer_path: str) -> int:
 
 
 def wait_for_eval(buffer_path: str, eval_cfg: Any, version: int) -> dict[str, float]:
-    """Block until `version` is evaluated when it is due; {EVAL_WAIT_S: seconds} (or {})."""
+    """Block until `version` is evaluated when it is due; {M.EVAL_WAIT_S: seconds} (or {})."""
     if not eval_due(eval_cfg.every, version):
         return {}
     t0 = time.monotonic()
@@ -68,4 +69,4 @@ def wait_for_eval(buffer_path: str, eval_cfg: Any, version: int) -> dict[str, fl
             )
             break
         time.sleep(POLL_S)
-    return {EVAL_WAIT_S: time.monotonic() - t0}
+    return {M.EVAL_WAIT_S: time.monotonic() - t0}

@@ -33,7 +33,7 @@ RATIO_MAX = "ratio_max"
 BEHAVIOUR_WEIGHT_MEAN = "behaviour_weight_mean"
 APPROX_KL_PROXIMAL = "approx_kl_proximal"  # KL(pi_old || pi_theta), k3
 APPROX_KL_BEHAVIOUR = "approx_kl_behaviour"  # KL(pi_b || pi_old), k3
-KL_REF = "kl_ref"  # to the reference model, only when loss.beta > 0
+KL_REF = "kl_ref"  # KL(pi_theta || pi_ref), loss.kl_estimator; only when loss.beta > 0
 ENTROPY = "entropy"
 CLIP_LOW_FRAC = "clip_low_frac"
 CLIP_HIGH_FRAC = "clip_high_frac"
@@ -42,7 +42,7 @@ TIS_TRUNCATED_FRAC = "tis_truncated_frac"
 BEHAVIOUR_LOGPROB_ABS_DIFF = "behaviour_logprob_abs_diff"  # mean |log pi_old - log pi_b|
 BEHAVIOUR_MASKED_FRAC = "behaviour_masked_frac"
 NUM_TOKENS = "num_tokens"  # weights for averaging over micro-batches; not logged
-NUM_SEQS = "num_seqs"
+NUM_SEQS = "num_seqs"  # in the row: sequences trained in the step (each once, not per epoch)
 
 # ---- the optimizer steps of one learner step (learner.step)
 GRAD_NORM = "grad_norm"

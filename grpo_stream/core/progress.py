@@ -2,8 +2,8 @@
 
 The learner writes `BUFFER/consumers/learner.json` ({"consumed_groups", "version",
 "step", "time", "finished", "pid", "host", "lineage"}) atomically after every step. The
-generator, possibly on another machine, reads it to keep the buffer at most `max_ahead_batches`
-learner batches ahead of what the learner has consumed: it pauses rather than produce
+generator, possibly on another machine, reads it to keep the buffer at most the learner's
+next batch and `max_ahead_batches` more ahead of what it has consumed: it pauses rather than produce
 data the learner would discard as stale. A learner that reaches `learner.max_steps`
 writes `finished = true` last, so a generator started by hand stops instead of waiting
 forever; `pid`/`host` let a generator on the same host notice a learner that died.

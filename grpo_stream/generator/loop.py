@@ -2,13 +2,13 @@
 
 `Generator.run()` is one asyncio program. A producer walks the prompt source and
 starts one task per prompt, bounded by `generator.max_in_flight` (a semaphore) and
-by the staleness gate (the buffer may run at most `max_ahead_batches` learner
-batches ahead of what the learner has consumed). Finished groups go through a queue
+by the staleness gate (`gate.py`: at most the learner's next batch and
+`max_ahead_batches` more beyond what it has consumed). Finished groups go through a queue
 to a single writer task that publishes them to the buffer off the event loop.
 On stop (SIGTERM/SIGINT or `generator.stop_after_groups`), groups already scored are
 written before exit: nothing finished is lost.
 
-    asyncio.run(Generator(cfg, run_dir).run())
+    asyncio.run(Generator(cfg, run_dir, model_dir).run())
 """
 
 from __future__ import annotations

@@ -1,10 +1,16 @@
-"""One prompt → one scored group: request G samples, bracket the weight version, score.
+"""One prompt → G completions with the weight versions that made them → buffer records.
 
-`sample_group` leases the least-loaded server, reads its weight version before and
+    outs, v0, v1, latency, url = await request_group(pool, model, req, n, sampling,
+                                                     max_retries, retry_budget_s)
+    group = build_group(run_id, req, outs, rewards, (v0, v1), latency, url)
+
+`request_group` leases the least-loaded server, reads its weight version before and
 after the request (vLLM stamps no version on a completion, so the pair brackets it:
-if a sync landed in between, the sample carries the span), retries transient errors
-on any live server with backoff, and scores the completions. It returns the group
-as `Sample` records ready for the buffer.
+if a sync landed in between, the sample carries the span), and retries transient
+errors on any live server with backoff until both `max_retries` and `retry_budget_s`
+are spent; then, or on any other error, it raises `PromptFailed`. It does not score:
+the caller does (the generator's `_one`, the evaluator), and `build_group` turns the
+completions and their rewards into `Sample` records ready for the buffer.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """Generator observability: counters, a periodic progress line, JSONL metrics.
 
-`GenStats` counts samples, tokens, failed prompts and the reward mean of what was
-produced; `report_every` prints one line every few seconds (samples, tokens/s,
-requests in flight, staleness vs the learner, reward mean) and appends the same
-numbers to `RUN_DIR/generator_metrics.jsonl`.
+`GenStats` counts samples, tokens, failed prompts, failed rewards and the reward mean of
+what was produced; `report_every(seconds, pool)` prints one line every `seconds`
+(samples, groups written, tokens/s, requests in flight here and running on the servers,
+the newest weight version seen, the recent reward mean, and whether the staleness gate
+holds the generator) and appends a fuller snapshot to `RUN_DIR/generator_metrics.jsonl`:
+those numbers, failure counts, live servers, vLLM's own /metrics counters and the
+timing clocks (`grpo_stream.core.timing.GeneratorClocks`).
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ class MetricMean:
     """Token-weighted mean of the loss metrics over micro-batches (and, under torchrun,
     ranks); `*_min` / `*_max` metrics are the extreme over them instead, and `loss` (each
     micro-batch's share of its optimizer batch's loss) sums to the batch loss, averaged
-    over the optimizer steps (`end_step`).
+    over the optimizer steps (`end_step`). `num_tokens` and `num_seqs` are the weights,
+    not means: the step's counts come from `StepRunner.run`.
 
     Every key seen is kept even when all its values were non-finite, so ranks running
     the same config reduce the same keys.
@@ -77,7 +78,7 @@ class MetricMean:
 
     def add(self, metrics: dict, weight: float) -> None:
         for k, v in metrics.items():
-            if k == M.NUM_TOKENS or v is None:
+            if k in (M.NUM_TOKENS, M.NUM_SEQS) or v is None:
                 continue
             v = float(v)
             ok = math.isfinite(v)
@@ -147,8 +148,6 @@ class StepRunner:
         # a ShardedPolicy computes its own log-probs/loss (FSDP does precision), even on
         # one rank (bench.gpu_smoke runs FSDP2 with one rank)
         self.sharded = world > 1 or isinstance(model, ShardedPolicy)
-        # True: pi_old always from its own no-grad pass (tests compare both ways)
-        self.proximal_pass = False
 
     def _logprobs(self, model, mb: MicroBatch, entropy: bool = False):
         chunk = self.cfg.learner.logprob_chunk_size
@@ -247,7 +246,7 @@ class StepRunner:
         n_mini = min(lc.minibatches_per_epoch, len(mbs))
         t0 = time.perf_counter()
         # one optimizer step per epoch: every epoch-1 forward runs at the starting weights
-        old, ref = self._frozen_logprobs(mbs, own_pass=n_mini > 1 or self.proximal_pass)
+        old, ref = self._frozen_logprobs(mbs, own_pass=n_mini > 1)
         t1 = time.perf_counter()
         meter, grad_norms = MetricMean(), []
         epoch_meters = [MetricMean() for _ in range(lc.epochs)]
@@ -259,7 +258,8 @@ class StepRunner:
         t2 = time.perf_counter()
         out = meter.result(self.world) | epoch_metrics(epoch_meters, self.world)
         counts = {M.TOKENS: sum(int(mb.attention_mask.sum()) for mb in mbs),
-                  M.COMPLETION_TOKENS: sum(mb.num_tokens for mb in mbs)}  # fmt: skip
+                  M.COMPLETION_TOKENS: sum(mb.num_tokens for mb in mbs),
+                  M.NUM_SEQS: sum(self.real_seqs)}  # fmt: skip
         times = {M.PROXIMAL_S: t1 - t0, M.TRAIN_S: t2 - t1}
         if self.world > 1:  # the whole batch's tokens, the slowest rank's times
             from grpo_stream.learner.distributed import all_reduce_scalars

@@ -118,15 +118,6 @@ def _finish_evaluator(evaluator: Child, timeout_s: float) -> int:
     return 1 if code else 0
 
 
-def _supervise(learner: Child, generator: Child, servers, evaluator: Child | None = None) -> int:
-    """Watch started children without restarting any (run.max_restarts = 0)."""
-    cfg = Config()
-    cfg.run.max_restarts = 0
-    sup = Supervisor(cfg, None)
-    sup.learner, sup.generator, sup.evaluator, sup.servers = learner, generator, evaluator, servers
-    return sup.run()
-
-
 def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
     if resume_dir:
         cfg.run.run_dir = resume_dir

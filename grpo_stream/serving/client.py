@@ -2,8 +2,9 @@
 
 Everything in grpo-stream that talks to vLLM goes through this module: the generator
 (completions, /weight_info, /metrics, health), the weight syncs (/pause, /collective_rpc,
-the NCCL transfer routes, /resume), the launcher in `serving.server` (waiting for a started server) and the
-tests' and tools' `get_json`/`post_json`. It sits in `serving/`, below generator/, sync/ and eval/.
+the NCCL transfer routes, /resume), the launcher (`serving.server`: waiting for a started
+server) and the tests' and tools' `get_json`/`post_json`. It sits below generator/, sync/
+and the rest of serving/.
 
     async with VLLMClient(timeout_s=300) as client:       # one aiohttp session per process
         await client.wait_healthy(urls, timeout_s=300, need="any")

@@ -21,7 +21,6 @@ from grpo_stream.tasks.runner import (
     RewardRunner,
     build_reward_fns,
     group_failed,
-    score_group,
 )
 from grpo_stream.tasks.sources import PROMPT_SOURCES, make_prompt_source
 
@@ -38,5 +37,4 @@ __all__ = [
     "make_prompt_source",
     "render_prompt",
     "reward",
-    "score_group",
 ]

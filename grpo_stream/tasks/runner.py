@@ -5,8 +5,6 @@
     results = await runner.score_group(prompt, completions)   # one RewardResult each
     await runner.aclose()
 
-(`score_group(prompt, completions, cfg)` does the same with a runner cached per config.)
-
 Each function is applied to the whole group in one call limited to `cfg.timeout_s`, all
 functions concurrently and off the event loop: built-ins (pure, cannot hang) in a thread,
 import-path user functions in worker processes that are killed and restarted on timeout
@@ -16,14 +14,13 @@ Failures are loud, never a silent 0: when a function raises, returns a non-numbe
 times out, that sample's component is NaN, `error` says which function and why
 ("numeric_answer: ValueError: ...", "slow_fn: timed out after 5s"), and its `total` is
 NaN. Such a group must not be trained on (its group-relative advantages are unknown):
-the learner drops any group where `group_failed(results)`; the generator still writes it
-to the buffer, so failures are visible there.
+the learner drops any group with a NaN reward (what `group_failed(results)` tells of the
+results); the generator still writes it to the buffer, so failures are visible there.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import math
 import os
 from dataclasses import dataclass, field
@@ -209,27 +206,3 @@ class RewardRunner:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-_SHARED: dict[str, RewardRunner] = {}
-
-
-async def score_group(
-    prompt: Prompt, completions: list[str], cfg: RewardConfig
-) -> list[RewardResult]:
-    """`RewardRunner(cfg).score_group(...)` with the runner kept per config and event loop."""
-    key = cfg.model_dump_json()
-    runner = _SHARED.get(key)
-    if runner is not None and runner.loop not in (None, asyncio.get_running_loop()):
-        await runner.aclose()  # its worker queue belongs to a finished loop
-        runner = None
-    if runner is None:
-        runner = _SHARED[key] = RewardRunner(cfg)
-    return await runner.score_group(prompt, completions)
-
-
-@atexit.register
-def _close_shared() -> None:
-    for runner in _SHARED.values():
-        runner.close()
-    _SHARED.clear()

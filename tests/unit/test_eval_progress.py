@@ -7,12 +7,12 @@ import time
 
 from grpo_stream.config.evaluation import EvalConfig
 from grpo_stream.core.eval_progress import (
-    EVAL_WAIT_S,
     eval_due,
     read_eval_progress,
     wait_for_eval,
     write_eval_progress,
 )
+from grpo_stream.core.metric_names import EVAL_WAIT_S
 
 
 def test_due_versions():

@@ -121,7 +121,9 @@ def test_run_treats_a_generator_that_stopped_for_a_finished_learner_as_normal(tm
     """`run`'s supervisor: the generator now exits 0 by itself when the learner finishes,
     usually a moment before the learner process ends. That must not fail the run (it
     returned 1, "generator exited with 0"); a generator that fails still does."""
-    from grpo_stream.run.orchestrate import Child, _supervise
+    from supervise_helpers import supervise
+
+    from grpo_stream.run.orchestrate import Child
 
     def child(name: str, code: str) -> Child:
         return Child(name, [sys.executable, "-c", code], tmp_path / f"{name}.log", echo=False)
@@ -129,11 +131,11 @@ def test_run_treats_a_generator_that_stopped_for_a_finished_learner_as_normal(tm
     learner = child("learner", "import time; time.sleep(1.5)")  # ends after the generator
     generator = child("generator", "pass")
     t0 = time.monotonic()
-    assert _supervise(learner, generator, []) == 0
+    assert supervise(learner, generator, []) == 0
     assert time.monotonic() - t0 >= 1.0  # it waited for the learner's own exit
     learner = child("learner2", "import time; time.sleep(30)")
     failing = child("generator2", "raise SystemExit(3)")
     try:
-        assert _supervise(learner, failing, []) == 1
+        assert supervise(learner, failing, []) == 1
     finally:
         learner.stop(5)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from learner_helpers import step_setup
+from learner_helpers import OwnProximalPassRunner, step_setup
+
+from grpo_stream.learner.step import StepRunner
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -79,8 +81,8 @@ def test_metric_mean_extremes_loss_sum_and_non_finite():
 
 
 def _run_counting_forwards(tiny_model_dir, own_pass: bool, **learner):
-    _, model, runner, samples, advs = step_setup(tiny_model_dir, lr=1e-2, **learner)
-    runner.proximal_pass = own_pass
+    runner_cls = OwnProximalPassRunner if own_pass else StepRunner
+    _, model, runner, samples, advs = step_setup(tiny_model_dir, runner_cls, lr=1e-2, **learner)
     calls = []
     model.model.register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
     m = runner.run(samples, advs)

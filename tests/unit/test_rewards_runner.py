@@ -8,9 +8,10 @@ import os
 import textwrap
 
 import pytest
+from reward_helpers import score_group
 
 from grpo_stream.config import RewardConfig, RewardFunctionConfig
-from grpo_stream.tasks import Prompt, RewardRunner, build_reward_fns, group_failed, score_group
+from grpo_stream.tasks import Prompt, RewardRunner, build_reward_fns, group_failed
 
 PROMPT = Prompt("p", "What is 7+12? Reply with only the number.", "19")
 
