@@ -117,6 +117,19 @@ def test_unsupported_model_falls_back_with_one_log_line(monkeypatch, capsys):
     model = _model("tiny", attn="flex_attention")
     assert not use_shared_prefix(True, samples, model)
     assert "flex_attention" in capsys.readouterr().err
+    from transformers import MistralConfig, MistralForCausalLM
+
+    other = MistralForCausalLM(MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    ))  # fmt: skip
+    assert not use_shared_prefix(True, samples, other)
+    assert not use_shared_prefix("auto", samples, other)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "[learner] shared-prefix forward off, padded layout instead: model_type 'mistral' "
+        "is not among the checked ones (llama, qwen2; learner.prefix.SUPPORTED_MODEL_TYPES)"
+    ]
 
 
 def test_split_to_equal_counts():
