@@ -237,13 +237,18 @@ def test_completion_passes_reach_the_plan(passes, widths):
 
 
 # SHAPES packed: rows of 9 + 4 + 0 + 6 + 2 = 21, 4 + 5 = 9, 12 + 0 + 0 = 12 and
-# 6 + 1 + 7 + 3 = 17 tokens, so the mask is 4 x 21 x 21 = 1764 bytes
-@pytest.mark.parametrize("mask_bytes,packed", [(1764, True), (1763, False)])
-def test_pack_mask_mib_reaches_the_plan(mask_bytes, packed):
+# 6 + 1 + 7 + 3 = 17 tokens, so the mask is 4 x 21 x 21 = 1764 elements: 1764 bytes as
+# sdpa's boolean mask, 4 x 1764 = 7056 as eager's float32 one
+@pytest.mark.parametrize(
+    "attn,mask_bytes,packed",
+    [("sdpa", 1764, True), ("sdpa", 1763, False), ("eager", 7056, True), ("eager", 7055, False),
+     ("eager", 1764, False)],
+)  # fmt: skip
+def test_pack_mask_mib_reaches_the_plan(attn, mask_bytes, packed):
     lc = Config().learner
     lc.shared_prefix, lc.micro_batch_size, lc.pack_mask_mib = True, 16, mask_bytes / 2**20
     samples, advs = _samples()
-    (mb,) = plan_micro_batches(samples, advs, lc, PAD, _model("tiny"))
+    (mb,) = plan_micro_batches(samples, advs, lc, PAD, _model("tiny", attn))
     assert (mb.prefix.packed is not None) == packed
     if packed:
         assert mb.prefix.packed.input_ids.shape == (4, 21) and mb.prefix.packed.mask_bytes == 1764
