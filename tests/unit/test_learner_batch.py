@@ -213,6 +213,44 @@ def test_fsdp_padding_micro_batches_learn_nothing():
     assert mb.index.tolist() == [0] and mb.num_tokens == 0
 
 
+@pytest.mark.parametrize("pack_mib", [64.0, 0.0])
+def test_padding_micro_batches_change_no_update(monkeypatch, pack_mib):
+    """Two padding micro-batches added to a step's (as a rank with fewer micro-batches
+    gets under FSDP) change no weight and no metric, with sequence-mean aggregation,
+    whose normaliser counts sequences: padding rows (index -1) count as none."""
+    import random
+
+    from grpo_stream.learner import step
+    from grpo_stream.learner.optim import build_optimizer
+
+    def train(pads: int):
+        cfg = Config()
+        cfg.loss.aggregation, cfg.loss.epsilon_low, cfg.loss.epsilon_high = (
+            "seq_mean_token_mean", 0.01, 0.01,
+        )  # fmt: skip
+        lc = cfg.learner
+        lc.shared_prefix, lc.epochs, lc.lr, lc.pack_mask_mib = True, 2, 1e-4, pack_mib
+        model = _model("tiny")
+        opt, sched = build_optimizer(model, lc)
+        runner = step.StepRunner(cfg, model, None, opt, sched, torch.device("cpu"), pad_id=PAD)
+        layout = "packed" if pack_mib else "cached"
+
+        def padded_plan(samples, *args):
+            mbs = plan_micro_batches(samples, *args)
+            return mbs + [plan._padding_micro_batch(samples[0], PAD, layout)] * pads
+
+        monkeypatch.setattr(step, "plan_micro_batches", padded_plan)
+        random.seed(0)
+        metrics = runner.run(*_samples())
+        return {k: p.detach().clone() for k, p in model.named_parameters()}, metrics
+
+    (w0, m0), (w2, m2) = train(0), train(2)
+    for k in ("loss", "grad_norm", "clip_low_frac", "clip_high_frac", "ratio_max"):
+        assert m2[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-9), k
+    for k, w in w0.items():
+        torch.testing.assert_close(w2[k], w, rtol=1e-5, atol=1e-6)
+
+
 def test_completion_chunks_by_hand():
     from grpo_stream.learner.batch import completion_chunks
 
