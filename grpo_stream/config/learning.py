@@ -101,12 +101,19 @@ class LearnerConfig(_Section):
         "for one step: at the bound it trains on the groups with variance it found, and "
         "stops with an error when it found none",
     )
-    micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass")
+    micro_batch_size: int = Field(
+        16,
+        ge=1,
+        description="at most this many sequences per forward pass; shared prefix: a "
+        "group larger than this runs in parts, its prompt once in each",
+    )
     micro_batch_tokens: int | None = Field(
         None,
         ge=1,
-        description="pack micro-batches by length to at most this many forward tokens, "
-        "padding counted (replaces micro_batch_size); unset: micro_batch_size sequences",
+        description="pack micro-batches by length to at most this many forward tokens in "
+        "the layout that runs (padded rows, packed group rows, or KV-cache prompt + "
+        "completion rows), padding counted; a group over it runs in parts, a single "
+        "sequence over it alone (replaces micro_batch_size); unset: micro_batch_size",
     )
     shared_prefix: Literal["auto"] | bool = Field(
         "auto",
@@ -118,8 +125,8 @@ class LearnerConfig(_Section):
         ge=0,
         description="shared prefix: one forward of each micro-batch's groups packed into "
         "rows (prompt, then every completion) while their grouped attention mask, "
-        "groups x row length^2 bytes, stays under this (MiB); longer rows, or 0: the "
-        "prompt's KV cache and completion_passes",
+        "groups x row length^2 elements of 1 byte (sdpa) or 4 (eager, float32), stays "
+        "under this (MiB); longer rows, or 0: the prompt's KV cache and completion_passes",
     )
     completion_passes: int = Field(
         4,

@@ -17,8 +17,8 @@ out as one row, the prompt then every completion, for a single forward.
 
 `make_micro_batches` splits a step's samples into micro-batches either of at most
 `size` sequences (in order) or, with `max_tokens`, sorted by length and packed to at
-most that many forward tokens, padding counted (`forward_tokens`). In the shared-prefix
-layout a group (the rows with one prompt) is never split.
+most that many forward tokens, padding counted (`learner.split`). In the shared-prefix
+layout a group (the rows with one prompt) stays whole unless it alone exceeds the bound.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from grpo_stream.buffer.schema import Sample
+from grpo_stream.learner.split import pack_indices, packed_row_lengths
 
 # `completion_chunks`: an extra completion pass's cost in completion tokens (kernel calls,
 # a KV-cache concat per layer)
@@ -52,7 +53,8 @@ class PackedRows:
 
     @property
     def mask_bytes(self) -> int:
-        """Size of its boolean grouped attention mask [N, 1, L, L]."""
+        """Size of its boolean (sdpa) grouped attention mask [N, 1, L, L]: N x L^2 bytes;
+        eager attention's additive float32 mask takes 4 times that."""
         n, L = self.input_ids.shape
         return n * L * L
 
@@ -93,7 +95,8 @@ class MicroBatch:
     behaviour_logprobs: torch.Tensor  # [B, T] float32, 0 off-mask
     advantages: torch.Tensor  # [B] float32
     versions: torch.Tensor  # [B] long, policy version that produced each sample
-    index: torch.Tensor  # [B] long, position of each sample in the step's batch
+    index: torch.Tensor  # [B] long, position of each sample in the step's batch (-1: an
+    # FSDP padding micro-batch's row, no sample of the batch; `learner.plan`)
     prefix: PrefixLayout | None = None  # set: the shared-prefix layout
 
     def to(self, device: torch.device | str) -> MicroBatch:
@@ -191,22 +194,21 @@ def _chunked(lay: PrefixLayout, lens: list[int], passes: int) -> PrefixLayout:
     return lay
 
 
-def packed_mask_bytes(samples: list[Sample]) -> int:
-    """The size of `packed_rows`' mask for these samples as one micro-batch: groups x L^2,
-    L the longest row (a prompt, then its completions but their last tokens)."""
-    rows: dict[tuple[int, ...], int] = {}
-    for s in samples:
-        key = tuple(s.prompt_ids)
-        rows[key] = rows.get(key, len(key)) + max(len(s.completion_ids) - 1, 0)
-    return len(rows) * max(rows.values()) ** 2
+def packed_mask_bytes(samples: list[Sample], element_bytes: int = 1) -> int:
+    """The size of `packed_rows`' mask for these samples as one micro-batch: groups x L^2
+    elements, L the longest row (a prompt, then its completions but their last tokens),
+    `element_bytes` each (1: sdpa's boolean mask; 4: eager's float32,
+    `learner.prefix.mask_element_bytes`)."""
+    rows = packed_row_lengths(samples)
+    return len(rows) * max(rows.values()) ** 2 * element_bytes
 
 
 def packed_rows(
-    samples: list[Sample], group_of: list[int], Lc: int, max_bytes: int
+    samples: list[Sample], group_of: list[int], Lc: int, max_bytes: int, element_bytes: int = 1
 ) -> PackedRows | None:
     """The micro-batch as packed groups (`PackedRows`), or None when its grouped
     attention mask would take more than `max_bytes` (`packed_mask_bytes`)."""
-    if packed_mask_bytes(samples) > max_bytes:
+    if packed_mask_bytes(samples, element_bytes) > max_bytes:
         return None
     n = max(group_of) + 1
     ids: list[list[int]] = [[] for _ in range(n)]
@@ -245,11 +247,12 @@ def collate_shared(
     pad_id: int,
     completion_passes: int = 1,
     pack_mask_bytes: int = 0,
+    mask_element_bytes: int = 1,
 ) -> MicroBatch:
     """The shared-prefix layout (module docstring). Lc >= 2, so the completion forward
     always runs (every FSDP rank must make the same calls) even for one-token completions.
-    `pack_mask_bytes` > 0: packed groups (`packed_rows`) when their mask fits that many
-    bytes. Otherwise, `completion_passes` > 1: the completion pass may run in that many
+    `pack_mask_bytes` > 0: packed groups (`packed_rows`) when their mask, at
+    `mask_element_bytes` per element, fits that many bytes. Otherwise, `completion_passes` > 1: the completion pass may run in that many
     chunks of similar length (`completion_chunks`; 1 under FSDP, whose ranks must make
     the same calls)."""
     lens = [_check(s) for s in samples]
@@ -281,7 +284,7 @@ def collate_shared(
         prompt_width=Lp,
     )
     if pack_mask_bytes > 0:
-        prefix.packed = packed_rows(samples, group_of, Lc, pack_mask_bytes)
+        prefix.packed = packed_rows(samples, group_of, Lc, pack_mask_bytes, mask_element_bytes)
     if completion_passes > 1 and prefix.packed is None:
         prefix = _chunked(prefix, [c for _, c in lens], completion_passes)
     return MicroBatch(
@@ -295,61 +298,6 @@ def collate_shared(
     )
 
 
-def forward_tokens(samples: list[Sample], shared: bool) -> int:
-    """Tokens one forward of these samples as a micro-batch processes, padding counted:
-    B x L (padded); N x Lp + B x Lc (shared prefix: each distinct prompt once)."""
-    P = max(len(s.prompt_ids) for s in samples)
-    C = max(len(s.completion_ids) for s in samples)
-    if not shared:
-        return len(samples) * max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
-    return len({tuple(s.prompt_ids) for s in samples}) * P + len(samples) * max(2, C)
-
-
-def _units(samples: list[Sample], order: list[int], shared: bool) -> list[list[int]]:
-    """Indices that must share a micro-batch: single samples, or (shared) whole prompt groups
-    in order of first appearance."""
-    if not shared:
-        return [[i] for i in order]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i in order:
-        groups.setdefault(tuple(samples[i].prompt_ids), []).append(i)
-    return list(groups.values())
-
-
-def _pack(units: list[list[int]], fits) -> list[list[int]]:
-    """Greedy: add units to the current micro-batch while `fits(indices)`; a unit that does
-    not fit alone gets a micro-batch of its own."""
-    packs: list[list[int]] = []
-    for u in units:
-        if packs and fits(packs[-1] + u):
-            packs[-1] = packs[-1] + u
-        else:
-            packs.append(list(u))
-    return packs
-
-
-def pack_indices(
-    samples: list[Sample],
-    size: int,
-    order: list[int],
-    max_tokens: int | None = None,
-    shared_prefix: bool = False,
-) -> list[list[int]]:
-    """The sample indices of each micro-batch (see `make_micro_batches`)."""
-    units = _units(samples, order, shared_prefix)
-    if max_tokens is None:
-        return _pack(units, lambda idx: len(idx) <= size)
-
-    def length(u: list[int]) -> tuple[int, int]:
-        ss = [samples[i] for i in u]
-        return max(len(s.prompt_ids) for s in ss), max(len(s.completion_ids) for s in ss)
-
-    units = sorted(units, key=lambda u: (sum(length(u)), length(u)))  # stable
-    return _pack(
-        units, lambda idx: forward_tokens([samples[i] for i in idx], shared_prefix) <= max_tokens
-    )
-
-
 def collate_packs(
     samples: list[Sample],
     advantages: list[float],
@@ -358,11 +306,14 @@ def collate_packs(
     shared: bool,
     completion_passes: int = 1,
     pack_mask_bytes: int = 0,
+    mask_element_bytes: int = 1,
 ) -> list[MicroBatch]:
     def make(ix: list[int]) -> MicroBatch:
         ss, advs = [samples[i] for i in ix], [advantages[i] for i in ix]
         if shared:
-            return collate_shared(ss, advs, ix, pad_id, completion_passes, pack_mask_bytes)
+            return collate_shared(
+                ss, advs, ix, pad_id, completion_passes, pack_mask_bytes, mask_element_bytes
+            )
         return collate(ss, advs, ix, pad_id)
 
     return [make(ix) for ix in packs]
@@ -380,8 +331,9 @@ def make_micro_batches(
 ) -> list[MicroBatch]:
     """Split the step's samples (in `order`) into micro-batches: at most `size` sequences
     each, or, with `max_tokens`, sorted by length and at most `max_tokens` forward tokens
-    each (`forward_tokens`; one sample or group over the budget gets a micro-batch of its
-    own). In the shared-prefix layout a prompt's group stays whole. The gradient does not
-    depend on the split (the loss uses batch-global normalisers)."""
-    packs = pack_indices(samples, size, order, max_tokens, shared_prefix)
+    each (`split.forward_tokens`; one sample over the budget gets a micro-batch of its
+    own). In the shared-prefix layout (on the KV cache) a prompt's group stays whole where
+    it fits. The gradient does not depend on the split (batch-global normalisers)."""
+    layout = "cached" if shared_prefix else "padded"
+    packs = pack_indices(samples, size, order, max_tokens, layout)
     return collate_packs(samples, advantages, packs, pad_id, shared_prefix)

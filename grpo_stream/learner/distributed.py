@@ -20,10 +20,17 @@ The wrapper's `forward` is `sequence_logprobs` / `sequence_loss`, which read
 Gradients: grpo_loss divides each rank's loss by the batch-global token (or sequence)
 count, so the ranks' losses sum to the single-process loss; `shard_model` therefore makes
 the reduce-scatter SUM (divide factor 1), and the reduced gradient equals the
-single-process gradient. Every FSDP forward and backward is a collective, so every rank
-runs the same number of micro-batches: `shard_samples` deals samples round-robin and
-pads short ranks with a zero-token `padding_sample` that adds nothing to the loss, the
-gradient or the normalisers (`count_real` leaves it out of total_seqs).
+single-process gradient.
+
+Sharding: `shard_groups` deals whole groups (the samples with one prompt), so each
+prompt is encoded on one rank only (the shared-prefix forward's saving stays whole),
+balanced by tokens: largest group first, each to the rank with the fewest tokens so
+far. `shard_samples` pads short ranks to the same number of samples with zero-token
+`padding_sample`s, which add nothing to the loss, the gradient or the normalisers
+(`count_real` leaves them out of total_seqs). Every FSDP forward and backward is a
+collective, so every rank runs the same number of micro-batches: `learner.plan` leaves
+padding samples out of its micro-batches, and a rank with fewer than another cuts its
+micro-batches at group boundaries, then adds padding micro-batches (never a group).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_stream.learner.policy import sequence_logprobs, sequence_loss
+from grpo_stream.learner.split import units
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -205,13 +213,40 @@ def shard_model(model, dist_info: DistInfo, mp_dtype: torch.dtype | None = None)
     return root
 
 
-def shard_indices(n: int, rank: int, world: int) -> list[int | None]:
-    """Rank `rank`'s sample indices: rank, rank+W, ...; None pads to ceil(n / W)."""
+def _check_rank(rank: int, world: int) -> None:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} / world size {world}: need 0 <= rank < world")
-    per_rank = -(-n // world)  # ceil
-    mine: list[int | None] = list(range(rank, n, world))
-    return mine + [None] * (per_rank - len(mine))
+
+
+def group_tokens(samples: list, group: list[int]) -> int:
+    """A group's tokens as the shared-prefix forward runs them: its prompt once, then every
+    completion (the balance `shard_groups` keeps)."""
+    return len(samples[group[0]].prompt_ids) + sum(len(samples[i].completion_ids) for i in group)
+
+
+def shard_groups(samples: list, world: int) -> list[list[int]]:
+    """Each rank's sample indices, in batch order: whole groups (`split.units`), the
+    largest first (`group_tokens`; ties in batch order) to the rank with the fewest
+    tokens so far (ties: the lower rank)."""
+    _check_rank(0, world)
+    groups = units(samples, list(range(len(samples))), shared=True)
+    tokens = [group_tokens(samples, g) for g in groups]
+    load, shares = [0] * world, [[] for _ in range(world)]
+    for g in sorted(range(len(groups)), key=lambda g: -tokens[g]):  # stable
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += tokens[g]
+        shares[r].extend(groups[g])
+    return [sorted(share) for share in shares]
+
+
+def shard_indices(samples: list, rank: int, world: int) -> list[int | None]:
+    """Rank `rank`'s sample indices (`shard_groups`); None pads it to the most any rank
+    holds, so every rank has as many samples (at least one)."""
+    _check_rank(rank, world)
+    shares = shard_groups(samples, world)
+    most = max(1, max(len(s) for s in shares))
+    mine: list[int | None] = list(shares[rank])
+    return mine + [None] * (most - len(mine))
 
 
 def padding_sample(like):
@@ -242,12 +277,12 @@ def count_real(samples) -> int:
 
 
 def shard_samples(samples: list, rank: int, world: int) -> list:
-    """This rank's share; every rank gets ceil(n / W) sequences, the short ones padded."""
+    """This rank's share (`shard_indices`): whole groups, short ranks padded."""
     if not samples:
         raise ValueError("shard_samples: no samples to shard")
     return [
         samples[i] if i is not None else padding_sample(samples[0])
-        for i in shard_indices(len(samples), rank, world)
+        for i in shard_indices(samples, rank, world)
     ]
 
 
@@ -255,7 +290,7 @@ def shard_batch(samples: list, advantages: list[float], rank: int, world: int):
     """`shard_samples` with the advantages kept aligned (0.0 for padding)."""
     if len(samples) != len(advantages):
         raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
-    idx = shard_indices(len(samples), rank, world)
+    idx = shard_indices(samples, rank, world)
     return shard_samples(samples, rank, world), [0.0 if i is None else advantages[i] for i in idx]
 
 

@@ -32,8 +32,9 @@ KV cache (long rows, whose [N, 1, L, L] mask would be too large):
    hidden state behind every completion token is the one the padded layout computes, up
    to float rounding: the log-probs, losses and gradients equal the padded path's.
 
-`unsupported_reason(model)` says why a model cannot take this path (then the learner
-uses the padded layout and logs the reason once, see `learner.plan`).
+`SUPPORTED_MODEL_TYPES` lists the model types checked to give the padded path's numbers
+(Llama, Qwen2); `unsupported_reason(model)` says why a model cannot take this path (then
+the learner uses the padded layout and logs the reason once, see `learner.plan`).
 """
 
 from __future__ import annotations
@@ -43,10 +44,36 @@ import torch.nn.functional as F
 
 from grpo_stream.learner.batch import MicroBatch
 
-# model types whose decoder was checked to give the padded path's numbers here (tests/unit/
-# test_learner_prefix.py); others may work but fall back until someone checks them
-CHECKED_MODEL_TYPES = ("llama",)
+# The model types that take the shared-prefix forward, each checked against the padded
+# path (log-probs, entropy, loss and every gradient to 1e-5: tests/unit/
+# test_learner_prefix.py), and what was checked. Every other model type (mistral, qwen3,
+# gemma, phi3, ...) falls back to the padded layout, logged once, until someone adds it
+# here with the same tests: its attention may differ in ways a custom mask or a widened
+# KV cache does not honour (soft-capping, per-layer sliding windows, cross-layer caches).
+SUPPORTED_MODEL_TYPES = {
+    "llama": "Llama, SmolLM2: no biases; tied and untied embeddings",
+    "qwen2": "Qwen2, Qwen2.5: q/k/v biases; only with every layer full attention",
+}
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # honour a custom 4D mask, and a KV cache
+# bytes per element of the grouped attention mask (`grouped_attention_mask`)
+MASK_ELEMENT_BYTES = {"sdpa": 1, "eager": 4}  # boolean; additive float32
+
+
+def _sliding_layers(cfg) -> str | None:
+    """Why `cfg`'s attention is windowed somewhere (a custom 4D mask and the KV cache
+    would drop the window), else None. Qwen2 lists its layers' kinds in `layer_types`
+    (sliding only with use_sliding_window, from max_window_layers on)."""
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds is not None:
+        if "sliding_attention" in kinds:
+            n = kinds.count("sliding_attention")
+            return (
+                f"sliding-window attention in {n} layer(s) (sliding_window = {cfg.sliding_window})"
+            )
+        return None
+    if getattr(cfg, "sliding_window", None):
+        return f"sliding-window attention (sliding_window = {cfg.sliding_window})"
+    return None
 
 
 def unsupported_reason(model) -> str | None:
@@ -54,16 +81,27 @@ def unsupported_reason(model) -> str | None:
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(model, "base_model"):
         return f"{type(model).__name__} is not a Hugging Face causal LM"
-    if cfg.model_type not in CHECKED_MODEL_TYPES:
-        return f"model_type {cfg.model_type!r} is not among the checked ones {CHECKED_MODEL_TYPES}"
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        return (
+            f"model_type {cfg.model_type!r} is not among the checked ones "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}; learner.prefix.SUPPORTED_MODEL_TYPES)"
+        )
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ATTENTION_IMPLEMENTATIONS:
         return f"attention implementation {impl!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
-    if getattr(cfg, "sliding_window", None):
-        return f"sliding-window attention (sliding_window = {cfg.sliding_window})"
+    window = _sliding_layers(cfg)
+    if window is not None:
+        return window
     if getattr(model, "is_gradient_checkpointing", False):
         return "gradient checkpointing recomputes layers, which would re-append to the KV cache"
     return None
+
+
+def mask_element_bytes(model) -> int:
+    """Bytes per element of the grouped attention mask `model` would get: 1 (sdpa's
+    boolean mask), 4 (eager's additive float32 mask, and any other implementation)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return MASK_ELEMENT_BYTES.get(impl, 4)
 
 
 def grouped_attention_mask(segments: torch.Tensor, implementation: str) -> torch.Tensor:

@@ -242,7 +242,8 @@ class StepRunner:
             from grpo_stream.learner.distributed import is_padding
 
             real = [0 if is_padding(x) else 1 for x in samples]
-        self.real_seqs = [sum(real[i] for i in mb.index.tolist()) for mb in mbs]
+        # index -1: a padding micro-batch's row (learner.plan), no sequence
+        self.real_seqs = [sum(real[i] for i in mb.index.tolist() if i >= 0) for mb in mbs]
         n_mini = min(lc.minibatches_per_epoch, len(mbs))
         t0 = time.perf_counter()
         # one optimizer step per epoch: every epoch-1 forward runs at the starting weights

@@ -5,7 +5,7 @@ per-rank worker), so `init_distributed()` reads the real torchrun environment. B
 train a tiny random Llama (SmolLM2 tokenizer) on the same 5 synthetic samples through the
 real code path: `collate` → `sequence_logprobs` (via `ShardedPolicy` on the FSDP side) →
 `grpo_loss` with batch-global normalisers → `clip_grad_norm` → one AdamW step. Five samples
-over two ranks exercise the padding sample (rank 1 gets 2 real + 1 padding), and the
+over two ranks exercise the padding sample (rank 0 gets 2 real + 1 padding), and the
 sequence-mean aggregation exercises `count_real` (padding must not count in total_seqs).
 A proximal policy different from the current one makes the PPO clip act.
 
@@ -236,7 +236,7 @@ def test_two_rank_fsdp_step_equals_single_process(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
 
     assert got["mismatch_raised"]
-    assert got["n_local"] == 3  # ceil(5 / 2): rank 0 holds samples 0, 2, 4
+    assert got["n_local"] == 3  # whole groups by tokens: rank 0 holds 1, 2 and a padding one
     assert got["totals"] == {"tokens": ref["tokens"], "seqs": 5.0}  # padding not counted
     assert abs(got["loss"] - ref["loss"]) <= RTOL * abs(ref["loss"]), (got["loss"], ref["loss"])
     assert abs(got["grad_norm"] - ref["grad_norm"]) <= RTOL * ref["grad_norm"]

@@ -2,8 +2,9 @@
 
 The test starts `torchrun --nproc-per-node 2` on THIS file (the `__main__` block is the
 per-rank worker). Each rank runs the real `StepRunner` with learner.shared_prefix = true
-on its shard of 11 samples in 5 groups (round-robin sharding splits every group across the
-ranks, and rank 1 gets a padding sample): two learner steps of two clipped epochs each,
+on its shard of 11 samples in 5 groups (whole groups balanced by tokens: rank 0 groups 0
+and 1, 35 tokens, 5 samples and a padding one; rank 1 groups 2-4, 41 tokens, 6 samples;
+2 micro-batches of at most 4 each): two learner steps of two clipped epochs each,
 AdamW. Step 1 runs the packed groups (one forward of prompt + completions per row, the
 grouped attention mask); step 2 the KV-cache path (learner.pack_mask_mib = 0), where
 every decoder layer runs twice per forward (the prompt pass, then the completion pass on

@@ -1,7 +1,10 @@
 """Micro-batches by token budget, and the choice of the shared-prefix layout.
 
-Packing: every sample lands in exactly one micro-batch, none over the budget (a sample or
-group larger than it alone), sorted by length, groups whole in the shared-prefix layout.
+Packing: every sample lands in exactly one micro-batch, none over the budget counted in
+the layout that runs (a sample larger than it alone), sorted by length, groups whole in
+the shared-prefix layouts where they fit, cut where they do not (micro_batch_size too).
+Under FSDP, ranks even out their micro-batch counts at group boundaries, then with
+padding micro-batches.
 The update does not depend on the split: a token-budget step equals one big batch.
 `auto` takes the shared prefix only when it saves enough; an unsupported model falls
 back to the padded layout with one log line.
@@ -15,44 +18,85 @@ from test_learner_prefix import PAD, _model, _samples, _train
 
 from grpo_stream.config import Config
 from grpo_stream.learner import plan
-from grpo_stream.learner.batch import (
-    forward_tokens,
-    make_micro_batches,
-    pack_indices,
-    packed_mask_bytes,
-)
+from grpo_stream.learner.batch import make_micro_batches, packed_mask_bytes
 from grpo_stream.learner.plan import (
     _split_to,
     plan_micro_batches,
     shared_prefix_saving,
     use_shared_prefix,
 )
+from grpo_stream.learner.split import forward_tokens, pack_indices
 
 RAGGED = [(9, [5, 1, 7, 3]), (4, [6]), (12, [1, 1]), (6, [2, 8, 4]), (20, [3, 9]), (3, [2, 2])]
 
 
-@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("layout", ["padded", "cached", "packed"])
 @pytest.mark.parametrize("budget", [1, 40, 70, 10_000])
-def test_token_budget_packs(shared, budget):
+def test_token_budget_packs(layout, budget):
     samples, _ = _samples(RAGGED)
-    packs = pack_indices(samples, 16, list(range(len(samples))), budget, shared)
+    packs = pack_indices(samples, 16, list(range(len(samples))), budget, layout)
     assert sorted(i for p in packs for i in p) == list(range(len(samples)))
-    for p in packs:
-        ss = [samples[i] for i in p]
-        unit = len({tuple(s.prompt_ids) for s in ss}) == 1 if shared else len(p) == 1
-        assert forward_tokens(ss, shared) <= budget or unit, (p, budget)
-    if shared:  # a prompt's rows never straddle two micro-batches
+    for p in packs:  # over the budget only a single sample, alone
+        assert forward_tokens([samples[i] for i in p], layout) <= budget or len(p) == 1
+    if layout != "padded":  # a prompt's rows straddle micro-batches only when they must
         homes = {}
         for k, p in enumerate(packs):
             for i in p:
-                assert homes.setdefault(tuple(samples[i].prompt_ids), k) == k
+                group = [s for s in samples if s.prompt_ids == samples[i].prompt_ids]
+                if forward_tokens(group, layout) <= budget:
+                    assert homes.setdefault(tuple(samples[i].prompt_ids), k) == k
     if budget == 10_000:
         assert len(packs) == 1
-    if budget == 1:  # one unit each, shortest first
+    if budget == 1:  # one sample each (every group cut), shortest first
         key = [max(len(samples[i].prompt_ids) + len(samples[i].completion_ids) for i in p)
                for p in packs]  # fmt: skip
-        assert len(packs) == (6 if shared else len(samples))
-        assert key == sorted(key) or shared
+        assert len(packs) == len(samples)
+        assert key == sorted(key) or layout != "padded"
+
+
+def _hand(prompt: int, completions: list[int], tag: int) -> list:
+    from test_learner_prefix import _sample
+
+    return [_sample([100 + tag] * prompt, [7] * c) for c in completions]
+
+
+def test_micro_batch_tokens_count_the_layout_that_runs():
+    """Group A: prompt 4, completions 3 and 3; group B: prompt 2, completion 5."""
+    a, b = _hand(4, [3, 3], 0), _hand(2, [5], 1)
+    # packed: one row per group, prompt + each completion but its last token
+    assert forward_tokens(a, "packed") == 4 + 2 + 2 and forward_tokens(b, "packed") == 2 + 4
+    assert forward_tokens(a + b, "packed") == 2 * 8  # 2 rows, as wide as the longest
+    assert forward_tokens(a + b, "cached") == 2 * 4 + 3 * 5  # N x Lp + B x Lc
+    assert forward_tokens(a + b, "padded") == 3 * 7  # rows of 4 + 3 and 2 + 5
+    lc = Config().learner
+    lc.shared_prefix, lc.micro_batch_tokens = True, 16
+    mbs = plan_micro_batches(a + b, [0.0] * 3, lc, PAD, _model("tiny"))
+    assert [mb.prefix.packed.input_ids.shape for mb in mbs] == [(2, 8)]  # 16 tokens, one
+    lc.pack_mask_mib = 0.0  # the KV cache: 23 tokens together, so B (7) then A (10)
+    mbs = plan_micro_batches(a + b, [0.0] * 3, lc, PAD, _model("tiny"))
+    assert [mb.index.tolist() for mb in mbs] == [[2], [0, 1]]
+    assert [mb.prefix.packed for mb in mbs] == [None, None]
+    # a group over the budget is cut in order: A packed is 8 > 7, each half 4 + 2 = 6
+    assert pack_indices(a + b, 16, [0, 1, 2], 7, "packed") == [[2], [0], [1]]
+
+
+def test_micro_batch_size_bounds_shared_micro_batches(monkeypatch, capsys):
+    """2 groups of 16 with micro_batch_size 8: 4 micro-batches of 8 rows, each runs its
+    group's prompt once (was: 2 of 16), said once in the log."""
+    monkeypatch.setattr(plan, "_reported", set())
+    samples, advs = _samples([(5, [3] * 16), (7, [2] * 16)])
+    lc = Config().learner
+    lc.shared_prefix, lc.micro_batch_size = True, 8
+    for mib in (64.0, 0.0):  # packed groups, then the KV cache
+        lc.pack_mask_mib = mib
+        mbs = plan_micro_batches(samples, advs, lc, PAD, _model("tiny"))
+        assert [mb.index.tolist() for mb in mbs] == [list(range(k, k + 8)) for k in (0, 8, 16, 24)]
+        assert [len(mb.prefix.prompt_rows) for mb in mbs] == [1] * 4
+        assert {mb.prefix.packed is not None for mb in mbs} == {mib > 0}
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "[learner] a group larger than one micro-batch (learner.micro_batch_size = 8) runs "
+        "in parts, its prompt once in each"
+    ]
 
 
 def test_budget_cuts_padding():
@@ -98,6 +142,7 @@ def test_auto_uses_the_shared_prefix_when_it_saves_enough():
     assert not use_shared_prefix("auto", short_prompts, model, packable=True)  # 0.028
     lc = Config().learner
     assert packed_mask_bytes(mid) == (6 + 8 * 19) ** 2
+    assert packed_mask_bytes(mid, element_bytes=4) == 4 * (6 + 8 * 19) ** 2  # eager: float32
     for mib, layout in ((0.0, None), (158**2 / 2**20, "packed"), (158**2 / 2**20 - 1e-6, None)):
         lc.pack_mask_mib = mib
         (mb,) = plan_micro_batches(mid, mid_advs, lc, PAD, model)
@@ -117,13 +162,93 @@ def test_unsupported_model_falls_back_with_one_log_line(monkeypatch, capsys):
     model = _model("tiny", attn="flex_attention")
     assert not use_shared_prefix(True, samples, model)
     assert "flex_attention" in capsys.readouterr().err
+    from transformers import MistralConfig, MistralForCausalLM
+
+    other = MistralForCausalLM(MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    ))  # fmt: skip
+    assert not use_shared_prefix(True, samples, other)
+    assert not use_shared_prefix("auto", samples, other)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "[learner] shared-prefix forward off, padded layout instead: model_type 'mistral' "
+        "is not among the checked ones (llama, qwen2; learner.prefix.SUPPORTED_MODEL_TYPES)"
+    ]
 
 
 def test_split_to_equal_counts():
-    packs = _split_to([[0, 1, 2, 3, 4], [5], [6, 7]], 5)
+    packs, pads = _split_to([[0, 1, 2, 3, 4], [5], [6, 7]], 5, lambda i: i)
     assert len(packs) == 5 and sorted(i for p in packs for i in p) == list(range(8))
-    with pytest.raises(RuntimeError):
-        _split_to([[0], [1]], 3)
+    assert pads == 0
+    # single units cannot be cut: the rest of the count is padding micro-batches
+    assert _split_to([[0], [1]], 3, lambda i: i) == ([[0], [1]], 1)
+
+
+def test_split_to_cuts_at_group_boundaries_only():
+    """Groups by prompt: g0 = 0-3, g1 = 4-5, g2 = 6-7, g3 = 8. The micro-batch of the
+    most groups is cut in half (by groups), never inside a group; then padding."""
+    group = {i: g for g, ix in enumerate([[0, 1, 2, 3], [4, 5], [6, 7], [8]]) for i in ix}
+    packs, pads = _split_to([list(range(8)), [8]], 3, group.get)
+    assert (packs, pads) == ([[0, 1, 2, 3], [4, 5, 6, 7], [8]], 0)  # 3 groups: 1 | 2
+    packs, pads = _split_to([list(range(8)), [8]], 6, group.get)
+    assert (packs, pads) == ([[0, 1, 2, 3], [4, 5], [6, 7], [8]], 2)
+
+
+def test_fsdp_padding_micro_batches_learn_nothing():
+    """A rank with fewer micro-batches gets zero-token padding micro-batches (index -1)
+    in the step's layout; FSDP padding samples go in no micro-batch."""
+    from grpo_stream.learner.distributed import padding_sample
+
+    samples, advs = _samples([(5, [3] * 4)])
+    pad = padding_sample(samples[0])
+    mbs = [plan._padding_micro_batch(samples[0], PAD, lay) for lay in ("padded", "packed")]
+    assert [mb.index.tolist() for mb in mbs] == [[-1], [-1]] and mbs[0].prefix is None
+    assert mbs[1].prefix.packed is not None and [mb.num_tokens for mb in mbs] == [0, 0]
+    lc = Config().learner
+    lc.shared_prefix = True
+    (mb,) = plan_micro_batches(samples + [pad, pad], advs + [0.0, 0.0], lc, PAD, _model("tiny"))
+    assert mb.index.tolist() == [0, 1, 2, 3]
+    (mb,) = plan_micro_batches([pad, pad], [0.0, 0.0], lc, PAD, _model("tiny"))  # only padding
+    assert mb.index.tolist() == [0] and mb.num_tokens == 0
+
+
+@pytest.mark.parametrize("pack_mib", [64.0, 0.0])
+def test_padding_micro_batches_change_no_update(monkeypatch, pack_mib):
+    """Two padding micro-batches added to a step's (as a rank with fewer micro-batches
+    gets under FSDP) change no weight and no metric, with sequence-mean aggregation,
+    whose normaliser counts sequences: padding rows (index -1) count as none."""
+    import random
+
+    from grpo_stream.learner import step
+    from grpo_stream.learner.optim import build_optimizer
+
+    def train(pads: int):
+        cfg = Config()
+        cfg.loss.aggregation, cfg.loss.epsilon_low, cfg.loss.epsilon_high = (
+            "seq_mean_token_mean", 0.01, 0.01,
+        )  # fmt: skip
+        lc = cfg.learner
+        lc.shared_prefix, lc.epochs, lc.lr, lc.pack_mask_mib = True, 2, 1e-4, pack_mib
+        model = _model("tiny")
+        opt, sched = build_optimizer(model, lc)
+        runner = step.StepRunner(cfg, model, None, opt, sched, torch.device("cpu"), pad_id=PAD)
+        layout = "packed" if pack_mib else "cached"
+
+        def padded_plan(samples, *args):
+            mbs = plan_micro_batches(samples, *args)
+            return mbs + [plan._padding_micro_batch(samples[0], PAD, layout)] * pads
+
+        monkeypatch.setattr(step, "plan_micro_batches", padded_plan)
+        random.seed(0)
+        metrics = runner.run(*_samples())
+        return {k: p.detach().clone() for k, p in model.named_parameters()}, metrics
+
+    (w0, m0), (w2, m2) = train(0), train(2)
+    for k in ("loss", "grad_norm", "clip_low_frac", "clip_high_frac", "ratio_max"):
+        assert m2[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-9), k
+    for k, w in w0.items():
+        torch.testing.assert_close(w2[k], w, rtol=1e-5, atol=1e-6)
 
 
 def test_completion_chunks_by_hand():

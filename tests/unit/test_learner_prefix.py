@@ -1,8 +1,9 @@
 """The shared-prefix forward gives the padded forward's numbers (fp32, CPU).
 
-Two architectures with random weights: the tiny Llama of the other learner tests (hidden
-128, 2 heads, untied) and SmolLM2-135M's shapes with 2 layers (hidden 576, 9 heads, 3 KV
-heads, head_dim 64, tied embeddings). The batch mixes prompts of different lengths in one
+Three architectures with random weights: the tiny Llama of the other learner tests
+(hidden 128, 2 heads, untied), SmolLM2-135M's shapes with 2 layers (hidden 576, 9 heads,
+3 KV heads, head_dim 64, tied embeddings) and a tiny Qwen2 (Qwen2.5's q/k/v biases, made
+random; 4 heads, 2 KV heads, tied), the model types in `prefix.SUPPORTED_MODEL_TYPES`. The batch mixes prompts of different lengths in one
 micro-batch, a group of one and completions of one token. Compared: per-token log-probs,
 entropy, the GRPO loss and every parameter's gradient (fused output layer and not), and
 the weights after two clipped AdamW epochs through the real `StepRunner`.
@@ -34,9 +35,33 @@ VOCAB, PAD, TEMPERATURE = 49152, 2, 0.7
 SHAPES = [(9, [5, 1, 7, 3]), (4, [6]), (12, [1, 1]), (6, [2, 8, 4])]
 
 
+def _qwen2(attn: str, seed: int, **window):
+    """A tiny random Qwen2 (Qwen2.5-0.5B's kinds: q/k/v biases, grouped KV heads, tied
+    embeddings, rms_norm_eps 1e-6), its biases random too (init leaves them 0)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6, pad_token_id=PAD, tie_word_embeddings=True, **window,
+    )  # fmt: skip
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.normal_(0.0, 0.5)
+    model.train()
+    return model
+
+
 def _model(arch: str, attn: str = "sdpa", seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if arch == "qwen2":
+        return _qwen2(attn, seed)
     dims = {
         "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=2,
                      num_key_value_heads=2, tie_word_embeddings=False),
@@ -119,7 +144,10 @@ MODES = {"packed": dict(pack_mask_bytes=64 << 20), "cached": {}, "split": dict(c
      ("smollm2", "sdpa", True, "split"), ("smollm2", "sdpa", False, "split"),
      ("smollm2", "sdpa", True, "cached"), ("tiny", "sdpa", True, "packed"),
      ("tiny", "sdpa", False, "packed"), ("tiny", "eager", True, "packed"),
-     ("smollm2", "sdpa", True, "packed"), ("smollm2", "eager", False, "packed")],
+     ("smollm2", "sdpa", True, "packed"), ("smollm2", "eager", False, "packed"),
+     ("qwen2", "sdpa", True, "split"), ("qwen2", "sdpa", False, "cached"),
+     ("qwen2", "eager", True, "split"), ("qwen2", "sdpa", True, "packed"),
+     ("qwen2", "sdpa", False, "packed"), ("qwen2", "eager", True, "packed")],
 )  # fmt: skip
 def test_logprobs_loss_and_gradients_equal_the_padded_path(arch, attn, fused, mode):
     model = _model(arch, attn)
@@ -174,8 +202,9 @@ def _train(arch: str, shared: bool, **learner):
 
 @pytest.mark.parametrize(
     "arch,fused,pack_mib",
-    [("tiny", True, 64.0), ("tiny", False, 64.0), ("smollm2", True, 64.0), ("tiny", True, 0.0)],
-)  # 64 MiB: packed groups (the default); 0: the KV cache
+    [("tiny", True, 64.0), ("tiny", False, 64.0), ("smollm2", True, 64.0), ("tiny", True, 0.0),
+     ("qwen2", True, 64.0), ("qwen2", False, 0.0)],
+)  # fmt: skip  # 64 MiB: packed groups (the default); 0: the KV cache
 def test_two_clipped_adamw_epochs_give_the_padded_weights(arch, fused, pack_mib):
     (w_pad, m_pad), (w_sh, m_sh) = (
         _train(arch, s, fused_loss=fused, pack_mask_mib=pack_mib) for s in (False, True)
@@ -208,13 +237,18 @@ def test_completion_passes_reach_the_plan(passes, widths):
 
 
 # SHAPES packed: rows of 9 + 4 + 0 + 6 + 2 = 21, 4 + 5 = 9, 12 + 0 + 0 = 12 and
-# 6 + 1 + 7 + 3 = 17 tokens, so the mask is 4 x 21 x 21 = 1764 bytes
-@pytest.mark.parametrize("mask_bytes,packed", [(1764, True), (1763, False)])
-def test_pack_mask_mib_reaches_the_plan(mask_bytes, packed):
+# 6 + 1 + 7 + 3 = 17 tokens, so the mask is 4 x 21 x 21 = 1764 elements: 1764 bytes as
+# sdpa's boolean mask, 4 x 1764 = 7056 as eager's float32 one
+@pytest.mark.parametrize(
+    "attn,mask_bytes,packed",
+    [("sdpa", 1764, True), ("sdpa", 1763, False), ("eager", 7056, True), ("eager", 7055, False),
+     ("eager", 1764, False)],
+)  # fmt: skip
+def test_pack_mask_mib_reaches_the_plan(attn, mask_bytes, packed):
     lc = Config().learner
     lc.shared_prefix, lc.micro_batch_size, lc.pack_mask_mib = True, 16, mask_bytes / 2**20
     samples, advs = _samples()
-    (mb,) = plan_micro_batches(samples, advs, lc, PAD, _model("tiny"))
+    (mb,) = plan_micro_batches(samples, advs, lc, PAD, _model("tiny", attn))
     assert (mb.prefix.packed is not None) == packed
     if packed:
         assert mb.prefix.packed.input_ids.shape == (4, 21) and mb.prefix.packed.mask_bytes == 1764
@@ -258,3 +292,18 @@ def test_packed_rows_and_grouped_mask_by_hand():
         idx = list(range(len(batch)))
         mb = collate_shared(batch, [0.0] * len(batch), idx, PAD, pack_mask_bytes=1 << 20)
         assert packed_mask_bytes(batch) == mb.prefix.packed.mask_bytes
+
+
+def test_qwen2_with_sliding_layers_falls_back_and_full_attention_is_supported():
+    """Qwen2's sliding window covers the layers from max_window_layers on (only with
+    use_sliding_window): a custom mask and the KV cache would drop the window, so such a
+    model takes the padded path; with every layer full attention it takes the prefix."""
+    from grpo_stream.learner.prefix import unsupported_reason
+
+    sliding = _qwen2("sdpa", 0, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert unsupported_reason(sliding) == (
+        "sliding-window attention in 1 layer(s) (sliding_window = 4)"
+    )
+    full = _qwen2("sdpa", 0, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    assert full.config.layer_types == ["full_attention"] * 2
+    assert unsupported_reason(full) is None and unsupported_reason(_model("qwen2")) is None

@@ -1,5 +1,6 @@
 """The learner's μ-epoch step on a tiny Llama: parameters move, micro-batching does not
-change the update, and the first epoch is exactly on-policy (ratio 1, no clipping)."""
+change the update, and epoch 2's ratio against pi_old is the first step's move, computed
+here independently from the log-probs before and after it."""
 
 from __future__ import annotations
 
@@ -21,10 +22,34 @@ def test_parameters_change_after_one_step(tiny_model_dir):
     after = _params(model)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) == len(before), set(before) - set(changed)
-    # one epoch, one optimizer step: the current policy IS the proximal one
-    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert m["clip_low_frac"] == 0 and m["clip_high_frac"] == 0
-    assert m["approx_kl_proximal"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_epoch_two_ratio_equals_the_first_step_move(tiny_model_dir):
+    """Epoch 2 clips pi_theta (after the first AdamW step) against pi_old (the starting
+    weights). Both log-probs are computed here independently, with the padded layout, on
+    a second copy that takes the same first step (epochs = 1): epoch 2's per-token ratio
+    is exp(lp1 - lp0), its KL(pi_old || pi_theta) estimate exp(d) - 1 - d (k3, d = lp1 -
+    lp0). The step's ratio_mean averages epoch 1 (exactly 1) and epoch 2 over the same
+    tokens. Fails if pi_old were refreshed per epoch, taken after the step, or inverted."""
+    from grpo_stream.learner.batch import collate
+    from grpo_stream.learner.policy import sequence_logprobs
+
+    _, _, runner, samples, advs = step_setup(tiny_model_dir, epochs=2, lr=1e-2)
+    _, copy, runner1, samples1, advs1 = step_setup(tiny_model_dir, epochs=1, lr=1e-2)
+    mb = collate(samples, advs, list(range(len(samples))), pad_id=0)
+    with torch.no_grad():
+        lp0 = sequence_logprobs(copy, mb, 1.0, 1024)[0][mb.mask > 0]  # [N tokens]
+    runner1.run(samples1, advs1)  # the first optimizer step
+    with torch.no_grad():
+        lp1 = sequence_logprobs(copy, mb, 1.0, 1024)[0][mb.mask > 0]  # [N tokens]
+    d = (lp1 - lp0).double()  # [N tokens]
+    ratio2, kl2 = float(d.exp().mean()), float((d.exp() - 1 - d).mean())
+    assert abs(ratio2 - 1) > 1e-3 and abs(ratio2 - float((-d).exp().mean())) > 1e-4
+    m = runner.run(samples, advs)
+    assert m["ratio_mean"] == pytest.approx((1.0 + ratio2) / 2, rel=1e-5)
+    assert m["approx_kl_proximal/epoch2"] == pytest.approx(kl2, rel=1e-3)
+    assert m["approx_kl_proximal"] == pytest.approx(kl2 / 2, rel=1e-3)
 
 
 def test_micro_batch_split_gives_the_same_update(tiny_model_dir):
