@@ -273,11 +273,14 @@ class Learner:
 
     def _checkpoint(self, weights, opt_state) -> None:
         """Checkpoint the current step (weights/opt_state: gathered under FSDP, else None)."""
-        s = self.s
+        s, lc = self.s, self.cfg.learner
         state = {"version": self.version, "cursor": self.source.state()}
+        # the weights just pushed are this step's when the push was of this step
+        files = self.sync.published(self.version) if self.version == self.step else None
+        with_opt = lc.keep_final_optimizer or self.step < lc.max_steps
         try:
             self.records.checkpoint(self.step, unwrap(s.model), s.opt, s.sched, state,
-                                    weights, opt_state)  # fmt: skip
+                                    weights, opt_state, files, with_opt)  # fmt: skip
         except (OSError, RuntimeError) as err:  # a full disk (torch.save says RuntimeError)
             raise checkpoint_write_error(s.run_dir, self.step, err) from err
         self.saved_step = self.step

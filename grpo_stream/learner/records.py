@@ -6,7 +6,8 @@ checkpoints.
     records.dropped(rows)                    # RUN/dropped_groups.jsonl (grpo_stream.run.ledger)
     records.log(row)                         # RUN/metrics.jsonl, TensorBoard, console line
     records.progress(position, version, step, finished)  # BUFFER/consumers/learner.json
-    records.checkpoint(step, model, opt, sched, state, weights, opt_state)
+    records.checkpoint(step, model, opt, sched, state, weights, opt_state, model_files,
+                       with_optimizer)          # RUN/checkpoints (learner.keep_checkpoints)
     records.close()
 
 The other ranks get `NoRecords`, whose methods do nothing, so the learner's loop has no
@@ -47,6 +48,7 @@ class RunRecords:
         self.run_dir, self.lineage = run_dir, ""
         self.buffer_path = cfg.buffer_path(run_dir)
         self.eval_cfg = cfg.eval
+        self.keep_checkpoints = cfg.learner.keep_checkpoints
         self.trained_batches = os.path.join(run_dir, "trained_batches.jsonl")
         self.metrics = MetricsWriter(run_dir)
         if resumed_step is not None:
@@ -81,9 +83,13 @@ class RunRecords:
 
         return wait_for_eval(self.buffer_path, self.eval_cfg, version)
 
-    def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None) -> None:
-        save_checkpoint(self.run_dir, step, model, opt, sched, state, state_dict=weights,
-                        optimizer_state=opt_state)  # fmt: skip
+    def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None,
+                   model_files=None, with_optimizer=True) -> None:  # fmt: skip
+        """`model_files`: the published weights folder of this step, shared by hard link."""
+        save_checkpoint(self.run_dir, step, model, opt, sched, state,
+                        keep=self.keep_checkpoints, state_dict=weights,
+                        optimizer_state=opt_state, model_files=model_files,
+                        with_optimizer=with_optimizer)  # fmt: skip
 
     def close(self) -> None:
         self.metrics.close()
@@ -109,7 +115,8 @@ class NoRecords:
     def wait_for_eval(self, version: int) -> dict:
         return {}
 
-    def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None) -> None:
+    def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None,
+                   model_files=None, with_optimizer=True) -> None:  # fmt: skip
         pass
 
     def close(self) -> None:

@@ -10,7 +10,9 @@ Each transport knows its own rank rules (disk: rank 0 writes and reloads, the ot
 ranks return at once; NCCL: every rank joins the all-gathers), so the learner calls
 `push` on every rank without asking which transport it has. `needs_state_dict` says
 whether `push` reads the gathered `state_dict` (disk) or streams the parameters
-themselves (NCCL), so the learner gathers one only when it is used.
+themselves (NCCL), so the learner gathers one only when it is used. `published(version)`
+is the folder a push of `version` wrote on this process (disk), or None (a transport
+that writes none): the learner's checkpoint of that step shares its files.
 
 A failed push raises `WeightSyncError` naming the server(s). After a failure that may
 have left a server's weights half-updated, the server is left paused (never resumed on
@@ -19,6 +21,7 @@ those weights) for the supervisor to restart.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from grpo_stream.core.errors import UserError
@@ -39,6 +42,10 @@ class WeightSync(Protocol):
         """Make the servers serve `model`'s weights as policy version `version`."""
         ...
 
+    def published(self, version: int) -> Path | None:
+        """The folder holding exactly `version`'s weights that this process wrote, or None."""
+        ...
+
     def close(self) -> None:
         """Release what the transport holds (connections, NCCL groups); idempotent."""
         ...
@@ -52,6 +59,9 @@ class NoSync:
 
     def push(self, model: Any, version: int, state_dict: dict | None = None) -> dict[str, float]:
         return {}
+
+    def published(self, version: int) -> Path | None:
+        return None
 
     def close(self) -> None:
         pass
