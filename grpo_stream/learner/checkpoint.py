@@ -14,7 +14,8 @@ disk sync's, just written): `model/` then shares its files by hard link instead 
 writing the model again (a copy where links are refused). `with_optimizer=False` leaves
 AdamW's state out (`learner.keep_final_optimizer`); a resume from such a checkpoint
 starts the moments from zero and says so. Only the `keep` newest checkpoints stay: the
-old one is deleted after the new one is published, so one whole checkpoint always is.
+old one is deleted after the new one is published, so one whole checkpoint always is
+(`keep=None`: the caller prunes later, `prune_checkpoints`).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def save_checkpoint(
     optimizer,
     scheduler,
     state: dict,
-    keep: int = 1,
+    keep: int | None = 1,
     state_dict: dict | None = None,
     optimizer_state: dict | None = None,
     model_files: Path | None = None,
@@ -104,9 +105,15 @@ def save_checkpoint(
     )
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     publish_dir(tmp, out)  # fsync every file, then rename over any old step-N
+    if keep is not None:
+        prune_checkpoints(run_dir, keep)
+    return out
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints."""
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 def _optimizer_blob(optimizer, optimizer_state: dict | None, with_optimizer: bool):

@@ -184,6 +184,7 @@ class Learner:
         """After a stop signal: checkpoint the last completed step (if not yet)."""
         if self.step > self.saved_step:
             self._checkpoint(None, None)
+            self.records.prune()
         self._publish_progress()
         print0(f"[learn] stopped by signal {self.stop.requested} after step {self.step} "
                f"(checkpoint step-{self.step}; learn --resume continues)")  # fmt: skip
@@ -216,11 +217,13 @@ class Learner:
             row |= self._after_step()
         except WeightSyncError:  # the step is checkpointed; its row is kept with it
             self.records.log(row | {M.STEP: self.step, M.POLICY_VERSION: self.version})
+            self.records.prune()
             raise
         row |= {M.STEP: self.step, M.POLICY_VERSION: self.version}
         row[M.STEP_S] = time.perf_counter() - t0
         row[M.PEAK_MEMORY_MB] = peak_memory_mb(self.s.dist.device)
         self.records.log(row)
+        self.records.prune()  # old checkpoints go once this step's row is written
         return row
 
     def _wall_spent(self) -> bool:

@@ -7,7 +7,8 @@ checkpoints.
     records.log(row)                         # RUN/metrics.jsonl, TensorBoard, console line
     records.progress(position, version, step, finished)  # BUFFER/consumers/learner.json
     records.checkpoint(step, model, opt, sched, state, weights, opt_state, model_files,
-                       with_optimizer)          # RUN/checkpoints (learner.keep_checkpoints)
+                       with_optimizer)          # RUN/checkpoints/step-N
+    records.prune()                          # then all but learner.keep_checkpoints go
     records.close()
 
 The other ranks get `NoRecords`, whose methods do nothing, so the learner's loop has no
@@ -25,7 +26,7 @@ from grpo_stream.config import Config
 from grpo_stream.core import metric_names as M
 from grpo_stream.core.metrics import MetricsWriter
 from grpo_stream.core.progress import LearnerProgress, write_progress
-from grpo_stream.learner.checkpoint import save_checkpoint
+from grpo_stream.learner.checkpoint import prune_checkpoints, save_checkpoint
 from grpo_stream.run import ledger
 
 
@@ -86,10 +87,15 @@ class RunRecords:
     def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None,
                    model_files=None, with_optimizer=True) -> None:  # fmt: skip
         """`model_files`: the published weights folder of this step, shared by hard link."""
-        save_checkpoint(self.run_dir, step, model, opt, sched, state,
-                        keep=self.keep_checkpoints, state_dict=weights,
-                        optimizer_state=opt_state, model_files=model_files,
-                        with_optimizer=with_optimizer)  # fmt: skip
+        save_checkpoint(self.run_dir, step, model, opt, sched, state, keep=None,
+                        state_dict=weights, optimizer_state=opt_state,
+                        model_files=model_files, with_optimizer=with_optimizer)  # fmt: skip
+
+    def prune(self) -> None:
+        """Delete the checkpoints beyond learner.keep_checkpoints; the learner calls it
+        after the step's metrics row is written, so that a kill right after a checkpoint
+        is published is not made more likely to lose that row by the deletion."""
+        prune_checkpoints(self.run_dir, self.keep_checkpoints)
 
     def close(self) -> None:
         self.metrics.close()
@@ -117,6 +123,9 @@ class NoRecords:
 
     def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None,
                    model_files=None, with_optimizer=True) -> None:  # fmt: skip
+        pass
+
+    def prune(self) -> None:
         pass
 
     def close(self) -> None:
