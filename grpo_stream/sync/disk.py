@@ -22,8 +22,8 @@ tensor": unfinished layers are left on the meta device). So the push raises
 `WeightSyncError` naming each failed server and leaves it paused for the supervisor to
 restart; servers that reloaded fully are resumed.
 After a push, the folders no server can still need are deleted: all but the
-`sync.keep_last` newest up to the pushed version, and any newer one (a killed run's,
-discarded by the resumed learner). A server reads a folder only while it reloads from
+`sync.keep_last` newest up to the pushed version, any newer one (a killed run's,
+discarded by the resumed learner) and a killed writer's `vN.tmp`. A server reads a folder only while it reloads from
 it: during the push (done by then), or when `run` re-syncs a restarted server to the
 newest folder (`grpo_stream.run.supervise.servers`), which holds it with
 `hold_weights` (a shared `flock` on the folder) so a push meanwhile does not delete it
@@ -264,6 +264,8 @@ class DiskSync:
         for v, folder in version_folders(self.root):
             if v not in keep:
                 remove_unless_held(folder)
+        for tmp in self.root.glob("v*.tmp"):  # a killed writer's (this one's publish is over)
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def close(self) -> None:
         """Nothing is held between pushes (each opens and closes its own client)."""

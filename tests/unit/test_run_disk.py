@@ -72,8 +72,9 @@ def test_the_sync_keeps_the_newest_folder_and_drops_a_killed_runs(tiny: Path, tm
     for v in (0, 1, 2, 5):  # v5: a killed learner's, discarded by the resume below
         sync.publish(model, v)
     assert [v for v, _ in version_folders(root)] == [0, 1, 2, 5]
+    (root / "v6.tmp").mkdir()  # the killed learner's half-written folder
     sync.prune(2)
-    assert _names(root) == ["v2"]  # keep_last = 1; v5 is newer than the learner's v2
+    assert _names(root) == ["v2"]  # keep_last = 1; v5 and v6.tmp: newer than the learner's v2
     with hold_weights(root / "v2"):  # a restarted server loads v2 while v3 is pushed
         sync.publish(model, 3)
         sync.prune(3)
