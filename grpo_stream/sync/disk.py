@@ -23,15 +23,15 @@ tensor": unfinished layers are left on the meta device). So the push raises
 restart; servers that reloaded fully are resumed.
 After a push, the folders no server can still need are deleted: all but the
 `sync.keep_last` newest up to the pushed version, any newer one (a killed run's,
-discarded by the resumed learner) and a killed writer's `vN.tmp`. A server reads a folder only while it reloads from
-it: during the push (done by then), or when `run` re-syncs a restarted server to the
-newest folder (`grpo_stream.run.supervise.servers`), which holds it with
-`hold_weights` (a shared `flock` on the folder) so a push meanwhile does not delete it
-under the server; a held folder is left for the next push to delete. The evaluator
-reads no folder (it asks the servers). `published(version)` names the folder this
-process wrote for a version, so the learner's checkpoint can share its files.
-Works on CPU and GPU; the folder must be visible to the servers at the same path (same
-machine or a shared disk).
+discarded by the resumed learner) and a killed writer's `vN.tmp`. A server reads a
+folder only while it reloads from it: during the push (done by then), or when `run`
+re-syncs a restarted server to the newest folder (`grpo_stream.run.supervise.servers`),
+which holds it with `hold_weights` (a shared `flock` on the folder) so that a push
+meanwhile does not delete it under the server; a held folder is left for the next push
+to delete. The evaluator reads no folder (it asks the servers). `published(version)`
+names the folder this process wrote for a version, so the learner's checkpoint of that
+step can share its files. Works on CPU and GPU; the folder must be visible to the
+servers at the same path (same machine or a shared disk).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def hold_weights(folder: Path):
         with contextlib.suppress(BlockingIOError, OSError):
             fcntl.flock(fd, fcntl.LOCK_SH)
         if not folder.is_dir() or os.stat(folder).st_ino != os.fstat(fd).st_ino:
-            raise WeightsFolderGone(f"weights folder {folder} was replaced while it was opened")
+            raise WeightsFolderGone(f"weights folder {folder} was pruned or replaced meanwhile")
         yield folder
     finally:
         os.close(fd)  # releases the lock

@@ -9,9 +9,9 @@ prefix cache, resume) from the newest complete `RUN/weights/vN` folder, and its
 /weight_info then says N. A push the learner makes meanwhile may publish a newer folder:
 the re-sync repeats until the newest folder is the one the server holds. The folder is
 held while the server reloads from it (`sync.disk.hold_weights`), so that push does not
-delete it under the server. Under NCCL
-sync the learner's transfer group died with the server: the supervisor restarts the
-learner too, and the resumed learner sends its weights (sync.transport = "nccl").
+delete it under the server. Under NCCL sync the learner's transfer group died with the
+server: the supervisor restarts the learner too, and the resumed learner sends its
+weights (sync.transport = "nccl").
 """
 
 from __future__ import annotations
