@@ -163,7 +163,19 @@ class LearnerConfig(_Section):
         5,
         ge=0,
         description="checkpoint every N learner steps for --resume (0: only at the end); "
-        "the last two are kept",
+        "learner.keep_checkpoints of them are kept",
+    )
+    keep_checkpoints: int = Field(
+        1,
+        ge=1,
+        description="newest whole checkpoints kept (count); --resume uses the newest, an "
+        "older one only if the newest is damaged (each ~3x the fp32 weights with AdamW)",
+    )
+    keep_final_optimizer: bool = Field(
+        True,
+        description="keep AdamW's state (2x the fp32 weights) in the checkpoint of step "
+        "learner.max_steps; false: that one holds the weights, scheduler, RNG and cursor, "
+        "and a --resume with more steps starts AdamW's moments from zero (and says so)",
     )
     logprob_chunk_size: int = Field(
         1024, ge=1, description="positions per chunk of the vocabulary projection (tokens)"
@@ -215,7 +227,12 @@ class SyncConfig(_Section):
         "server at a time, the others keep serving (the generator sends them the work); "
         "nccl always syncs all at once",
     )
-    keep_last: int = Field(2, ge=1, description="disk: weight folders kept on disk (count)")
+    keep_last: int = Field(
+        1,
+        ge=1,
+        description="disk: newest weight folders kept (count); an older one a restarted "
+        "server is still loading from is kept until the next push",
+    )
     timeout_s: float = Field(
         120.0,
         gt=0,

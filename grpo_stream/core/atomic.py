@@ -12,6 +12,7 @@ only the standard library, so every layer may use it.
     publish_dir(tmp, final)              # fsync every file; replace an old `final`
 
     write_file_atomic(tmp_path, final_path, data)
+    link_files(published, tmp / "model")   # share a published folder's files (no bytes written)
 """
 
 from __future__ import annotations
@@ -72,6 +73,26 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def link_files(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
+    """Fill the folder `dst` with the files of the flat folder `src` as hard links (one
+    inode, no bytes written), copying a file where the file system refuses the link
+    (another device, or no hard links). True when every file was linked.
+
+    Sound only because nothing here rewrites a published file in place: every publisher
+    writes new files under a temporary name, so a linked file never changes under its
+    other name, and deleting one name leaves the other whole."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    linked = True
+    for f in sorted(p for p in src.iterdir() if p.is_file()):
+        try:
+            os.link(f, dst / f.name)
+        except OSError:  # EXDEV, EPERM, ENOTSUP: a copy is as good, only slower
+            shutil.copy2(f, dst / f.name)
+            linked = False
+    return linked
 
 
 def write_file_atomic(

@@ -5,6 +5,17 @@
 (step, policy version, cursor). It is written to `step-N.tmp` and renamed, so a
 killed learner leaves either a whole checkpoint or none. `latest_checkpoint` finds
 the newest whole one for `--resume`.
+
+    save_checkpoint(run_dir, step, model, opt, sched, state, keep=1,
+                    model_files=RUN/weights/vN, with_optimizer=True)
+
+`model_files`: a published weights folder that holds exactly this step's weights (the
+disk sync's, just written): `model/` then shares its files by hard link instead of
+writing the model again (a copy where links are refused). `with_optimizer=False` leaves
+AdamW's state out (`learner.keep_final_optimizer`); a resume from such a checkpoint
+starts the moments from zero and says so. Only the `keep` newest checkpoints stay: the
+old one is deleted after the new one is published, so one whole checkpoint always is
+(`keep=None`: the caller prunes later, `prune_checkpoints`).
 """
 
 from __future__ import annotations
@@ -18,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo_stream.core.atomic import fresh_dir, publish_dir
+from grpo_stream.core.atomic import fresh_dir, link_files, publish_dir
 from grpo_stream.core.errors import UserError
+
+OMITTED = "omitted"  # trainer.pt's optimizer_format when AdamW's state was left out
 
 
 class CheckpointWriteError(UserError, OSError):
@@ -64,21 +77,27 @@ def save_checkpoint(
     optimizer,
     scheduler,
     state: dict,
-    keep: int = 2,
+    keep: int | None = 1,
     state_dict: dict | None = None,
     optimizer_state: dict | None = None,
+    model_files: Path | None = None,
+    with_optimizer: bool = True,
 ) -> Path:
     """`state_dict` / `optimizer_state`: full weights and full optimizer state (keyed by
     parameter name) gathered from FSDP shards on rank 0; None in one process, where the
-    model's and optimizer's own state dicts are written."""
+    model's and optimizer's own state dicts are written. `model_files`,
+    `with_optimizer`, `keep`: see the module docstring."""
     root = Path(run_dir) / "checkpoints"
     out = root / f"step-{step}"
     tmp = fresh_dir(root / f"step-{step}.tmp")
-    model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
+    if model_files is not None:
+        link_files(model_files, tmp / "model")
+    else:
+        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     torch.save(
         {
-            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
-            "optimizer_format": "torch" if optimizer_state is None else "full_state_dict",
+            "optimizer": _optimizer_blob(optimizer, optimizer_state, with_optimizer),
+            "optimizer_format": _optimizer_format(optimizer_state, with_optimizer),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
         },
@@ -86,9 +105,27 @@ def save_checkpoint(
     )
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     publish_dir(tmp, out)  # fsync every file, then rename over any old step-N
+    if keep is not None:
+        prune_checkpoints(run_dir, keep)
+    return out
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints."""
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return out
+
+
+def _optimizer_blob(optimizer, optimizer_state: dict | None, with_optimizer: bool):
+    if not with_optimizer:
+        return None
+    return optimizer.state_dict() if optimizer_state is None else optimizer_state
+
+
+def _optimizer_format(optimizer_state: dict | None, with_optimizer: bool) -> str:
+    if not with_optimizer:
+        return OMITTED
+    return "torch" if optimizer_state is None else "full_state_dict"
 
 
 def list_checkpoints(run_dir: str) -> list[Path]:
@@ -133,21 +170,29 @@ def load_trainer_state(ckpt: Path, optimizer, scheduler, load_optimizer=None) ->
     `load_optimizer(full_state)`: how a sharded learner loads a full optimizer state
     (FSDP: every rank calls it, rank 0's copy is broadcast); None: `load_state_dict`.
     A checkpoint's optimizer state must match how it is loaded: one process writes
-    torch's per-index format, FSDP a per-name full state dict.
+    torch's per-index format, FSDP a per-name full state dict. A checkpoint written
+    without it (`OMITTED`) leaves the optimizer fresh, and the learner says so.
     """
     blob = torch.load(ckpt / "trainer.pt", weights_only=False)
     fmt = blob.get("optimizer_format", "torch")
     want = "torch" if load_optimizer is None else "full_state_dict"
-    if blob["optimizer"] is None or fmt != want:
+    if fmt == OMITTED:
+        print(f"[learn] {ckpt} holds no optimizer state (the last step's checkpoint, "
+              "learner.keep_final_optimizer = false): AdamW's moments start from zero",
+              file=sys.stderr, flush=True)  # fmt: skip
+    elif blob["optimizer"] is None or fmt != want:
         raise ValueError(
             f"{ckpt / 'trainer.pt'}: optimizer state in format {fmt!r} "
             f"({'missing' if blob['optimizer'] is None else 'present'}), this learner needs "
             f"{want!r}: resume with the same number of processes that wrote it"
         )
-    if load_optimizer is None:
+    elif load_optimizer is None:
         optimizer.load_state_dict(blob["optimizer"])
     else:
         load_optimizer(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
+    if fmt == OMITTED:  # the learning rate lives in the optimizer's groups: set it there
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
     set_rng_state(blob["rng"])
     return json.loads((ckpt / "state.json").read_text())

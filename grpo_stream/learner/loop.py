@@ -125,6 +125,7 @@ class Learner:
         """After a stop signal: checkpoint the last completed step (if not yet)."""
         if self.step > self.saved_step:
             self._checkpoint(None, None)
+            self.records.prune()
         self._publish_progress()
         print0(f"[learn] stopped by signal {self.stop.requested} after step {self.step} "
                f"(checkpoint step-{self.step}; learn --resume continues)")  # fmt: skip
@@ -162,11 +163,13 @@ class Learner:
             row |= self._after_step()
         except WeightSyncError:  # the step is checkpointed; its row is kept with it
             self.records.log(row | {M.STEP: self.step, M.POLICY_VERSION: self.version})
+            self.records.prune()
             raise
         row |= {M.STEP: self.step, M.POLICY_VERSION: self.version}
         row[M.STEP_S] = time.perf_counter() - t0
         row[M.PEAK_MEMORY_MB] = peak_memory_mb(self.s.dist.device)
         self.records.log(row)
+        self.records.prune()  # old checkpoints go once this step's row is written
         return row
 
     def _wall_spent(self) -> bool:
@@ -219,11 +222,14 @@ class Learner:
 
     def _checkpoint(self, weights, opt_state) -> None:
         """Checkpoint the current step (weights/opt_state: gathered under FSDP, else None)."""
-        s = self.s
+        s, lc = self.s, self.cfg.learner
         state = {"version": self.version, "cursor": self.source.state()}
+        # the weights just pushed are this step's when the push was of this step
+        files = self.sync.published(self.version) if self.version == self.step else None
+        with_opt = lc.keep_final_optimizer or self.step < lc.max_steps
         try:
             self.records.checkpoint(self.step, unwrap(s.model), s.opt, s.sched, state,
-                                    weights, opt_state)  # fmt: skip
+                                    weights, opt_state, files, with_opt)  # fmt: skip
         except (OSError, RuntimeError) as err:  # a full disk (torch.save says RuntimeError)
             raise checkpoint_write_error(s.run_dir, self.step, err) from err
         self.saved_step = self.step

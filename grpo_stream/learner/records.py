@@ -6,7 +6,9 @@ checkpoints.
     records.dropped(rows)                    # RUN/dropped_groups.jsonl (grpo_stream.run.ledger)
     records.log(row)                         # RUN/metrics.jsonl, TensorBoard, console line
     records.progress(position, version, step, finished)  # BUFFER/consumers/learner.json
-    records.checkpoint(step, model, opt, sched, state, weights, opt_state)
+    records.checkpoint(step, model, opt, sched, state, weights, opt_state, model_files,
+                       with_optimizer)          # RUN/checkpoints/step-N
+    records.prune()                          # then all but learner.keep_checkpoints go
     records.close()
 
 The other ranks get `NoRecords`, whose methods do nothing, so the learner's loop has no
@@ -25,7 +27,7 @@ from grpo_stream.core import metric_names as M
 from grpo_stream.core import run_records
 from grpo_stream.core.metrics import MetricsWriter
 from grpo_stream.core.progress import LearnerProgress, write_progress
-from grpo_stream.learner.checkpoint import save_checkpoint
+from grpo_stream.learner.checkpoint import prune_checkpoints, save_checkpoint
 
 
 def truncate_log(path: str, step: int) -> None:
@@ -47,6 +49,7 @@ class RunRecords:
         self.run_dir, self.lineage = run_dir, ""
         self.buffer_path = cfg.buffer_path(run_dir)
         self.eval_cfg = cfg.eval
+        self.keep_checkpoints = cfg.learner.keep_checkpoints
         self.trained_batches = os.path.join(run_dir, "trained_batches.jsonl")
         self.metrics = MetricsWriter(run_dir)
         if resumed_step is not None:
@@ -81,9 +84,18 @@ class RunRecords:
 
         return wait_for_eval(self.buffer_path, self.eval_cfg, version)
 
-    def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None) -> None:
-        save_checkpoint(self.run_dir, step, model, opt, sched, state, state_dict=weights,
-                        optimizer_state=opt_state)  # fmt: skip
+    def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None,
+                   model_files=None, with_optimizer=True) -> None:  # fmt: skip
+        """`model_files`: the published weights folder of this step, shared by hard link."""
+        save_checkpoint(self.run_dir, step, model, opt, sched, state, keep=None,
+                        state_dict=weights, optimizer_state=opt_state,
+                        model_files=model_files, with_optimizer=with_optimizer)  # fmt: skip
+
+    def prune(self) -> None:
+        """Delete the checkpoints beyond learner.keep_checkpoints; the learner calls it
+        after the step's metrics row is written, so that a kill right after a checkpoint
+        is published is not made more likely to lose that row by the deletion."""
+        prune_checkpoints(self.run_dir, self.keep_checkpoints)
 
     def close(self) -> None:
         self.metrics.close()
@@ -109,7 +121,11 @@ class NoRecords:
     def wait_for_eval(self, version: int) -> dict:
         return {}
 
-    def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None) -> None:
+    def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None,
+                   model_files=None, with_optimizer=True) -> None:  # fmt: skip
+        pass
+
+    def prune(self) -> None:
         pass
 
     def close(self) -> None:

@@ -13,6 +13,8 @@ whether `push` reads the gathered `state_dict` (disk) or streams the parameters
 themselves (NCCL), so the learner gathers one only when it is used. The learner asks
 these traits, never the transport's name; code that has no sync object (placement, the
 supervisor, the doctor) asks the same rows in `grpo_stream.config.transports`.
+`published(version)` is the folder a push of `version` wrote on this process (disk), or None (a transport
+that writes none): the learner's checkpoint of that step shares its files.
 
 A failed push raises `WeightSyncError` naming the server(s). After a failure that may
 have left a server's weights half-updated, the server is left paused (never resumed on
@@ -21,6 +23,7 @@ those weights) for the supervisor to restart.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from grpo_stream.config.transports import transport_traits
@@ -45,6 +48,10 @@ class WeightSync(Protocol):
         """Make the servers serve `model`'s weights as policy version `version`."""
         ...
 
+    def published(self, version: int) -> Path | None:
+        """The folder holding exactly `version`'s weights that this process wrote, or None."""
+        ...
+
     def close(self) -> None:
         """Release what the transport holds (connections, NCCL groups); idempotent."""
         ...
@@ -58,6 +65,9 @@ class NoSync:
 
     def push(self, model: Any, version: int, state_dict: dict | None = None) -> dict[str, float]:
         return {}
+
+    def published(self, version: int) -> Path | None:
+        return None
 
     def close(self) -> None:
         pass

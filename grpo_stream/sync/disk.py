@@ -21,14 +21,26 @@ after a reload that failed on one tensor's shape the server stays up, paused, /h
 tensor": unfinished layers are left on the meta device). So the push raises
 `WeightSyncError` naming each failed server and leaves it paused for the supervisor to
 restart; servers that reloaded fully are resumed.
-Old folders beyond `sync.keep_last` are deleted. Works on CPU and GPU; the folder
-must be visible to the servers at the same path (same machine or a shared disk).
+After a push, the folders no server can still need are deleted: all but the
+`sync.keep_last` newest up to the pushed version, any newer one (a killed run's,
+discarded by the resumed learner) and a killed writer's `vN.tmp`. A server reads a
+folder only while it reloads from it: during the push (done by then), or when `run`
+re-syncs a restarted server to the newest folder (`grpo_stream.run.supervise.servers`),
+which holds it with `hold_weights` (a shared `flock` on the folder) so that a push
+meanwhile does not delete it under the server; a held folder is left for the next push
+to delete. The evaluator reads no folder (it asks the servers). `published(version)`
+names the folder this process wrote for a version, so the learner's checkpoint of that
+step can share its files. Works on CPU and GPU; the folder must be visible to the
+servers at the same path (same machine or a shared disk).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import struct
 import time
@@ -74,6 +86,55 @@ def validate_weights_dir(folder: Path) -> None:
         )
         if f.stat().st_size < 8 + n + end:
             raise WeightSyncError(f"{f}: file shorter than its header says (torn write?)")
+
+
+class WeightsFolderGone(WeightSyncError):
+    """The folder was pruned or replaced before it could be held."""
+
+
+def version_folders(root: Path) -> list[tuple[int, Path]]:
+    """The published `vN` folders under `root`, oldest first, with N."""
+    found = (p for p in root.glob("v*") if p.is_dir() and p.name[1:].isdigit())
+    return sorted((int(p.name[1:]), p) for p in found)
+
+
+@contextlib.contextmanager
+def hold_weights(folder: Path):
+    """Keep `folder` from being pruned while a server loads from it: a shared `flock` on
+    the folder itself (the prune takes it exclusively, without waiting). Raises
+    `WeightsFolderGone` when the folder is gone (pruned or replaced meanwhile). Where the
+    file system has no locks, the folder is used unheld."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise WeightsFolderGone(f"weights folder {folder} is gone ({e})") from None
+    try:
+        with contextlib.suppress(BlockingIOError, OSError):
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        if not folder.is_dir() or os.stat(folder).st_ino != os.fstat(fd).st_ino:
+            raise WeightsFolderGone(f"weights folder {folder} was pruned or replaced meanwhile")
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_unless_held(folder: Path) -> bool:
+    """Delete `folder` unless a server holds it (`hold_weights`); True when deleted."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a server is reloading from it: the next push deletes it
+        except OSError:
+            pass  # no locks here: nothing can hold it
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 async def reload_on_server(
@@ -137,6 +198,7 @@ class DiskSync:
         self.rank = current_rank() if rank is None else rank
         self.root = Path(weights_root).resolve()
         self.pauses: list[list] = []  # the last push's [url, paused_at, resumed_at]
+        self._published: tuple[int, Path] | None = None  # (version, folder) last written
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -144,18 +206,31 @@ class DiskSync:
         if self.rank != 0:
             return {}
         t0 = time.perf_counter()
-        folder = save_weights(model, self.root / f"v{version}", state_dict)
-        validate_weights_dir(folder)
+        folder = self.publish(model, version, state_dict)
         save_s = time.perf_counter() - t0
         self.pauses = []  # [url, paused_at, resumed_at] per server, wall-clock seconds
         pauses = asyncio.run(self._reload_all(folder, version))
-        self._prune(version)
+        self.prune(version)
         return {
             M.SYNC_SAVE_S: save_s,
             M.SYNC_PAUSE_S: max(pauses),
             M.SYNC_S: time.perf_counter() - t0,
             M.SYNC_PAUSES: self.pauses,
         }
+
+    def publish(self, model, version: int, state_dict=None) -> Path:
+        """Write and validate `RUN/weights/v{version}` (no server is called)."""
+        folder = save_weights(model, self.root / f"v{version}", state_dict)
+        validate_weights_dir(folder)
+        self._published = (version, folder)
+        return folder
+
+    def published(self, version: int) -> Path | None:
+        """The folder this process published for `version` (its files hold exactly
+        those weights), while it exists; None otherwise."""
+        if self._published is None or self._published[0] != version:
+            return None
+        return self._published[1] if self._published[1].is_dir() else None
 
     async def _reload_all(self, folder: Path, version: int) -> list[float]:
         """Reload every server; each runs to its end (no server is abandoned mid-way,
@@ -188,14 +263,15 @@ class DiskSync:
                 f"sync.timeout_s={self.cfg.timeout_s:g}s; the server is left paused (restart it)"
             ) from None
 
-    def _prune(self, version: int) -> None:
-        kept = sorted(
-            (p for p in self.root.glob("v*") if p.is_dir() and p.name[1:].isdigit()),
-            key=lambda p: int(p.name[1:]),
-        )
-        for p in kept[: -self.cfg.keep_last]:
-            if int(p.name[1:]) != version:
-                shutil.rmtree(p, ignore_errors=True)
+    def prune(self, version: int) -> None:
+        """Delete what no server can still need (the module docstring says what)."""
+        older = [v for v, _ in version_folders(self.root) if v <= version]
+        keep = set(older[-self.cfg.keep_last :]) | {version}
+        for v, folder in version_folders(self.root):
+            if v not in keep:
+                remove_unless_held(folder)
+        for tmp in self.root.glob("v*.tmp"):  # a killed writer's (this one's publish is over)
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def close(self) -> None:
         """Nothing is held between pushes (each opens and closes its own client)."""

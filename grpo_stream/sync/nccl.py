@@ -350,6 +350,10 @@ class NCCLSync:
             await asyncio.gather(*(http.resume(u) for u in paused), return_exceptions=True)
             raise WeightSyncError(f"/pause failed, no weights sent: {'; '.join(failed)}")
 
+    def published(self, version: int) -> None:
+        """No folder is written: the weights go over NCCL."""
+        return None
+
     def close(self) -> None:
         """Release the NCCL group on both sides (the servers keep serving); idempotent.
         After a failed transfer only the trainer side is dropped: the servers' group is

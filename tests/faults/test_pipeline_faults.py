@@ -178,7 +178,13 @@ def test_learner_killed_mid_step_resumes_from_its_checkpoint(tmp_path, tiny_serv
 def test_a_checkpoint_missing_a_shard_falls_back_to_the_one_before(
     tmp_path, tiny_server, tiny_model_dir
 ):
-    run = Run(tmp_path, tiny_server.url, tiny_model_dir, "learner.max_steps=2")
+    run = Run(
+        tmp_path,
+        tiny_server.url,
+        tiny_model_dir,
+        "learner.max_steps=2",
+        "learner.keep_checkpoints=2",
+    )  # the one before is kept only on request
     gen, learn = run.start("generate"), run.start("learn")
     _finish(run, gen, learn)
     (run.dir / "checkpoints" / "step-2" / "model" / "model.safetensors").unlink()

@@ -84,8 +84,9 @@ def test_two_process_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     whole, split = tmp_path / "whole", tmp_path / "split"
     for d in (whole, split):
         _prefill(d, groups=8)
+    # keep_checkpoints=2: the split run's step-2 is read at the end
     args = ["-m", "grpo_stream.cli", "learn", f"model.path={tiny_model_dir}", *OVERRIDES,
-            "learner.checkpoint_every=2"]  # fmt: skip
+            "learner.checkpoint_every=2", "learner.keep_checkpoints=2"]  # fmt: skip
 
     def learn(run_dir: Path, steps: int, *extra: str) -> None:
         cmd = [*_torchrun(), *args, f"run.run_dir={run_dir}", f"learner.max_steps={steps}"]

@@ -4,7 +4,8 @@ learner as separate processes (the real CLI), two learner steps with weight sync
 Asserts: G samples per prompt with token ids and finite log-probs in the buffer; the
 stored behaviour log-probs equal a transformers fp32 recompute (1e-3); the server's
 weight version advanced and later samples carry it; the server's answers changed
-after the sync and equal what the learner's checkpoint computes.
+after the sync and equal what the learner's checkpoint computes; the run folder keeps
+one checkpoint and one weights folder, whose model file is the checkpoint's (one inode).
 """
 
 from __future__ import annotations
@@ -185,3 +186,14 @@ def test_server_answers_changed_and_match_the_checkpoint(pipeline):
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     expect = recompute(model, PROBE, ids_after)
     torch.testing.assert_close(torch.tensor(lp_after), expect, atol=1e-3, rtol=0)
+
+
+def test_the_run_keeps_one_checkpoint_sharing_the_served_weights(pipeline):
+    """Defect 12 (issue 20): a checkpoint every step, two steps, two syncs: what stays is
+    the last checkpoint and the last weights folder, and they share one model file."""
+    run_dir = Path(pipeline["run_dir"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2"]
+    assert sorted(p.name for p in (run_dir / "weights").iterdir()) == ["v2"]
+    kept = os.stat(run_dir / "checkpoints" / "step-2" / "model" / "model.safetensors")
+    served = os.stat(run_dir / "weights" / "v2" / "model.safetensors")
+    assert kept.st_ino == served.st_ino and kept.st_nlink == 2

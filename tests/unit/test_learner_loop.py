@@ -84,7 +84,7 @@ def test_learner_and_replay_log_the_same_rows(tiny: Path, tmp_path: Path) -> Non
     run = tmp_path / "run"
     run.mkdir()
     append(run, groups_with({4}, [0, 0, 0, 1, 2, 2]))
-    cfg = make_config(tiny, run, max_staleness=0)
+    cfg = make_config(tiny, run, max_staleness=0, keep_checkpoints=2)  # step-2 replayed
     (run / "config.toml").write_text(cfg.to_toml())
     Learner(cfg, str(run), str(tiny)).run()
     learned = read_jsonl(run / "metrics.jsonl")

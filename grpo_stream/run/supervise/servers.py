@@ -7,9 +7,11 @@ the learner's latest published weights with the same calls the learner's own pus
 (`sync.disk.reload_on_server`: pause, reload_weights, update_weight_version, reset the
 prefix cache, resume) from the newest complete `RUN/weights/vN` folder, and its
 /weight_info then says N. A push the learner makes meanwhile may publish a newer folder:
-the re-sync repeats until the newest folder is the one the server holds. Under NCCL
-sync the learner's transfer group died with the server: the supervisor restarts the
-learner too, and the resumed learner sends its weights (sync.transport = "nccl").
+the re-sync repeats until the newest folder is the one the server holds. The folder is
+held while the server reloads from it (`sync.disk.hold_weights`), so that push does not
+delete it under the server. Under NCCL sync the learner's transfer group died with the
+server: the supervisor restarts the learner too, and the resumed learner sends its
+weights (sync.transport = "nccl").
 """
 
 from __future__ import annotations
@@ -24,12 +26,9 @@ from grpo_stream.sync.base import WeightSyncError
 
 def newest_weights(weights_root: Path) -> tuple[Path, int] | None:
     """The newest complete `vN` folder under `weights_root` and N (None: none yet)."""
-    from grpo_stream.sync.disk import validate_weights_dir
+    from grpo_stream.sync.disk import validate_weights_dir, version_folders
 
-    found = sorted(
-        (int(p.name[1:]), p) for p in weights_root.glob("v*") if p.is_dir() and p.name[1:].isdigit()
-    )
-    for version, folder in reversed(found):
+    for version, folder in reversed(version_folders(weights_root)):
         try:
             validate_weights_dir(folder)
         except (WeightSyncError, OSError):  # pruned or torn under us: the one before
@@ -49,6 +48,20 @@ async def _reload(url: str, folder: Path, version: int, cfg: Config) -> None:
         )
 
 
+def _reload_held(url: str, folder: Path, version: int, cfg: Config) -> bool:
+    """Reload `folder` into the server, holding it against the learner's prune; False
+    when it was deleted or replaced before it could be held (the caller looks again)."""
+    from grpo_stream.sync.disk import WeightsFolderGone, hold_weights, validate_weights_dir
+
+    try:
+        with hold_weights(folder):
+            validate_weights_dir(folder)
+            asyncio.run(_reload(url, folder, version, cfg))
+    except WeightsFolderGone:
+        return False
+    return True
+
+
 def resync(url: str, cfg: Config, run_dir: str | Path) -> int:
     """Disk sync: load the newest published weights into the server at `url`; returns
     their version (0 when the learner published none: the initial model is version 0)."""
@@ -59,14 +72,16 @@ def resync(url: str, cfg: Config, run_dir: str | Path) -> int:
         newest = newest_weights(Path(run_dir) / "weights")
         if newest is None or newest[1] == held:
             break
-        folder, held = newest
+        folder, version = newest
         try:
-            asyncio.run(_reload(url, folder, held, cfg))
+            if not _reload_held(url, folder, version, cfg):
+                continue  # pruned between the listing and the hold: list again
         except TimeoutError:
             raise WeightSyncError(
-                f"{url}: re-sync to version {held} did not finish within "
+                f"{url}: re-sync to version {version} did not finish within "
                 f"sync.timeout_s={cfg.sync.timeout_s:g}s"
             ) from None
+        held = version
     return held or 0
 
 
