@@ -12,12 +12,17 @@ only the standard library, so every layer may use it.
     publish_dir(tmp, final)              # fsync every file; replace an old `final`
 
     write_file_atomic(tmp_path, final_path, data)
+    atomic_write(final_path, text_or_bytes)   # the temporary name picked beside it
+    with atomic_target(out) as tmp:           # a writer that wants a path (savefig)
+        fig.savefig(tmp)
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -93,3 +98,32 @@ def write_file_atomic(
         raise
     if fsync:
         fsync_dir(os.path.dirname(os.fspath(final)) or ".")
+
+
+def _tmp_beside(final: str | os.PathLike, suffix: str = "") -> Path:
+    """A temporary name in `final`'s folder (a rename across filesystems is not atomic),
+    hidden, and per process (two processes never write one temporary file)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{os.getpid()}.tmp{suffix}")
+
+
+def atomic_write(final: str | os.PathLike, data: str | bytes, fsync: bool = True) -> None:
+    """Publish `data` (text is UTF-8 encoded) as the file `final`, atomically."""
+    raw = data.encode() if isinstance(data, str) else data
+    write_file_atomic(_tmp_beside(final), final, raw, fsync)
+
+
+@contextmanager
+def atomic_target(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path for a writer that wants a file name (matplotlib's savefig, a
+    tokenizer); published as `final` when the block ends without an error, removed
+    otherwise. `suffix` keeps an extension a writer infers its format from (".png")."""
+    tmp = _tmp_beside(final, suffix)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(os.path.dirname(os.fspath(final)) or ".")

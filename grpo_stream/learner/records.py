@@ -17,10 +17,10 @@ published with the progress.
 
 from __future__ import annotations
 
-import json
 import os
 
 from grpo_stream.config import Config
+from grpo_stream.core import jsonl
 from grpo_stream.core import metric_names as M
 from grpo_stream.core.metrics import MetricsWriter
 from grpo_stream.core.progress import LearnerProgress, write_progress
@@ -29,14 +29,9 @@ from grpo_stream.run import ledger
 
 
 def truncate_log(path: str, step: int) -> None:
-    """Keep the JSONL rows with row["step"] <= step (atomically)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)[M.STEP] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
+    """Keep the JSONL rows with row["step"] <= step (atomically); a line torn by the
+    killed learner is dropped (grpo_stream.core.jsonl)."""
+    jsonl.truncate(path, lambda row: row[M.STEP] <= step)
 
 
 class RunRecords:
@@ -58,8 +53,7 @@ class RunRecords:
         """The groups step `step` was given, in order, and where the cursor found them."""
         row = {M.STEP: step, "group_ids": group_ids}
         row |= {k: info[k] for k in (M.CURSOR_START, M.CURSOR_END, M.STALE_GROUPS_DROPPED)}
-        with open(self.trained_batches, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        jsonl.append(self.trained_batches, row)  # fsynced: replay and the ledger read it
 
     def dropped(self, rows: list[dict]) -> None:
         """Groups the learner refused, each with its reason (grpo_stream.run.ledger)."""

@@ -23,19 +23,21 @@ server and publishes the id in its progress; the generator stamps `run_id =
 "NAME@LINEAGE"` on each sample (`stamp`), and the learner refuses groups of another
 lineage (`lineage_of`; rows without "@" predate lineages and are accepted).
 
-Appends here are one JSON line each, fsynced; a line torn by a kill is ignored on read
-and cut before the next append.
+The records are JSONL files written and read through `grpo_stream.core.jsonl`: appends
+are fsynced, a line torn by a kill is skipped on read and cut before the next append.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+from grpo_stream.core import jsonl
+from grpo_stream.core.atomic import atomic_write
 
 FILE_DROPS = "dropped_groups.jsonl"
 FILE_FAILURES = "generator_failures.jsonl"
@@ -57,50 +59,20 @@ STATES = ("trained", STALE, REWARD_FAILED, GENERATION_FAILED, LINEAGE, AHEAD, CO
 
 
 def append_jsonl(path: str, rows: Iterable[dict], fsync: bool = True) -> None:
-    """Append rows as JSON lines, after cutting a line torn by a killed writer."""
-    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    if not data:
-        return
-    with open(path, "a+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        if end:
-            f.seek(end - 1)
-            if f.read(1) != b"\n":  # a torn last line: cut it back to the last newline
-                f.seek(0)
-                keep = f.read().rfind(b"\n") + 1
-                f.truncate(keep)
-        f.write(data.encode())
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
+    """Append rows as JSON lines (grpo_stream.core.jsonl: a torn line is cut first)."""
+    jsonl.append(path, rows, fsync=fsync)
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The whole rows of a JSONL file ([] if missing); a torn or bad line is skipped."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # torn by a kill
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    """The whole rows of a JSONL file ([] if missing); a torn last line is skipped, a
+    bad line before it raises naming file:line (grpo_stream.core.jsonl)."""
+    return jsonl.read(path)
 
 
 def truncate_drops(run_dir: str, position: int) -> None:
     """Keep the drops of groups before `position` (a resumed learner's cursor): the
     groups after it are read again and decided again."""
-    path = os.path.join(run_dir, FILE_DROPS)
-    if not os.path.exists(path):
-        return
-    rows = [r for r in read_jsonl(path) if r.get("group_id", 0) < position]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    jsonl.truncate(os.path.join(run_dir, FILE_DROPS), lambda r: r.get("group_id", 0) < position)
 
 
 def record_failure(run_dir: str, prompt_id: str, reason: str) -> None:
@@ -131,10 +103,7 @@ def lineage_of(run_id: str) -> str:
 def new_lineage(run_dir: str) -> str:
     """A fresh learner's lineage id, also written to RUN/lineage."""
     lineage = uuid.uuid4().hex[:12]
-    path = os.path.join(run_dir, FILE_LINEAGE)
-    with open(path + ".tmp", "w") as f:
-        f.write(lineage + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(run_dir, FILE_LINEAGE), lineage + "\n")
     return lineage
 
 
