@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from grpo_stream.buffer.cursor import GroupCursor
+from grpo_stream.buffer.cursor import GroupCursor, NoMoreGroups
 from grpo_stream.buffer.schema import Group
 from grpo_stream.config import Config, LearnerConfig
 from grpo_stream.core import metric_names as M
@@ -76,7 +76,17 @@ class BatchSource:
         return self.cursor.state() if self.cursor is not None else {}
 
     def next(self, version: int) -> Batch:
-        return broadcast_object(self._read(version) if self.cursor is not None else None)
+        """The next batch; NoMoreGroups on every rank once the generator's work is done."""
+        got: Batch | NoMoreGroups | None = None
+        if self.cursor is not None:
+            try:
+                got = self._read(version)
+            except NoMoreGroups as e:  # told to every rank: none may wait for a batch
+                got = e
+        got = broadcast_object(got)
+        if isinstance(got, NoMoreGroups):
+            raise got
+        return got
 
     def _read(self, version: int) -> Batch:
         lc, t0, start = self.cfg, time.perf_counter(), self.cursor.position
@@ -168,11 +178,16 @@ class Learner:
         self._publish_progress()
         print0(f"[learn] training from step {self.step} to {self.cfg.learner.max_steps}")
         self.t_train = time.monotonic()
-        with contextlib.suppress(StopRequested):
-            while self.step < self.cfg.learner.max_steps and not self.out_of_time:
-                if self.stop.requested:
-                    break
-                self.train_one()
+        try:
+            with contextlib.suppress(StopRequested):
+                while self.step < self.cfg.learner.max_steps and not self.out_of_time:
+                    if self.stop.requested:
+                        break
+                    self.train_one()
+        except NoMoreGroups as e:  # a finite dataset or stop_after_groups: a clean end
+            print0(f"[learn] {e}: no whole batch left, so the learner ends here")
+            if self.step > self.saved_step:
+                self._checkpoint(None, None)
         if self.stop.requested:
             self._stopped()
             return
