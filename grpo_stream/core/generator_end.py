@@ -4,8 +4,9 @@ A generator that exits 0 writes one `GeneratorEnd` record: the reason and the nu
 groups in the buffer then. `run`'s supervisor reads it to tell a generator that finished
 its work (no restart) from one that stopped because the learner finished; a learner
 waiting for groups reads it to know that no more will come (it then ends cleanly after
-the whole batches the buffer holds). A generator clears the record when it starts, so a
-record from an earlier generator never ends a resumed run.
+the whole batches the buffer holds). A generator clears the record as it starts, and
+`run` before it starts any child, so a record from an earlier generator does not end a
+resumed run (a learner started by hand well before its generator could still read one).
 
     clear_generator_end(buffer_path)                       # generator start
     write_generator_end(buffer_path, EXHAUSTED, groups=40)  # generator exit 0

@@ -57,6 +57,9 @@ class Generator:
 
         self.cfg, self.run_dir = cfg, run_dir
         self.buffer_path = cfg.buffer_path(run_dir)
+        # producing again: first thing, so a learner starting beside this generator does
+        # not take an earlier generator's end for this one's
+        end.clear_generator_end(self.buffer_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.heldout = training_exclusion(cfg)  # eval.every > 0: held-out questions skipped
         # validates the task (files read) now
@@ -201,7 +204,6 @@ class Generator:
     async def run(self) -> int:
         urls = self.cfg.server.resolved_urls()
         key = self.cfg.server.resolved_api_key()  # sent as Authorization: Bearer
-        await asyncio.to_thread(end.clear_generator_end, self.buffer_path)  # producing again
         async with VLLMClient(self.cfg.generator.request_timeout_s, api_key=key) as client:
             await self.gate.start()  # before any wait: a learner's finish from now on counts
             hint = "server.startup_timeout_s; start one with `grpo-stream serve` or fix server.urls"
