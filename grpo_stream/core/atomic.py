@@ -4,7 +4,8 @@ A reader never sees half a segment, checkpoint or weights folder: the writer fil
 temporary name, fsyncs what it wrote, renames it into place with `os.replace` (atomic
 on POSIX), and fsyncs the parent directory so the rename itself survives a crash. This
 is the one helper for every file and folder the project publishes (buffer segments and
-meta.json, learner checkpoints, disk weight sync, prepared model folders). It imports
+meta.json, learner checkpoints, disk weight sync, prepared model folders, the progress
+files, the run's small records and plots, a JSONL file cut back on resume). It imports
 only the standard library, so every layer may use it.
 
     tmp = fresh_dir(final.with_name(final.name + ".tmp"))   # empty
