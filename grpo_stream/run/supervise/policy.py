@@ -51,7 +51,8 @@ class CrashWindow:
 
 
 class SupervisorLog:
-    """RUN/supervisor.jsonl: one row per restart, give-up, stall or sync failure."""
+    """RUN/supervisor.jsonl: one row per restart, give-up, stall, sync failure, or a
+    generator that finished its work (`generator_done`)."""
 
     def __init__(self, run_dir: str | Path | None):
         self.path = Path(run_dir) / "supervisor.jsonl" if run_dir else None
