@@ -31,6 +31,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpo_stream.core import jsonl
 from grpo_stream.core import metric_names as M
 from grpo_stream.core.errors import UserError
 
@@ -71,15 +72,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of a killed run
-            continue
-    return rows
+    return jsonl.read(path)  # a torn last line of a killed run is left out
 
 
 def run_dirs(paths: list[str]) -> list[Path]:

@@ -12,12 +12,12 @@ output: RUN_DIR/plots.png. The keys are the names in `grpo_stream.core.metric_na
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
+from grpo_stream.core import jsonl
 from grpo_stream.core import metric_names as M
+from grpo_stream.core.atomic import atomic_target
 
 # panel title -> (metric keys drawn as lines, y label)
 PANELS: list[tuple[str, tuple[str, ...], str]] = [
@@ -124,10 +124,9 @@ def plot_metrics(rows: list[dict], out: Path, title: str = "") -> Path:
 
     fig = make_figure(rows, title)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_target(out, ".png") as tmp:  # a viewer never sees half a PNG
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    os.replace(tmp, out)  # a viewer never sees half a PNG
     return out
 
 
@@ -136,12 +135,4 @@ def read_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    rows = []
-    for n, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n < len(lines):
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-    return rows
+    return jsonl.read(path)  # a bad line before the last raises JSONLError (file:line)

@@ -62,6 +62,8 @@ from pathlib import Path
 from typing import Any
 
 from grpo_stream.config import SECRET_FIELDS, Config, load_config
+from grpo_stream.core import jsonl
+from grpo_stream.core.atomic import atomic_write
 from grpo_stream.core.errors import UserError
 
 DONE_FILE = "sweep_done.json"
@@ -322,7 +324,7 @@ def run_point(sw: Sweep, pt: Point, launch: Launcher) -> bool:
     t0 = time.time()
     code = launch(argv_of(sw, pt), rd)
     metrics = rd / "metrics.jsonl"
-    steps = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    steps = len(jsonl.read(metrics))  # a torn last line (a killed learner) is no step
     if code != 0 or steps == 0:
         print(f"[sweep] point {pt.name} FAILED (exit {code}, {steps} steps); see {rd}/logs",
               flush=True)  # fmt: skip
@@ -332,7 +334,7 @@ def run_point(sw: Sweep, pt: Point, launch: Launcher) -> bool:
             shutil.rmtree(rd / sub, ignore_errors=True)
     record = {"point": pt.name, "choice": pt.choice, "overrides": all_overrides(sw, pt),
               "steps": steps, "wall_s": time.time() - t0, "finished": time.time()}  # fmt: skip
-    (rd / DONE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write(rd / DONE_FILE, json.dumps(record, indent=1) + "\n")  # whole, or not done
     return True
 
 

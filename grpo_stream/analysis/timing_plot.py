@@ -10,11 +10,11 @@ busy / paused / idle), the utilisation and idle ratios of the end-of-run summary
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from grpo_stream.analysis.plot import read_rows
 from grpo_stream.core import metric_names as M
+from grpo_stream.core.atomic import atomic_target
 from grpo_stream.core.timing import STEP_PHASES
 from grpo_stream.run.timing_summary import run_times
 
@@ -68,8 +68,7 @@ def plot_timing(run_dir: Path, out: Path | None = None) -> Path | None:
     b.legend(fontsize=8)
     fig.tight_layout()
     out = out or Path(run_dir) / "timing.png"
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_target(out, ".png") as tmp:  # a viewer never sees half a PNG
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    os.replace(tmp, out)
     return out

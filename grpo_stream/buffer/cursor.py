@@ -15,6 +15,10 @@ sampled at a version ahead of the learner's (`skipped_ahead`: weights the learne
 had) are refused too. `last_drops` lists the groups the last call dropped, each as
 (group, reason) (reasons from grpo_stream.run.ledger), and `last_corrupt` the ids it could not read.
 
+`final_groups` (set by the learner) says how many groups the buffer will ever hold once
+the generator finished its work (None while it may write more): a wait for groups that
+will not come raises `NoMoreGroups` instead of timing out.
+
     cur = GroupCursor(open_reader(path))
     groups, n_stale = cur.next_groups(8, timeout_s=600, max_staleness=2, current_version=v)
     ckpt["cursor"] = cur.state()
@@ -25,6 +29,7 @@ had) are refused too. `last_drops` lists the groups the last call dropped, each 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from grpo_stream.buffer.base import GroupsDeletedError, RolloutReader
@@ -46,6 +51,10 @@ def is_stale(version: int, current_version: int | None, max_staleness: int | Non
     return current_version - version > max_staleness
 
 
+class NoMoreGroups(Exception):
+    """The generator finished its work: fewer groups than asked for will ever come."""
+
+
 class GroupCursor:
     """Consumes whole groups from a reader in order; see the module docstring."""
 
@@ -58,6 +67,7 @@ class GroupCursor:
         self.skipped_corrupt = 0
         self.skipped_lineage = 0
         self.skipped_ahead = 0
+        self.final_groups: Callable[[], int | None] | None = None  # see the module docstring
         self.last_drops: list[tuple[Group, str]] = []
         self.last_corrupt: list[int] = []
 
@@ -87,6 +97,12 @@ class GroupCursor:
         """Block until n groups beyond the cursor are published (TimeoutError otherwise)."""
         deadline = time.monotonic() + timeout_s
         while (have := self.available()) < n:
+            final = self.final_groups() if self.final_groups is not None else None
+            if final is not None and self.reader.num_groups() >= final:
+                raise NoMoreGroups(
+                    f"the generator finished its work with {final} groups in the buffer; "
+                    f"{have} left after group {self.position}, fewer than {n}"
+                )
             if time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"buffer: waited {timeout_s:.0f}s for {n} groups after group "

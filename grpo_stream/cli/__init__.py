@@ -92,7 +92,7 @@ def cmd_generate(args) -> int:
         return await gen.run()
 
     n = asyncio.run(main())
-    print(f"[generate] done: {n} groups in the buffer", file=sys.stderr)
+    print(f"[generate] done ({gen.stop_reason()}): {n} groups in the buffer", file=sys.stderr)
     return 0
 
 

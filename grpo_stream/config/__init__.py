@@ -44,6 +44,7 @@ from grpo_stream.config.sections import (
     _Section,
 )
 from grpo_stream.config.transports import transport_traits
+from grpo_stream.core.atomic import atomic_write
 from grpo_stream.core.errors import ConfigError
 
 __all__ = [
@@ -387,9 +388,7 @@ def write_run_config(cfg: Config, run_dir: str | os.PathLike, role: str) -> Path
     if same:
         return target
     own = rd / f"config.{role}.toml"
-    own_tmp = own.with_name(own.name + ".tmp")
-    own_tmp.write_text(text)
-    os.replace(own_tmp, own)
+    atomic_write(own, text)
     print(f"[{role}] {target} holds a different config; wrote this process's to {own}",
           file=sys.stderr)  # fmt: skip
     return own

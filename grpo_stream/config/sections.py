@@ -303,7 +303,10 @@ class GeneratorConfig(_Section):
         "a slow weight sync answers 503",
     )
     stop_after_groups: int | None = Field(
-        None, ge=1, description="stop after this many groups (count); unset: until stopped"
+        None,
+        ge=1,
+        description="stop once the buffer holds this many groups (count; a restarted "
+        "generator counts its predecessors' groups too); unset: until stopped",
     )
     wait_for_learner: bool = Field(
         True,

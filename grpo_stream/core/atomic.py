@@ -4,7 +4,8 @@ A reader never sees half a segment, checkpoint or weights folder: the writer fil
 temporary name, fsyncs what it wrote, renames it into place with `os.replace` (atomic
 on POSIX), and fsyncs the parent directory so the rename itself survives a crash. This
 is the one helper for every file and folder the project publishes (buffer segments and
-meta.json, learner checkpoints, disk weight sync, prepared model folders). It imports
+meta.json, learner checkpoints, disk weight sync, prepared model folders, the progress
+files, the run's small records and plots, a JSONL file cut back on resume). It imports
 only the standard library, so every layer may use it.
 
     tmp = fresh_dir(final.with_name(final.name + ".tmp"))   # empty
@@ -13,12 +14,17 @@ only the standard library, so every layer may use it.
 
     write_file_atomic(tmp_path, final_path, data)
     link_files(published, tmp / "model")   # share a published folder's files (no bytes written)
+    atomic_write(final_path, text_or_bytes)   # the temporary name picked beside it
+    with atomic_target(out) as tmp:           # a writer that wants a path (savefig)
+        fig.savefig(tmp)
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -114,3 +120,32 @@ def write_file_atomic(
         raise
     if fsync:
         fsync_dir(os.path.dirname(os.fspath(final)) or ".")
+
+
+def _tmp_beside(final: str | os.PathLike, suffix: str = "") -> Path:
+    """A temporary name in `final`'s folder (a rename across filesystems is not atomic),
+    hidden, and per process (two processes never write one temporary file)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{os.getpid()}.tmp{suffix}")
+
+
+def atomic_write(final: str | os.PathLike, data: str | bytes, fsync: bool = True) -> None:
+    """Publish `data` (text is UTF-8 encoded) as the file `final`, atomically."""
+    raw = data.encode() if isinstance(data, str) else data
+    write_file_atomic(_tmp_beside(final), final, raw, fsync)
+
+
+@contextmanager
+def atomic_target(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path for a writer that wants a file name (matplotlib's savefig, a
+    tokenizer); published as `final` when the block ends without an error, removed
+    otherwise. `suffix` keeps an extension a writer infers its format from (".png")."""
+    tmp = _tmp_beside(final, suffix)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(os.path.dirname(os.fspath(final)) or ".")

@@ -9,10 +9,10 @@ tokens/s, staleness, policy version. The keys are the names in
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
+from grpo_stream.core import jsonl
 from grpo_stream.core import metric_names as M
 
 
@@ -36,10 +36,7 @@ class MetricsWriter:
 
     def log(self, metrics: dict) -> None:
         row = {k: _clean(v) for k, v in metrics.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        jsonl.append(self.path, row)
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
@@ -70,5 +67,4 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return jsonl.read(path)  # a torn last line (a learner mid-write) is left out

@@ -19,6 +19,9 @@ import time
 from dataclasses import asdict, dataclass, fields
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from grpo_stream.core.atomic import atomic_write
 
 
 @dataclass
@@ -42,9 +45,12 @@ def consumer_file(buffer_path: str, name: str) -> tuple[fsspec.AbstractFileSyste
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, data: dict) -> None:
     """Write `data` as JSON to `path` through a `.tmp` file and a rename."""
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path + ".tmp", "w") as f:
+    if isinstance(fs, LocalFileSystem):  # the project's one helper: fsynced, per-process tmp
+        atomic_write(path, json.dumps(data))
+        return
+    with fs.open(path + ".tmp", "w") as f:  # another fsspec filesystem: its own move
         json.dump(data, f)
-    fs.mv(path + ".tmp", path)  # a rename on local disk: readers never see half a file
+    fs.mv(path + ".tmp", path)
 
 
 def _path(buffer_path: str) -> tuple[fsspec.AbstractFileSystem, str]:

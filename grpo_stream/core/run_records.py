@@ -15,19 +15,20 @@ server and publishes the id in its progress; the generator stamps `run_id =
 lineage (`lineage_of`; rows without "@" predate lineages and are accepted).
 
     record_failure(run_dir, prompt_id, "HTTP 500 after 3 tries")
-    rows = group_drops(groups, REWARD_FAILED); append_jsonl(path, rows)
+    rows = group_drops(groups, REWARD_FAILED); jsonl.append(path, rows)
 
-Appends are one JSON line each, fsynced; a line torn by a kill is ignored on read and
-cut before the next append.
+The files are JSONL, written and read through `grpo_stream.core.jsonl`: appends are
+fsynced, a line torn by a kill is skipped on read and cut before the next append.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import uuid
-from collections.abc import Iterable
+
+from grpo_stream.core import jsonl
+from grpo_stream.core.atomic import atomic_write
 
 FILE_DROPS = "dropped_groups.jsonl"
 FILE_FAILURES = "generator_failures.jsonl"
@@ -47,60 +48,19 @@ STATES = ("trained", STALE, REWARD_FAILED, GENERATION_FAILED, LINEAGE, AHEAD, CO
           ZERO_VARIANCE, "in_buffer")  # fmt: skip
 
 
-# --- JSONL records -------------------------------------------------------------------
-
-
-def append_jsonl(path: str, rows: Iterable[dict], fsync: bool = True) -> None:
-    """Append rows as JSON lines, after cutting a line torn by a killed writer."""
-    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    if not data:
-        return
-    with open(path, "a+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        if end:
-            f.seek(end - 1)
-            if f.read(1) != b"\n":  # a torn last line: cut it back to the last newline
-                f.seek(0)
-                keep = f.read().rfind(b"\n") + 1
-                f.truncate(keep)
-        f.write(data.encode())
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """The whole rows of a JSONL file ([] if missing); a torn or bad line is skipped."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # torn by a kill
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+# --- records ------------------------------------------------------------------------
 
 
 def truncate_drops(run_dir: str, position: int) -> None:
     """Keep the drops of groups before `position` (a resumed learner's cursor): the
     groups after it are read again and decided again."""
-    path = os.path.join(run_dir, FILE_DROPS)
-    if not os.path.exists(path):
-        return
-    rows = [r for r in read_jsonl(path) if r.get("group_id", 0) < position]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    jsonl.truncate(os.path.join(run_dir, FILE_DROPS), lambda r: r.get("group_id", 0) < position)
 
 
 def record_failure(run_dir: str, prompt_id: str, reason: str) -> None:
     """The generator gave up on a prompt: RUN/generator_failures.jsonl (fsynced)."""
     row = {"prompt_id": prompt_id, "reason": reason[:500], "time": _now()}
-    append_jsonl(os.path.join(run_dir, FILE_FAILURES), [row])
+    jsonl.append(os.path.join(run_dir, FILE_FAILURES), [row])
 
 
 def _now() -> float:
@@ -125,10 +85,7 @@ def lineage_of(run_id: str) -> str:
 def new_lineage(run_dir: str) -> str:
     """A fresh learner's lineage id, also written to RUN/lineage."""
     lineage = uuid.uuid4().hex[:12]
-    path = os.path.join(run_dir, FILE_LINEAGE)
-    with open(path + ".tmp", "w") as f:
-        f.write(lineage + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(run_dir, FILE_LINEAGE), lineage + "\n")
     return lineage
 
 

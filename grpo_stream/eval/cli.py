@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo_stream.config import Config, ConfigError, ModelConfig, load_config
+from grpo_stream.core.atomic import atomic_write
 from grpo_stream.eval.record import format_table
 
 
@@ -180,8 +180,6 @@ def eval_cli(argv: list[str]) -> int:
     rows = run_eval(args)
     print(format_table(rows))
     if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        atomic_write(args.json, json.dumps(rows, indent=2) + "\n")
         print(f"[eval] wrote {args.json}", file=sys.stderr)
     return 0

@@ -5,7 +5,8 @@
 servers' /weight_info and the learner's progress file, and evaluates (`evaluate.py`):
 - version 0 and every version that is a multiple of `eval.every` (the learner waits
   before syncing past such a version until its row is written: `progress.py`);
-- the final version, once the learner says it reached `learner.max_steps`; then it exits.
+- the final version, once the learner says it reached `learner.max_steps` or finished
+  (the generator's work ran out first); then it exits.
 Each evaluation appends one row to RUN/eval.jsonl (and TensorBoard) and publishes the
 version to BUFFER/consumers/eval.json. Rows already in RUN/eval.jsonl (a resumed run)
 are not redone. It writes nothing to the buffer, so no eval sample is ever trained on.
@@ -79,7 +80,7 @@ class Follower:
 
     def _final(self, version: int) -> bool:
         p = read_progress(self.buffer_path)
-        if p.step < self.cfg.learner.max_steps:
+        if p.step < self.cfg.learner.max_steps and not p.finished:  # finished: its data ran out
             return False
         # without weight sync the servers' version is never the learner's
         synced = transport_traits(self.cfg.sync.transport).versions_servers

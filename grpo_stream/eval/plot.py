@@ -10,10 +10,10 @@ requests saw two versions are drawn hollow. Nothing is drawn when there is no ev
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from grpo_stream.core.atomic import atomic_target
 from grpo_stream.eval.record import read_eval_rows
 
 CURVES = (("greedy_pass_at_1", "pass@1 (greedy)"), ("mean_at_k", "mean@k"), ("pass_at_k", "pass@k"))
@@ -73,8 +73,7 @@ def plot_eval(run_dir: Path, out: Path | None = None) -> Path | None:
     axes[1].set_title("held-out over wall time")
     fig.tight_layout()
     out = out or run_dir / "eval.png"
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_target(out, ".png") as tmp:  # a viewer never sees half a PNG
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    os.replace(tmp, out)  # a viewer never sees half a PNG
     return out

@@ -11,11 +11,12 @@ Metric keys (`EVAL_METRICS`) are defined here once and used by the JSONL, Tensor
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from grpo_stream.core import jsonl
 
 EVAL_FILE = "eval.jsonl"
 
@@ -82,10 +83,7 @@ class EvalLog:
                 self._tb = None
 
     def write(self, row: EvalRow) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row.to_json()) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        jsonl.append(self.path, row.to_json())
         if self._tb is not None:
             for key in EVAL_METRICS:
                 value = getattr(row, key)
@@ -103,17 +101,7 @@ class EvalLog:
 
 def read_eval_rows(run_dir: str) -> list[dict[str, Any]]:
     """The rows of RUN/eval.jsonl ([] when there is none); a torn last line is left out."""
-    path = os.path.join(run_dir, EVAL_FILE)
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    return jsonl.read(os.path.join(run_dir, EVAL_FILE))
 
 
 def _fmt(value: Any) -> str:

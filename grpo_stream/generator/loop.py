@@ -5,8 +5,11 @@ starts one task per prompt, bounded by `generator.max_in_flight` (a semaphore) a
 by the staleness gate (`gate.py`: at most the learner's next batch and
 `max_ahead_batches` more beyond what it has consumed). Finished groups go through a queue
 to a single writer task that publishes them to the buffer off the event loop.
-On stop (SIGTERM/SIGINT or `generator.stop_after_groups`), groups already scored are
-written before exit: nothing finished is lost.
+On stop (SIGTERM/SIGINT, `generator.stop_after_groups` groups in the buffer, the prompt
+source exhausted, or the learner finished), groups already scored are written before
+exit: nothing finished is lost. The reason is left in `BUFFER/consumers/generator.json`
+(`grpo_stream.core.generator_end`): `run` restarts no generator that finished its work,
+and a learner waiting for groups that will not come ends cleanly.
 
     asyncio.run(Generator(cfg, run_dir, model_dir).run())
 """
@@ -22,6 +25,7 @@ import uuid
 from grpo_stream.buffer.schema import Group
 from grpo_stream.buffer.store import open_writer
 from grpo_stream.config import Config
+from grpo_stream.core import generator_end as end
 from grpo_stream.core import run_records
 from grpo_stream.core.errors import UserError
 from grpo_stream.core.timing import GeneratorClocks
@@ -54,6 +58,9 @@ class Generator:
 
         self.cfg, self.run_dir = cfg, run_dir
         self.buffer_path = cfg.buffer_path(run_dir)
+        # producing again: first thing, so a learner starting beside this generator does
+        # not take an earlier generator's end for this one's
+        end.clear_generator_end(self.buffer_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.heldout = training_exclusion(cfg)  # eval.every > 0: held-out questions skipped
         # validates the task (files read) now
@@ -75,6 +82,8 @@ class Generator:
         self._outstanding = 0  # prompts started but not yet written (or failed)
         self._failed_at_last_success = 0
         self._max_consecutive_failures = 3 * cfg.generator.max_in_flight + 5
+        self.end_reason: str | None = None  # set by _produce; see stop_reason()
+        self._signalled = False
 
     def _continue_prompts(self):
         """The prompts not started yet (grpo_stream.run.ledger): a restarted generator first
@@ -87,7 +96,16 @@ class Generator:
         return resume.continue_prompts(source, started, oldest)
 
     def request_stop(self) -> None:
+        self._signalled = True
         self._stop.set()
+
+    def stop_reason(self) -> str:
+        """Why this generator stopped (`grpo_stream.core.generator_end.REASONS`)."""
+        if self.gate.finished_step is not None:
+            return end.LEARNER_FINISHED
+        if self._signalled or self.end_reason is None:
+            return end.STOPPED
+        return self.end_reason
 
     def sampling_params(self) -> dict:
         g = self.cfg.generator
@@ -168,9 +186,13 @@ class Generator:
     async def _produce(self, pool: ServerPool, tg: asyncio.TaskGroup) -> None:
         sem = asyncio.Semaphore(self.cfg.generator.max_in_flight)
         stop_after = self.cfg.generator.stop_after_groups
-        started = 0
         for prompt in self.prompts:
-            if self._stop.is_set() or (stop_after is not None and started >= stop_after):
+            if self._stop.is_set():
+                break
+            # groups in the buffer (a restarted generator's predecessors' too) + in flight;
+            # a failed prompt leaves the count, so another prompt takes its place
+            if stop_after is not None and self.stats.written + self._outstanding >= stop_after:
+                self.end_reason = end.STOP_AFTER_GROUPS
                 break
             await self._room(self.stats.written + self._outstanding)
             await sem.acquire()
@@ -179,7 +201,8 @@ class Generator:
                 break
             self._outstanding += 1
             tg.create_task(self._one(pool, prompt, sem))
-            started += 1
+        else:
+            self.end_reason = end.EXHAUSTED
 
     async def run(self) -> int:
         urls = self.cfg.server.resolved_urls()
@@ -225,4 +248,6 @@ class Generator:
                 f"{self.stats.written} groups published before it are whole: free the space "
                 "and start the generator again (it continues where it stopped)"
             ) from self.write_error
+        await asyncio.to_thread(end.write_generator_end, self.buffer_path, self.stop_reason(),
+                                self.stats.written)  # fmt: skip
         return self.stats.written

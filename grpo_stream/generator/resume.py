@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from grpo_stream.core.run_records import FILE_FAILURES, read_jsonl
+from grpo_stream.core import jsonl
+from grpo_stream.core.run_records import FILE_FAILURES
 
 
 def started_prompts(buffer_path: str, run_dir: str) -> tuple[set[str], str | None]:
@@ -20,7 +21,7 @@ def started_prompts(buffer_path: str, run_dir: str) -> tuple[set[str], str | Non
     of the oldest group kept when retention deleted older ones, else None)."""
     from grpo_stream.buffer.store import open_reader
 
-    ids = {r["prompt_id"] for r in read_jsonl(os.path.join(run_dir, FILE_FAILURES))}
+    ids = {r["prompt_id"] for r in jsonl.read(os.path.join(run_dir, FILE_FAILURES))}
     try:
         reader = open_reader(buffer_path)
     except FileNotFoundError:

@@ -12,12 +12,12 @@ timing clocks (`grpo_stream.core.timing.GeneratorClocks`).
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import sys
 import time
 
 from grpo_stream.buffer.schema import Group
+from grpo_stream.core import jsonl
 from grpo_stream.serving.client import VLLMError
 
 
@@ -79,8 +79,7 @@ class GenStats:
 
     def report(self, pool) -> dict:
         snap = self.snapshot(pool)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(snap) + "\n")
+        jsonl.append(self.path, snap)
         print(
             f"[generate] samples={snap['samples']} groups={snap['groups_written']} "
             f"tok/s={snap['tokens_per_s']:.0f} in_flight={snap['in_flight']} "

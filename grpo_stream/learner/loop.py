@@ -24,6 +24,7 @@ import contextlib
 import math
 import time
 
+from grpo_stream.buffer.cursor import NoMoreGroups
 from grpo_stream.config import Config
 from grpo_stream.core import metric_names as M
 from grpo_stream.core import run_records
@@ -109,11 +110,16 @@ class Learner:
         self._publish_progress()
         print0(f"[learn] training from step {self.step} to {self.cfg.learner.max_steps}")
         self.t_train = time.monotonic()
-        with contextlib.suppress(StopRequested):
-            while self.step < self.cfg.learner.max_steps and not self.out_of_time:
-                if self.stop.requested:
-                    break
-                self.train_one()
+        try:
+            with contextlib.suppress(StopRequested):
+                while self.step < self.cfg.learner.max_steps and not self.out_of_time:
+                    if self.stop.requested:
+                        break
+                    self.train_one()
+        except NoMoreGroups as e:  # a finite dataset or stop_after_groups: a clean end
+            print0(f"[learn] {e}: no whole batch left, so the learner ends here")
+            if self.step > self.saved_step:
+                self._checkpoint(None, None)
         if self.stop.requested:
             self._stopped()
             return

@@ -19,26 +19,20 @@ published with the progress.
 
 from __future__ import annotations
 
-import json
 import os
 
 from grpo_stream.config import Config
+from grpo_stream.core import jsonl, run_records
 from grpo_stream.core import metric_names as M
-from grpo_stream.core import run_records
 from grpo_stream.core.metrics import MetricsWriter
 from grpo_stream.core.progress import LearnerProgress, write_progress
 from grpo_stream.learner.checkpoint import prune_checkpoints, save_checkpoint
 
 
 def truncate_log(path: str, step: int) -> None:
-    """Keep the JSONL rows with row["step"] <= step (atomically)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)[M.STEP] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
+    """Keep the JSONL rows with row["step"] <= step (atomically); a line torn by the
+    killed learner is dropped (grpo_stream.core.jsonl)."""
+    jsonl.truncate(path, lambda row: row[M.STEP] <= step)
 
 
 class RunRecords:
@@ -61,12 +55,11 @@ class RunRecords:
         """The groups step `step` was given, in order, and where the cursor found them."""
         row = {M.STEP: step, "group_ids": group_ids}
         row |= {k: info[k] for k in (M.CURSOR_START, M.CURSOR_END, M.STALE_GROUPS_DROPPED)}
-        with open(self.trained_batches, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        jsonl.append(self.trained_batches, row)  # fsynced: replay and the ledger read it
 
     def dropped(self, rows: list[dict]) -> None:
         """Groups the learner refused, each with its reason (grpo_stream.run.ledger)."""
-        run_records.append_jsonl(os.path.join(self.run_dir, run_records.FILE_DROPS), rows)
+        jsonl.append(os.path.join(self.run_dir, run_records.FILE_DROPS), rows)
 
     def log(self, row: dict) -> None:
         self.metrics.log(row)

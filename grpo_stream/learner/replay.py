@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo_stream.config import Config, ConfigError, load_run_config
+from grpo_stream.core import jsonl
 from grpo_stream.core import metric_names as M
 from grpo_stream.core.errors import UserError
 
@@ -86,14 +87,16 @@ def read_trained_batches(run_dir: Path) -> dict[int, dict]:
     if not path.is_file():
         raise ReplayError(f"{path}: missing (the learner writes it; is {run_dir} a run folder?)")
     out: dict[int, dict] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    try:
+        rows = jsonl.read(path)  # a torn last line (a learner killed mid-write) is left out
+    except jsonl.JSONLError as e:
+        raise ReplayError(f"{e} (not a trained-batch record)") from None
+    for n, rec in enumerate(rows, 1):
         try:
-            rec = json.loads(line)
             out[int(rec["step"])] = rec
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise ReplayError(f"{path}:{n}: not a trained-batch record: {line[:80]!r}") from None
+        except (KeyError, TypeError, ValueError):
+            raise ReplayError(f"{path}: record {n} is not a trained-batch record: "
+                              f"{str(rec)[:80]}") from None  # fmt: skip
     return out
 
 

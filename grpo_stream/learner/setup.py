@@ -103,6 +103,15 @@ def make_runner(cfg: Config, model, ref, opt, sched, dist: DistInfo, model_dir: 
                       world=dist.world_size, rank=dist.rank)  # fmt: skip
 
 
+def _final_groups(buffer_path: str) -> int | None:
+    """The groups the buffer will hold, once the generator finished its work (its prompt
+    source ran out, or generator.stop_after_groups); None while more may come."""
+    from grpo_stream.core.generator_end import read_generator_end
+
+    end = read_generator_end(buffer_path)
+    return end.groups if end is not None and end.work_done else None
+
+
 def open_cursor(cfg: Config, run_dir: str) -> GroupCursor:
     """The learner's cursor over the buffer, with `buffer.on_corrupt` and `buffer.poll_s`;
     waits up to `learner.wait_timeout_s` for the generator to create the store."""
@@ -114,7 +123,9 @@ def open_cursor(cfg: Config, run_dir: str) -> GroupCursor:
     while True:
         try:
             reader = open_reader(path, on_corrupt=cfg.buffer.on_corrupt)
-            return GroupCursor(reader, poll_s=cfg.buffer.poll_s)
+            cursor = GroupCursor(reader, poll_s=cfg.buffer.poll_s)
+            cursor.final_groups = lambda: _final_groups(path)
+            return cursor
         except FileNotFoundError:
             if time.monotonic() > deadline:
                 raise TimeoutError(

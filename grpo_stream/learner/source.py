@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from grpo_stream.buffer.cursor import GroupCursor
+from grpo_stream.buffer.cursor import GroupCursor, NoMoreGroups
 from grpo_stream.buffer.schema import Group
 from grpo_stream.config import LearnerConfig
 from grpo_stream.core import metric_names as M
@@ -88,7 +88,17 @@ class BatchSource:
         return self.cursor.state() if self.cursor is not None else {}
 
     def next(self, version: int) -> Batch:
-        return broadcast_object(self._read(version) if self.cursor is not None else None)
+        """The next batch; NoMoreGroups on every rank once the generator's work is done."""
+        got: Batch | NoMoreGroups | None = None
+        if self.cursor is not None:
+            try:
+                got = self._read(version)
+            except NoMoreGroups as e:  # told to every rank: none may wait for a batch
+                got = e
+        got = broadcast_object(got)
+        if isinstance(got, NoMoreGroups):
+            raise got
+        return got
 
     def _read(self, version: int) -> Batch:
         lc, t0, start = self.cfg, time.perf_counter(), self.cursor.position
@@ -96,9 +106,14 @@ class BatchSource:
             print0(f"[learn] waiting for the first {lc.batch_groups} groups in the buffer ...")
         bound = lc.batch_groups * (lc.max_refill_batches if lc.dynamic_sampling else 1)
         groups, drops, stale, flat = [], [], 0, []
+        before = self.cursor.state()
         while len(groups) < lc.batch_groups and self.cursor.position - start < bound:
             n = min(lc.batch_groups - len(groups), bound - (self.cursor.position - start))
-            fresh, n_stale = self._take(n, version, drops)
+            try:
+                fresh, n_stale = self._take(n, version, drops)
+            except NoMoreGroups:  # a refill past the generator's end: the part read stays
+                self.cursor.load_state(before)  # in the buffer, as a short last batch does
+                raise
             stale += n_stale
             if lc.dynamic_sampling:
                 flat += [g for g in fresh if not has_variance(g)]

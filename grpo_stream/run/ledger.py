@@ -30,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from grpo_stream.core import jsonl
 from grpo_stream.core.run_records import (
     FILE_DROPS,
     FILE_FAILURES,
@@ -37,7 +38,6 @@ from grpo_stream.core.run_records import (
     GENERATION_FAILED,
     REWARD_FAILED,
     STATES,
-    read_jsonl,
 )
 from grpo_stream.generator.resume import continue_prompts, started_prompts
 
@@ -79,9 +79,9 @@ def _group_states(run_dir: str) -> dict[int, list[str]]:
     """group id -> the states the learner's records give it."""
     states: dict[int, list[str]] = defaultdict(list)
     drops = {}
-    for r in read_jsonl(os.path.join(run_dir, FILE_DROPS)):
+    for r in jsonl.read(os.path.join(run_dir, FILE_DROPS)):
         drops.setdefault(r["group_id"], []).append(r)
-    for row in read_jsonl(os.path.join(run_dir, FILE_TRAINED)):
+    for row in jsonl.read(os.path.join(run_dir, FILE_TRAINED)):
         for gid in row.get("group_ids", []):
             if any(d["reason"] == REWARD_FAILED for d in drops.get(gid, [])):
                 continue  # given to the step, dropped there: the drop row says it
@@ -105,7 +105,7 @@ def compute_ledger(run_dir: str, buffer_path: str | None = None, source=None) ->
     for gid, pid in groups.items():
         per_prompt_groups[pid] += 1
         by_prompt[pid].extend(gstates.get(gid) or ["in_buffer:"])
-    for r in read_jsonl(os.path.join(run_dir, FILE_FAILURES)):
+    for r in jsonl.read(os.path.join(run_dir, FILE_FAILURES)):
         by_prompt[r["prompt_id"]].append(f"{GENERATION_FAILED}:{r.get('reason', '')}")
     counts = dict.fromkeys(STATES, 0)
     multi = {}

@@ -19,24 +19,15 @@ learner's and generator's `idle_ratio` here:
 
 from __future__ import annotations
 
-import json
 import os
 
+from grpo_stream.core import jsonl
 from grpo_stream.core import metric_names as M
 from grpo_stream.core.timing import STEP_PHASES
 
 
 def _rows(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line
-                continue
-    return out
+    return jsonl.read(path)  # a torn last line (a writer mid-write) is left out
 
 
 def learner_times(rows: list[dict]) -> dict:

@@ -14,10 +14,11 @@ first act is to push its checkpoint's weights to every server.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
+
+from grpo_stream.core.atomic import atomic_write
 
 EXIT_SYNC_FAILED = 75  # EX_TEMPFAIL: the step is checkpointed; restart the server, resume
 FILE = "sync_failure.json"
@@ -25,10 +26,8 @@ FILE = "sync_failure.json"
 
 def write_sync_failure(run_dir: str, step: int, version: int, err: BaseException) -> Path:
     path = Path(run_dir) / FILE
-    tmp = path.with_name(FILE + ".tmp")
     row = {"step": step, "version": version, "error": str(err), "time": time.time()}
-    tmp.write_text(json.dumps(row))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(row))
     return path
 
 

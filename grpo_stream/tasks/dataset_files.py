@@ -12,7 +12,6 @@ A missing file or column raises `TaskError` naming the file and the column.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_stream.config import TaskConfig
+from grpo_stream.core import jsonl
 from grpo_stream.tasks.prompt import Prompt, TaskError, apply_instruction
 
 
@@ -43,16 +43,10 @@ def _read_fallback(path: Path, fmt: str) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{lineno}: not valid JSON: {e}") from None
-    return rows
+    try:  # a finished file: its last line may lack a newline, and every line must parse
+        return jsonl.read(path, complete=True)
+    except jsonl.JSONLError as e:
+        raise TaskError(str(e)) from None
 
 
 def read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:

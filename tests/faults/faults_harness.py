@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from grpo_stream.core.run_records import read_jsonl
+from grpo_stream.core.jsonl import read as read_jsonl
 from grpo_stream.run.ledger import Ledger, run_ledger
 
 RESULTS: list[tuple[str, str, int, int]] = []  # case, outcome, lost, duplicated

@@ -18,7 +18,8 @@ import pytest
 from faults_harness import Run, cli, kill, log_tail, record, steps_logged, wait_until
 
 from grpo_stream.buffer.store import open_reader
-from grpo_stream.run.ledger import read_jsonl, run_ledger
+from grpo_stream.core.jsonl import read as read_jsonl
+from grpo_stream.run.ledger import run_ledger
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,8 @@ from grpo_stream.buffer.store import open_reader, open_writer
 from grpo_stream.config import load_config
 from grpo_stream.core import metric_names as M
 from grpo_stream.core import run_records
-from grpo_stream.core.run_records import FILE_TRAINED, read_jsonl
+from grpo_stream.core.jsonl import read as read_jsonl
+from grpo_stream.core.run_records import FILE_TRAINED
 from grpo_stream.learner.loop import Learner
 from grpo_stream.learner.source import BatchSource, NoGroupWithVariance, has_variance
 from grpo_stream.run.ledger import compute_ledger

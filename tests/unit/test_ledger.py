@@ -13,7 +13,7 @@ import threading
 from bench.synth import make_group
 from grpo_stream.buffer.cursor import GroupCursor, refusal
 from grpo_stream.buffer.store import open_reader, open_writer
-from grpo_stream.core import run_records
+from grpo_stream.core import jsonl, run_records
 from grpo_stream.core.progress import LearnerProgress, write_progress
 from grpo_stream.generator import resume
 from grpo_stream.generator.gate import StalenessGate
@@ -27,12 +27,12 @@ def _prompts(n: int):
 
 def test_a_torn_last_line_is_skipped_and_cut_before_the_next_append(tmp_path) -> None:
     path = str(tmp_path / "x.jsonl")
-    run_records.append_jsonl(path, [{"a": 1}])
+    jsonl.append(path, [{"a": 1}])
     with open(path, "a") as f:
         f.write('{"a": 2')  # a kill in the middle of a write
-    assert run_records.read_jsonl(path) == [{"a": 1}]
-    run_records.append_jsonl(path, [{"a": 3}])
-    assert run_records.read_jsonl(path) == [{"a": 1}, {"a": 3}]
+    assert jsonl.read(path) == [{"a": 1}]
+    jsonl.append(path, [{"a": 3}])
+    assert jsonl.read(path) == [{"a": 1}, {"a": 3}]
     assert open(path).read() == '{"a": 1}\n{"a": 3}\n'
 
 
@@ -150,9 +150,7 @@ def test_a_resumed_learner_forgets_the_drops_after_its_checkpoint(tmp_path) -> N
     rows = [{"group_id": i, "reason": "stale"} for i in (1, 4, 7)]
     _jsonl(tmp_path / "dropped_groups.jsonl", rows)
     run_records.truncate_drops(str(tmp_path), 5)
-    assert [
-        r["group_id"] for r in run_records.read_jsonl(str(tmp_path / "dropped_groups.jsonl"))
-    ] == [
+    assert [r["group_id"] for r in jsonl.read(str(tmp_path / "dropped_groups.jsonl"))] == [
         1,
         4,
     ]

@@ -148,6 +148,51 @@ def test_sync_failure_record_round_trip(tmp_path) -> None:
     assert take_sync_failure(str(tmp_path)) is None
 
 
+def _generator_program(tmp_path: Path, reason: str | None) -> str:
+    """A generator that counts its runs in RUN/gen_runs, leaves `reason` as its end
+    record (none when None: an exit 0 that says nothing) and exits 0."""
+    runs, buffer = str(tmp_path / "gen_runs"), str(tmp_path / "buffer")
+    write = f"write_generator_end({buffer!r}, {reason!r}, groups=4)" if reason else "pass"
+    return (f"from grpo_stream.core.generator_end import write_generator_end\n"
+            f"open({runs!r}, 'a').write('run\\n')\n{write}")  # fmt: skip
+
+
+# the learner trains for a while after the generator's exit: longer than the (lowered) grace
+LEARN_AFTER_GENERATOR = (
+    "import os, time\nwhile not os.path.exists({runs!r}): time.sleep(0.05)\ntime.sleep(3)"
+)
+
+
+def test_a_generator_that_finished_its_work_is_not_restarted(tmp_path, monkeypatch) -> None:
+    from grpo_stream.run.supervise import loop
+
+    monkeypatch.setattr(loop, "GENERATOR_DONE_GRACE_S", 0.2)  # the learner is not done
+    cfg = _cfg(tmp_path, "run.max_restarts=2", "run.restart_window_s=60")
+    learn = LEARN_AFTER_GENERATOR.format(runs=str(tmp_path / "gen_runs"))
+    sup = _supervisor(tmp_path, cfg, _generator_program(tmp_path, "exhausted"), learn)
+    assert _run_to_end(sup) == 0
+    assert (tmp_path / "gen_runs").read_text() == "run\n"  # once: no restart spent
+    rows = _rows(tmp_path)
+    assert [(r["event"], r["child"], r["reason"], r["groups"]) for r in rows] == [
+        ("generator_done", "generator", "exhausted", 4)
+    ]
+    assert sup.log.summary() == ""
+
+
+def test_a_generator_exit_0_that_says_no_reason_is_restarted(tmp_path, monkeypatch) -> None:
+    from grpo_stream.run.supervise import loop
+
+    monkeypatch.setattr(loop, "GENERATOR_DONE_GRACE_S", 0.2)
+    cfg = _cfg(tmp_path, "run.max_restarts=1", "run.restart_window_s=60")
+    learn = LEARN_AFTER_GENERATOR.format(runs=str(tmp_path / "gen_runs"))
+    sup = _supervisor(tmp_path, cfg, _generator_program(tmp_path, None), learn)
+    assert _run_to_end(sup) == 1  # restarted once, then given up
+    assert (tmp_path / "gen_runs").read_text() == "run\nrun\n"
+    assert [(r["event"], r["child"]) for r in _rows(tmp_path)] == [
+        ("restart", "generator"), ("gave_up", "generator")
+    ]  # fmt: skip
+
+
 def test_a_stalled_learner_is_reported_once(tmp_path, capsys) -> None:
     from grpo_stream.core.progress import LearnerProgress, write_progress
 

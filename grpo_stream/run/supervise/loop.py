@@ -11,8 +11,13 @@ What a child's exit means (polled every `POLL_S`):
   a weight sync failed; the servers the error names (RUN/sync_failure.json) are
   restarted, then the learner resumes (`learn --resume`), pushing its checkpoint's
   weights to every server. Anything else: a crash; resumed from its last checkpoint.
-- generator 0: it stopped because the learner finished; else restarted with the same
-  arguments (it continues the prompt stream from what the buffer holds).
+- generator 0: why is in its record (`grpo_stream.core.generator_end`). It finished its
+  work (its prompts ran out, or the buffer holds `generator.stop_after_groups`): it is
+  not restarted, and the learner trains the whole batches left, then exits 0. It stopped
+  because the learner finished: the learner's exit ends the run. Anything else (no
+  record): restarted like a crash.
+- generator, another code: restarted with the same arguments (it continues the prompt
+  stream from what the buffer holds).
 - a vLLM server: restarted on its port and re-synced (`supervise.servers`); meanwhile
   the generator's server pool routes around it. Under NCCL sync the learner is
   restarted too (its transfer group died with the server).
@@ -74,11 +79,15 @@ class Supervisor:
         self._learner_since = time.time()
         self._stall_seen: float | None = None
         self._next_stall_check = 0.0
+        self.generator_done = False  # it finished its work: never restarted again
 
     # -- starting and stopping -------------------------------------------------------
     def start(self) -> None:
         logs, c = self.rd / "logs", self.cmds
         take_sync_failure(str(self.rd))  # one left by an earlier run (run --resume) is old
+        from grpo_stream.core.generator_end import clear_generator_end
+
+        clear_generator_end(self.cfg.buffer_path(str(self.rd)))  # so is a generator's end
         env = c.env or {}
         self.generator = Child("generator", c.generator, logs / "generator.log", echo=False,
                                env=env)  # fmt: skip
@@ -116,7 +125,7 @@ class Supervisor:
         if ev is not None and ev.proc.poll() not in (None, 0):
             self._give_up("evaluator", ev.proc.returncode, ev.log, "it is not restarted")
             return 1
-        code = self.generator.proc.poll()
+        code = None if self.generator_done else self.generator.proc.poll()
         if code is not None and not self._generator_exited(code):
             return 1
         for i, s in enumerate(self.servers):
@@ -151,11 +160,26 @@ class Supervisor:
         return True
 
     def _generator_exited(self, code: int) -> bool:
+        end = self._generator_end() if code == 0 else None
+        if end is not None and end.work_done:
+            self.generator_done = True
+            print(f"[run] the generator finished its work ({end.reason}, {end.groups} groups "
+                  "in the buffer); the learner trains what is there", flush=True)  # fmt: skip
+            self.log.event("generator_done", "generator", reason=end.reason, groups=end.groups)
+            return True
         if code == 0:  # it stops by itself once the learner finished: wait for that
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.learner.proc.wait(GENERATOR_DONE_GRACE_S)
                 return True  # the next poll sees the learner's exit
         return self._restart_child("generator", code)
+
+    def _generator_end(self):
+        """The record the exited generator left (None without a run folder, or none)."""
+        if self.rd is None:
+            return None
+        from grpo_stream.core.generator_end import read_generator_end
+
+        return read_generator_end(self.cfg.buffer_path(str(self.rd)))
 
     # -- restarts --------------------------------------------------------------------
     def _restart_child(self, name: str, code: int) -> bool:

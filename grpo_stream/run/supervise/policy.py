@@ -14,11 +14,12 @@ the crash after that stops the run.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from grpo_stream.core import jsonl
 
 
 def may_restart(earlier: list[float], now: float, max_restarts: int, window_s: float) -> bool:
@@ -50,7 +51,8 @@ class CrashWindow:
 
 
 class SupervisorLog:
-    """RUN/supervisor.jsonl: one row per restart, give-up, stall or sync failure."""
+    """RUN/supervisor.jsonl: one row per restart, give-up, stall, sync failure, or a
+    generator that finished its work (`generator_done`)."""
 
     def __init__(self, run_dir: str | Path | None):
         self.path = Path(run_dir) / "supervisor.jsonl" if run_dir else None
@@ -63,8 +65,7 @@ class SupervisorLog:
         if self.path is None:
             return
         row = {"time": time.time(), "event": event, "child": child, **info}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        jsonl.append(self.path, row)
 
     def summary(self) -> str:
         """`restarts/<child>` counts for the run's last lines ("" when none)."""
