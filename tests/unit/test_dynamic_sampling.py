@@ -143,3 +143,17 @@ def test_the_learner_stops_on_a_task_with_no_variance(tiny, tmp_path) -> None:
         Learner(cfg, str(run), str(tiny)).run()
     drops = read_jsonl(str(run / run_records.FILE_DROPS))
     assert [(d["group_id"], d["reason"]) for d in drops] == [(i, "zero_variance") for i in range(4)]
+
+
+def test_a_refill_past_the_generators_end_leaves_its_part_in_the_buffer(tmp_path) -> None:
+    """The generator finished with 4 groups, 2 of them flat: the refill cannot complete,
+    and the 2 groups with variance it read are not consumed (a short last batch)."""
+    from grpo_stream.buffer.cursor import NoMoreGroups
+
+    path = str(tmp_path / "buf")
+    open_writer(path, run_id="r").append_groups([group(i, flat=i < 2) for i in range(4)])
+    src = source(path, "learner.batch_groups=4", "learner.dynamic_sampling=true")
+    src.cursor.final_groups = lambda: 4
+    with pytest.raises(NoMoreGroups):
+        src.next(0)
+    assert src.position == 0 and src.cursor.state()["position"] == 0
