@@ -40,6 +40,18 @@ def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A one-layer random Llama (vocabulary 32): a model object for the weight-sync tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     from grpo_stream.config import ModelConfig

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-import torch
 from fake_vllm import OK_JSON, CannedServer
 
 from grpo_stream.analysis.sweep import SweepError, load_sweep, run_sweep
@@ -135,16 +134,6 @@ def test_a_resume_without_the_variable_fails_naming_the_field(tmp_path: Path, no
                          env=env)  # fmt: skip
     assert res.returncode == 2, res.stderr
     assert f"server.api_key_env = '{CHILD_KEY_ENV}': that environment variable" in res.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
-    return LlamaForCausalLM(cfg)
 
 
 def test_with_the_variable_the_weight_sync_sends_the_key(

@@ -58,6 +58,15 @@ async def cut(request: web.Request) -> web.StreamResponse:
     return web.Response(text="{}")
 
 
+def learn_overrides(run: Path, model: Path, url: str, transport: str) -> list[str]:
+    """`grpo-stream learn` for 2 steps of 2 groups against the scripted server at `url`."""
+    return [f"run.run_dir={run}", f"model.path={model}", f'server.urls=["{url}"]',
+            f"sync.transport={transport}", "sync.timeout_s=10", "learner.device=cpu",
+            "learner.num_threads=1", "learner.max_steps=2", "learner.batch_groups=2",
+            "learner.micro_batch_size=4", "learner.checkpoint_every=100",
+            "learner.wait_timeout_s=60"]  # fmt: skip
+
+
 def test_a_dead_server_at_sync_keeps_the_trained_step(tiny, tmp_path: Path, capsys) -> None:  # noqa: F811
     run = tmp_path / "run"
     run.mkdir()
@@ -65,12 +74,7 @@ def test_a_dead_server_at_sync_keeps_the_trained_step(tiny, tmp_path: Path, caps
     routes = ["/collective_rpc", "/update_weight_version", "/reset_prefix_cache", "/resume"]
     script = {"/pause": [OK_JSON, cut]} | {r: [OK_JSON] for r in routes}
     with ServerThread(script) as srv:
-        overrides = [f"run.run_dir={run}", f"model.path={tiny}", f'server.urls=["{srv.url}"]',
-                     "sync.transport=disk", "sync.timeout_s=10", "learner.device=cpu",
-                     "learner.num_threads=1", "learner.max_steps=2", "learner.batch_groups=2",
-                     "learner.micro_batch_size=4", "learner.checkpoint_every=100",
-                     "learner.wait_timeout_s=60"]  # fmt: skip
-        code = main(["learn", *overrides])
+        code = main(["learn", *learn_overrides(run, tiny, srv.url, "disk")])
         paths = srv.paths()
     err = capsys.readouterr().err
     assert code == EXIT_SYNC_FAILED, err[-2000:]
@@ -108,12 +112,7 @@ def test_a_failed_nccl_resume_keeps_the_trained_step(
     routes = ["/pause", *NCCL_ROUTES, "/reset_prefix_cache"]
     script = {r: [OK_JSON] for r in routes} | {"/resume": [OK_JSON, (500, "engine core died")]}
     with ServerThread(script) as srv:
-        overrides = [f"run.run_dir={run}", f"model.path={tiny}", f'server.urls=["{srv.url}"]',
-                     "sync.transport=nccl", "sync.timeout_s=10", "learner.device=cpu",
-                     "learner.num_threads=1", "learner.max_steps=2", "learner.batch_groups=2",
-                     "learner.micro_batch_size=4", "learner.checkpoint_every=100",
-                     "learner.wait_timeout_s=60"]  # fmt: skip
-        code = main(["learn", *overrides])
+        code = main(["learn", *learn_overrides(run, tiny, srv.url, "nccl")])
         paths = srv.paths()
     err = capsys.readouterr().err
     assert code == EXIT_SYNC_FAILED, err[-2000:]

@@ -35,16 +35,6 @@ def ok_script(routes: list[str]) -> dict:
     return {r: [OK_JSON] for r in [*routes, "/resume", "/shutdown_weight_transfer_engine"]}
 
 
-@pytest.fixture(scope="module")
-def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
-    return LlamaForCausalLM(cfg)
-
-
 async def disk_push(tmp: Path, model, servers: list[CannedServer], version: int = 1):
     sync = DiskSync(SyncConfig(timeout_s=10), [s.url for s in servers], tmp / "w", rank=0)
     return await asyncio.to_thread(sync.push, model, version)
