@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "sync": {"core", "config", "serving"},
     "generator": {"core", "config", "serving", "buffer", "tasks"},
     "learner": {"core", "config", "serving", "algo", "buffer", "sync"},
-    "eval": {"core", "config", "serving", "tasks", "generator"},
+    "eval": {"core", "config", "serving", "buffer", "tasks", "generator"},
     "run": BELOW_RUN,
     "analysis": {"core", "config", "eval", "run"},
     "cli": BELOW_RUN | {"run", "analysis"},  # the entry point hands off to every layer

@@ -4,7 +4,10 @@
 (`grpo-stream eval --follow --config RUN/config.toml` starts it by hand). It watches the
 servers' /weight_info and the learner's progress file, and evaluates (`evaluate.py`):
 - version 0 and every version that is a multiple of `eval.every` (the learner waits
-  before syncing past such a version until its row is written: `progress.py`);
+  before syncing past such a version until its row is written: `core/eval_progress.py`);
+  version 0 only once the buffer holds the learner's first batch, so that the base
+  model's evaluation never competes with the sampling of that batch (the learner trains
+  its first step meanwhile, and waits for this row only before its first sync);
 - the final version, once the learner says it reached `learner.max_steps` or finished
   (the generator's work ran out first); then it exits.
 Each evaluation appends one row to RUN/eval.jsonl (and TensorBoard) and publishes the
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import sys
 
+from grpo_stream.buffer.store import open_reader
 from grpo_stream.config import Config
 from grpo_stream.config.transports import transport_traits
 from grpo_stream.core.eval_progress import eval_due, write_eval_progress
@@ -63,6 +67,7 @@ class Follower:
         self.evaluator = Evaluator(cfg, AutoTokenizer.from_pretrained(model_dir), prompts)
         self.done = {r["policy_version"] for r in read_eval_rows(run_dir)}
         self._stop = asyncio.Event()
+        self._reader = None  # the buffer, opened once it exists (version 0 waits on it)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -77,6 +82,20 @@ class Follower:
                 raise
             return None
         return versions.pop() if len(versions) == 1 else None
+
+    def _first_batch_in(self) -> bool:
+        """Does the buffer hold the learner's first batch (learner.batch_groups groups)?"""
+        if self._reader is None:
+            try:
+                self._reader = open_reader(self.buffer_path)
+            except FileNotFoundError:  # the generator has not written its first group yet
+                return False
+        self._reader.refresh()
+        return self._reader.num_groups() >= self.cfg.learner.batch_groups
+
+    def _holds(self, version: int, final: bool) -> bool:
+        """Hold back version 0's evaluation until the first batch is sampled."""
+        return version == 0 and not final and not self._first_batch_in()
 
     def _final(self, version: int) -> bool:
         p = read_progress(self.buffer_path)
@@ -109,7 +128,11 @@ class Follower:
                     if version is not None:
                         final = await asyncio.to_thread(self._final, version)
                         due = eval_due(self.cfg.eval.every, version) or final
-                        if due and version not in self.done:
+                        if (
+                            due
+                            and version not in self.done
+                            and not (await asyncio.to_thread(self._holds, version, final))
+                        ):
                             await self._evaluate(pool, log, version)
                         if final:
                             break
@@ -119,4 +142,6 @@ class Follower:
                 await pool.close()
                 await self.evaluator.aclose()
                 log.close()
+                if self._reader is not None:
+                    self._reader.close()
         return len(self.done)

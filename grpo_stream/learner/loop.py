@@ -104,6 +104,7 @@ class Learner:
         # the learner owns the truth: a resumed one's servers may hold newer (discarded)
         # weights, a fresh one's another run's (a reused server), so they get its own,
         # and only then is its lineage published (the generator samples after that)
+        self._wait_for_servers()
         needed = self.sync.needs_state_dict
         self._push(gathered_state_dict(self.s.model) if needed else None)
         self.records.lineage = self.source.lineage
@@ -126,6 +127,18 @@ class Learner:
         self._publish_progress(finished=True)  # a generator started by hand stops
         last = f"step-{self.saved_step}" if self.saved_step else "none"
         print0(f"[learn] finished at step {self.step} (last checkpoint: {last})")
+
+    def _wait_for_servers(self) -> None:
+        """`run` starts its servers and the learner together, so the first push waits for
+        every server's /health (`server.startup_timeout_s`) on rank 0, which talks to them."""
+        if not (self.sync.versions_servers and self.s.dist.is_rank0):
+            return
+        from grpo_stream.serving.client import BlockingClient
+
+        server = self.cfg.server
+        BlockingClient(api_key=server.resolved_api_key()).wait_healthy(
+            server.resolved_urls(), server.startup_timeout_s
+        )
 
     def _stopped(self) -> None:
         """After a stop signal: checkpoint the last completed step (if not yet)."""

@@ -3,8 +3,9 @@
 1. creates the run folder `runs/NAME-YYYYmmdd-HHMMSS/` and writes the resolved
    `config.toml` there (children read it, so every process sees the same config);
 2. prepares the model and starts the vLLM server(s), unless `server.urls` names
-   running ones (then it only waits for their /health); the GPUs are split between the
-   learner and the servers by config (`grpo_stream.config.placement`: server.gpus,
+   running ones (then it only waits for their /health); it does not wait for servers it
+   starts before starting the children, so their start-up overlaps the learner's; the
+   GPUs are split between the learner and the servers by config (`grpo_stream.config.placement`: server.gpus,
    learner.gpus / learner.device), and a split that cannot work is refused first;
 3. starts `grpo-stream generate` and `grpo-stream learn` as child processes; the
    learner's per-step lines stream to this console, the generator logs to
@@ -70,6 +71,8 @@ def _learner_argv(cfg: Config, config: Path, *extra: str) -> list[str]:
 
 
 def _start_servers(cfg: Config, rd: Path):
+    """Start the local servers without waiting for them (the children load meanwhile:
+    `_wait_servers`); servers in `server.urls` are waited for here."""
     from grpo_stream.serving.client import BlockingClient
     from grpo_stream.serving.model import resolve_model_path
     from grpo_stream.serving.server import check_host, launch_servers
@@ -81,14 +84,19 @@ def _start_servers(cfg: Config, rd: Path):
     check_host(cfg.server)
     model_dir = resolve_model_path(cfg.model, cfg.sync.transport)
     print(f"[run] starting {cfg.server.num_servers} vLLM server(s) on {model_dir}", flush=True)
-    t0 = time.perf_counter()
-    servers = launch_servers(cfg.resolved_server(), model_dir, cfg.model.served_name, rd / "logs")
-    print(
-        f"[run] server(s) up in {time.perf_counter() - t0:.0f}s: "
-        f"{', '.join(s.url for s in servers)}",
-        flush=True,
+    return launch_servers(
+        cfg.resolved_server(), model_dir, cfg.model.served_name, rd / "logs", wait=False
     )
-    return servers
+
+
+def _wait_servers(servers, t0: float) -> None:
+    """Wait for the started servers' /health (each stopped if one fails to come up)."""
+    from grpo_stream.serving.server import wait_servers
+
+    if servers:
+        wait_servers(servers)
+        urls = ", ".join(s.url for s in servers)
+        print(f"[run] server(s) up in {time.perf_counter() - t0:.0f}s: {urls}", flush=True)
 
 
 def _commands(cfg: Config, config: Path, learner_env: dict, resume: bool) -> Commands:
@@ -139,8 +147,10 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
     )
     code = 1
     try:
+        t0 = time.perf_counter()
         sup.servers = _start_servers(cfg, rd)
-        sup.start()
+        sup.start()  # the learner loads its models while the servers start: it waits for
+        _wait_servers(sup.servers, t0)  # their /health before its first push, as the others do
         code = sup.run()
         if code == 0 and sup.evaluator is not None:  # the final version, on the live servers
             sup.generator.stop()  # (it flushes) its requests would only slow the final evaluation

@@ -282,25 +282,38 @@ def make_servers(
 
 
 def launch_servers(
-    cfg: ServerConfig, model_dir: Path, served_name: str, log_dir: Path
+    cfg: ServerConfig, model_dir: Path, served_name: str, log_dir: Path, wait: bool = True
 ) -> list[VLLMServer]:
-    """Start `cfg.num_servers` servers on ports cfg.port, cfg.port+1, ... and wait for all.
+    """Start `cfg.num_servers` servers on ports cfg.port, cfg.port+1, ... and (unless
+    `wait` is off: then `wait_servers` later) wait for all.
 
     On any failure every server already started is stopped before the error propagates.
     """
     for i in range(cfg.num_servers):
         check_port_free(cfg.host, cfg.port + i)
     servers = make_servers(cfg, model_dir, served_name, log_dir)
-    try:
+    with _stopped_on_failure(servers):
         for s in servers:
             s.start()
+    return wait_servers(servers) if wait else servers
+
+
+def wait_servers(servers: list[VLLMServer]) -> list[VLLMServer]:
+    """Wait for every started server's /health; on a failure stop them all."""
+    with _stopped_on_failure(servers):
         for s in servers:
             s.wait_healthy()
+    return servers
+
+
+@contextlib.contextmanager
+def _stopped_on_failure(servers: list[VLLMServer]):
+    try:
+        yield
     except BaseException:
         for s in servers:
             s.stop()
         raise
-    return servers
 
 
 def stop_servers(servers: list[VLLMServer]) -> None:

@@ -125,3 +125,20 @@ def test_a_failed_nccl_resume_keeps_the_trained_step(
     assert failure["step"] == 1
     assert failure["error"].startswith(f"{srv.url}: /resume failed after version 1 was sent")
     assert "Traceback" not in err
+
+
+def test_the_first_push_waits_for_a_starting_server(tiny, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """`run` starts its servers and the learner together: the learner's first push waits
+    until /health answers 200, then pushes version 0 (no failed sync, no restart)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    append(run, groups_with(set(), [0, 0, 0, 0]))
+    routes = ["/pause", "/collective_rpc", "/update_weight_version", "/reset_prefix_cache",
+              "/resume"]  # fmt: skip
+    script = {"/health": [(503, "loading"), (503, "loading"), (200, "")]}
+    with ServerThread(script | {r: [OK_JSON] for r in routes}) as srv:
+        code = main(["learn", *learn_overrides(run, tiny, srv.url, "disk")])
+        calls = srv.paths(skip=())
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert calls[:4] == ["/health"] * 3 + ["/pause"]
+    assert calls[3:8] == routes  # version 0, then each step's push
