@@ -24,7 +24,6 @@ into the run folder (`config.write_run_config`). Output into a closed pipe
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import sys
@@ -37,6 +36,7 @@ from grpo_stream.config import (
     write_run_config,
 )
 from grpo_stream.core.errors import UserError
+from grpo_stream.core.proc import run_stoppable
 from grpo_stream.run.doctor import preflight
 
 
@@ -84,14 +84,7 @@ def cmd_generate(args) -> int:
     from grpo_stream.serving.model import resolve_model_path
 
     gen = Generator(cfg, run_dir, str(resolve_model_path(cfg.model, cfg.sync.transport)))
-
-    async def main() -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, gen.request_stop)
-        return await gen.run()
-
-    n = asyncio.run(main())
+    n = run_stoppable(gen)
     print(f"[generate] done ({gen.stop_reason()}): {n} groups in the buffer", file=sys.stderr)
     return 0
 

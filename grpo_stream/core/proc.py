@@ -2,12 +2,14 @@
 
     subprocess.Popen(argv, preexec_fn=die_with_parent, ...)   # no orphan if we die
     print(f"log tail:\\n{log_tail(path)}")                   # last lines of a child's log
+    n = run_stoppable(generator)         # asyncio.run(generator.run()), SIGTERM/SIGINT stop it
 
 It imports nothing from the project, so every layer may use it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import signal
@@ -32,3 +34,16 @@ def log_tail(path: Path | str, lines: int = 30) -> str:
             return "".join(deque(fh, maxlen=lines))
     except OSError:
         return f"<no log at {path}>"
+
+
+def run_stoppable(role) -> object:
+    """`asyncio.run(role.run())` with SIGTERM and SIGINT calling `role.request_stop()`, so
+    an asyncio process (generator, evaluator) ends its work cleanly when it is stopped."""
+
+    async def main() -> object:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, role.request_stop)
+        return await role.run()
+
+    return asyncio.run(main())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from grpo_stream.config import Config, ConfigError, ModelConfig, load_config
 from grpo_stream.core.atomic import atomic_write
+from grpo_stream.core.proc import run_stoppable
 from grpo_stream.eval.record import format_table
 
 
@@ -146,14 +146,7 @@ def follow(args: argparse.Namespace) -> int:
     from grpo_stream.serving.model import resolve_model_path
 
     follower = Follower(cfg, cfg.run.run_dir, str(resolve_model_path(cfg.model)))
-
-    async def main() -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, follower.request_stop)
-        return await follower.run()
-
-    n = asyncio.run(main())
+    n = run_stoppable(follower)
     print(f"[eval] done: {n} versions evaluated", file=sys.stderr, flush=True)
     return 0
 
