@@ -177,7 +177,7 @@ def test_cli_generate_two_urls_share_the_load(server, tiny, tokenizer, tmp_path)
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"done: {n} groups" in proc.stderr
+    assert f"done (stop_after_groups): {n} groups in the buffer" in proc.stderr
     groups = read_all(cfg)
     check_groups(groups, cfg, tokenizer, n)
     assert {s.server_url for g in groups for s in g} == set(urls)
