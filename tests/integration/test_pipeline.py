@@ -109,7 +109,7 @@ def pipeline(module_tmp, tiny_model_dir, tiny_server):
             gen.send_signal(signal.SIGTERM)
         gen_out, _ = gen.communicate(timeout=120)
     # 0, or a SIGTERM that landed in the moment between its last line and its exit
-    finished = "done:" in gen_out and gen.returncode == -signal.SIGTERM
+    finished = "[generate] done (" in gen_out and gen.returncode == -signal.SIGTERM
     assert gen.returncode == 0 or finished, gen_out
     return {"url": url, "run_dir": run_dir, "before": before, "learn": learn}
 
