@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "generator": {"core", "config", "serving", "buffer", "tasks"},
     "learner": {"core", "config", "serving", "algo", "buffer", "sync"},
     "eval": {"core", "config", "serving", "tasks", "generator"},
+    "rm": {"core", "config", "serving", "algo", "buffer", "tasks"},
     "run": {
         "core",
         "config",
@@ -42,6 +43,7 @@ ALLOWED: dict[str, set[str]] = {
         "generator",
         "learner",
         "eval",
+        "rm",
     },  # fmt: skip
     "analysis": {"core", "config", "eval", "run"},
     "cli": {
@@ -55,6 +57,7 @@ ALLOWED: dict[str, set[str]] = {
         "generator",
         "learner",
         "eval",
+        "rm",
         "run",
         "analysis",
     },  # fmt: skip

@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpo_stream.tasks.reward_model  # noqa: F401  (registers `reward_model`)
 import grpo_stream.tasks.rewards  # noqa: F401  (registers the built-ins)
 from grpo_stream.config import RewardConfig
 from grpo_stream.tasks.prompt import Prompt
@@ -37,6 +38,7 @@ from grpo_stream.tasks.reward_registry import (
     Outcome,
     call_reward,
     check_kwargs,
+    describe,
     is_import_path,
     split_import_path,
 )
@@ -138,12 +140,25 @@ def combine(fns: list[RewardFn], columns: list[list[Outcome]], n: int) -> list[R
     return results
 
 
+async def score_external(scorer: Any, prompt: Prompt, completions: list[str]) -> list[Outcome]:
+    """A process's own scorer (the reward-model client): its failure fails the group."""
+    try:
+        out = list(await scorer(prompt, completions))
+    except Exception as e:  # CancelledError is no Exception: it propagates
+        return [describe(e)] * len(completions)
+    if len(out) != len(completions):
+        return [f"returned {len(out)} values for {len(completions)} completions"] * len(completions)
+    return out
+
+
 class RewardRunner:
     """The configured reward functions, ready to score groups (see the module docstring)."""
 
-    def __init__(self, cfg: RewardConfig) -> None:
+    def __init__(self, cfg: RewardConfig, external: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.fns = build_reward_fns(cfg)
+        # reward name -> an async scorer of this process (grpo_stream.tasks.reward_model)
+        self.external = dict(external or {})
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it was started on
         self._pool: WorkerPool | None = None
         self._lock: asyncio.Lock | None = None
@@ -176,6 +191,8 @@ class RewardRunner:
         self, fn: RewardFn, prompt: Prompt, completions: list[str]
     ) -> list[Outcome]:
         timeout = self.cfg.timeout_s
+        if fn.name in self.external:  # it keeps its own deadline (reward_model.timeout_s)
+            return await score_external(self.external[fn.name], prompt, completions)
         if fn.ref is not None:
             assert self._pool is not None
             return await self._pool.call(fn.ref, completions, prompt, fn.kwargs, timeout)
