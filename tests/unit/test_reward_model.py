@@ -185,3 +185,22 @@ def test_without_a_scorer_the_reward_model_fails_with_a_reason() -> None:
 
     (r,) = asyncio.run(main())
     assert r.failed and "has no reward-model client" in r.error
+
+
+def test_doctor_refuses_a_causal_lm_and_probes_external_servers(tiny_model_dir, tmp_path):
+    from grpo_stream.run.doctor import PreflightError, preflight, run_checks
+
+    assert all(not c.name.startswith("reward_model") for c in run_checks(Config()))
+    cfg = _rm_cfg(9300)
+    cfg.reward_model.path = str(tiny_model_dir)
+    with pytest.raises(PreflightError, match="LlamaForCausalLM, not a"):
+        preflight(cfg, "generate")
+    one = tmp_path / "one"
+    one.mkdir()
+    arch = {"architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "LABEL_0"}}
+    (one / "config.json").write_text(json.dumps(arch))
+    port = free_port()
+    cfg.reward_model.path, cfg.reward_model.urls = str(one), [f"http://127.0.0.1:{port}"]
+    path_check, url_check = [c for c in run_checks(cfg) if c.name.startswith("reward_model")]
+    assert path_check.ok and "one label" in path_check.detail
+    assert not url_check.ok and f"127.0.0.1:{port}/classify" in url_check.detail
