@@ -139,7 +139,11 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
         cfg, rd, _commands(cfg, config, visible_devices(gpus.learner), bool(resume_dir))
     )
     code = 1
+    from grpo_stream.run.rm_keeper import RewardServerKeeper
+
+    keeper = RewardServerKeeper(cfg, rd)  # the reward-model servers: first up, last down
     try:
+        keeper.start()
         sup.servers = _start_servers(cfg, rd)
         sup.start()
         code = sup.run()
@@ -155,6 +159,7 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
         for sig in old:  # a second Ctrl-C must not abort the clean-up half-way (orphans)
             signal.signal(sig, signal.SIG_IGN)
         sup.shutdown()  # generator, learner, evaluator, servers: in that order
+        keeper.close()
         for s, h in old.items():
             signal.signal(s, h)
     if restarts := sup.log.summary():
