@@ -6,6 +6,9 @@
     await runner.aclose()
 
 (`score_group(prompt, completions, cfg)` does the same with a runner cached per config.)
+A reward scored by the process itself through a server (`reward_model`) is handed in
+as `RewardRunner(cfg, external={"reward_model": scorer})` (`tasks/reward_model.py`);
+it keeps its own deadline and retries, and its failure fails only its component.
 
 Each function is applied to the whole group in one call limited to `cfg.timeout_s`, all
 functions concurrently and off the event loop: built-ins (pure, cannot hang) in a thread,
