@@ -21,7 +21,7 @@ PKG = REPO / "grpo_stream"
 
 # everything below `run`: the roles and what they are built from
 BELOW_RUN = {"core", "config", "serving", "algo", "buffer", "tasks", "sync", "generator",
-             "learner", "eval"}  # fmt: skip
+             "learner", "eval", "rm"}  # fmt: skip
 # package -> the packages it may import (besides itself), lowest layer first
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "generator": {"core", "config", "serving", "buffer", "tasks"},
     "learner": {"core", "config", "serving", "algo", "buffer", "sync"},
     "eval": {"core", "config", "serving", "buffer", "tasks", "generator"},
+    "rm": {"core", "config", "serving", "algo", "buffer", "tasks"},
     "run": BELOW_RUN,
     "analysis": {"core", "config", "eval", "run"},
     "cli": BELOW_RUN | {"run", "analysis"},  # the entry point hands off to every layer

@@ -13,6 +13,7 @@
     grpo-stream eval     [--model RUN|CKPT|DIR ...] [--url U] [--json F]   held-out accuracy
     grpo-stream doctor   [--config F] [k=v ...]   preflight: one line per check, before a run
     grpo-stream config   show [--config F] [k=v ...]   the resolved config, described
+    grpo-stream rm       train|eval ...           reward models: Bradley-Terry on pairs
 
 Configs are parsed and validated before torch or vLLM is imported, so `--help` and
 config errors are instant. A user error (`grpo_stream.core.errors.UserError`) exits with
@@ -137,6 +138,11 @@ def cmd_run(args) -> int:
 def cmd_serve(args) -> int:
     from grpo_stream.serving.serve import serve
 
+    if args.reward_model:  # the [reward_model] servers alone
+        from grpo_stream.serving.serve import serve_cli
+
+        return serve_cli(["--reward-model", *(["--config", args.config] if args.config else []),
+                          *args.overrides])  # fmt: skip
     return serve(_load(args))
 
 
@@ -172,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--resume", action="store_true", help="continue from the last checkpoint"
             )
+        if name == "serve":
+            sp.add_argument(
+                "--reward-model", action="store_true", help="the [reward_model] servers alone"
+            )
         if name == "run":
             sp.add_argument(
                 "--resume", default=None, metavar="RUN_DIR", help="continue a killed run"
@@ -191,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "grpo_stream.eval.cli", "eval_cli"),
         ("sweep", "grpo_stream.analysis.sweep", "sweep_cli"),
         ("compare", "grpo_stream.analysis.compare_cli", "compare_cli"),
+        ("rm", "grpo_stream.rm.cli", "rm_cli"),
     ]:
         sp = sub.add_parser(name, help=f"see `grpo-stream {name} --help`", add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -204,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PASSTHROUGH = {"buffer", "model", "replay", "plot", "doctor", "eval", "sweep", "compare"}
+PASSTHROUGH = {"buffer", "model", "replay", "plot", "doctor", "eval", "sweep", "compare", "rm"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from grpo_stream.config.evaluation import EvalConfig
 from grpo_stream.config.learning import LearnerConfig, LossConfig, SyncConfig
+from grpo_stream.config.reward_model import RewardModelConfig
 from grpo_stream.config.sections import (
     DEFAULT_MODEL,
     TASK_INSTRUCTIONS,
@@ -60,6 +61,7 @@ __all__ = [
     "ModelConfig",
     "RewardConfig",
     "RewardFunctionConfig",
+    "RewardModelConfig",
     "RunConfig",
     "SECRET_FIELDS",
     "ServerConfig",
@@ -151,6 +153,10 @@ class Config(_Section):
     eval: EvalConfig = Field(
         default_factory=EvalConfig, description="held-out evaluation over policy versions"
     )
+    reward_model: RewardModelConfig = Field(
+        default_factory=RewardModelConfig,
+        description="the reward-model server(s) of the `reward_model` reward",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -159,6 +165,12 @@ class Config(_Section):
             raise ValueError("loss.mask_low must be below loss.mask_high")
         if self.task.name in ("jsonl", "parquet") and not self.task.path:
             raise ValueError(f"task.path is required for task.name = {self.task.name!r}")
+        if any(f.name == "reward_model" for f in self.reward.functions):
+            if not self.reward_model.path:
+                raise ValueError(
+                    "reward_model.path: reward.functions names 'reward_model', so set the "
+                    "reward model's folder (`grpo-stream rm train` writes one)"
+                )
         if self.task.name == "countdown" and not any(
             f.name == "countdown" for f in self.reward.functions
         ):

@@ -66,7 +66,10 @@ class Generator:
         # validates the task (files read) now
         self.prompts = make_prompt_source(cfg.task, exclude=self.heldout)
         self._make_source = make_prompt_source
-        self.rewards = RewardRunner(cfg.reward)  # validates reward names now
+        from grpo_stream.generator.reward_model import reward_model_scorers
+
+        self.scorers = reward_model_scorers(cfg)  # `reward_model`: scored through the client
+        self.rewards = RewardRunner(cfg.reward, external=self.scorers)  # validates names now
         self.run_id = os.path.basename(os.path.normpath(run_dir)) or uuid.uuid4().hex[:8]
         self.clocks = GeneratorClocks(cfg.server.resolved_urls())  # grpo_stream.core.timing
         self.stats = GenStats(os.path.join(run_dir, "generator_metrics.jsonl"), self.clocks)
@@ -209,6 +212,8 @@ class Generator:
         key = self.cfg.server.resolved_api_key()  # sent as Authorization: Bearer
         async with VLLMClient(self.cfg.generator.request_timeout_s, api_key=key) as client:
             await self.gate.start()  # before any wait: a learner's finish from now on counts
+            for scorer in self.scorers.values():
+                scorer.bind(client)
             hint = "server.startup_timeout_s; start one with `grpo-stream serve` or fix server.urls"
             wait_s = self.cfg.server.startup_timeout_s
             await client.wait_healthy(urls, wait_s, need="any", hint=hint)

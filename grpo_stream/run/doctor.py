@@ -34,6 +34,7 @@ from grpo_stream.config import Config, ConfigError, load_config
 from grpo_stream.config.transports import transport_traits
 from grpo_stream.core.errors import UserError
 from grpo_stream.run.doctor_checks import Check, check_buffer, check_model, check_security
+from grpo_stream.run.doctor_rm import check_reward_model
 
 SERVER_DEADLINE_S = 3.0
 
@@ -145,13 +146,19 @@ CHECKS: dict[str, Callable[[Config], list[Check]]] = {
     "buffer": check_buffer,
     "rewards": check_rewards,
     "dataset": check_dataset,
+    "reward_model": check_reward_model,  # only when reward.functions names it
 }
 # `run` waits for server.urls itself (server.startup_timeout_s), so a server still
 # starting is no failure there; `doctor` probes them with a short deadline.
 ROLE_CHECKS: dict[str, tuple[str, ...]] = {
     "doctor": tuple(CHECKS),
-    "run": ("security", "model", "buffer", "rewards", "dataset"),
-    "generate": ("security", "buffer", "rewards"),  # its prompt source reads the dataset
+    "run": ("security", "model", "buffer", "rewards", "dataset", "reward_model"),
+    "generate": (
+        "security",
+        "buffer",
+        "rewards",
+        "reward_model",
+    ),  # its prompt source reads the dataset
     "learn": ("security", "buffer"),
 }
 

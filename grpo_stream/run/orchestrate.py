@@ -39,6 +39,7 @@ from grpo_stream.config import Config
 from grpo_stream.config.placement import plan_gpus, visible_devices
 from grpo_stream.core.proc import log_tail
 from grpo_stream.run.doctor import preflight
+from grpo_stream.run.rm_keeper import RewardServerKeeper
 from grpo_stream.run.supervise import Child, Commands, Supervisor
 
 
@@ -146,8 +147,10 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
         cfg, rd, _commands(cfg, config, visible_devices(gpus.learner), bool(resume_dir))
     )
     code = 1
+    keeper = RewardServerKeeper(cfg, rd)  # the reward-model servers: first up, last down
     try:
         t0 = time.perf_counter()
+        keeper.start()
         sup.servers = _start_servers(cfg, rd)
         sup.start()  # the learner loads its models while the servers start: it waits for
         _wait_servers(sup.servers, t0)  # their /health before its first push, as the others do
@@ -164,6 +167,7 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None) -> int:
         for sig in old:  # a second Ctrl-C must not abort the clean-up half-way (orphans)
             signal.signal(sig, signal.SIG_IGN)
         sup.shutdown()  # generator, learner, evaluator, servers: in that order
+        keeper.close()
         for s, h in old.items():
             signal.signal(s, h)
     if restarts := sup.log.summary():

@@ -337,6 +337,50 @@ class VLLMClient:
             raise ServerHTTPError(endpoint(url, "/metrics"), status, text)
         return parse_prometheus(text)
 
+    async def classify(
+        self,
+        url: str,
+        model: str,
+        token_ids_batch: list[list[int]],
+        *,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+    ) -> list[float]:
+        """The raw logit of a one-label classifier for each token-id input (vLLM's
+        pooling runner, POST /classify). `use_activation: false` turns off the sigmoid vLLM
+        applies by default; `add_special_tokens: false` because the inputs are already
+        rendered. The route is idempotent, so transient errors are retried."""
+        payload = {"model": model, "input": token_ids_batch, "use_activation": False,
+                   "add_special_tokens": False}  # fmt: skip
+        retries = self.retries if retries is None else retries
+        body = await self.request(
+            "POST", url, "/classify", json=payload, timeout_s=timeout_s, retries=retries
+        )
+        return parse_classify(body, len(token_ids_batch), endpoint(url, "/classify"))
+
+
+def parse_classify(body: Any, n: int, where: str) -> list[float]:
+    """`data[i].probs[0]` of a /classify answer for `n` inputs, checked: one label, finite."""
+    data = _field(body, "data", where, list)
+    if len(data) != n:
+        raise ServerResponseError(f"response.data: expected {n} items, got {len(data)}", where)
+    out = []
+    for i, item in enumerate(
+        sorted(data, key=lambda d: d.get("index", 0) if isinstance(d, dict) else 0)
+    ):
+        probs = _field(item, "probs", f"{where} data[{i}]", list)
+        if len(probs) != 1:
+            raise ServerResponseError(
+                f"data[{i}].probs has {len(probs)} values: the reward model must have "
+                "exactly one label (num_labels = 1)",
+                where,
+            )
+        x = probs[0]
+        if not isinstance(x, int | float) or not math.isfinite(x):
+            raise ServerResponseError(f"data[{i}].probs[0]: bad value {x!r}", where)
+        out.append(float(x))
+    return out
+
 
 class BlockingClient:
     """The synchronous façade (the launcher, the CLI, vLLM's weight-transfer threads): each

@@ -68,7 +68,16 @@ def serve_cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="grpo-stream serve", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. server.port=8001")
+    p.add_argument(
+        "--reward-model", action="store_true", help="serve the [reward_model] servers alone"
+    )
     args = p.parse_args(argv)
+    if args.reward_model:
+        from grpo_stream.serving.rm_server import serve_reward_model
+
+        stop = threading.Event()
+        _install_stop_handlers(stop)
+        return serve_reward_model(load_config(args.config, args.overrides), stop)
     return serve(load_config(args.config, args.overrides))
 
 

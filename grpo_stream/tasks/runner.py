@@ -5,6 +5,10 @@
     results = await runner.score_group(prompt, completions)   # one RewardResult each
     await runner.aclose()
 
+A reward scored by the process itself through a server (`reward_model`) is handed in
+as `RewardRunner(cfg, external={"reward_model": scorer})` (`tasks/reward_model.py`);
+it keeps its own deadline and retries, and its failure fails only its component.
+
 Each function is applied to the whole group in one call limited to `cfg.timeout_s`, all
 functions concurrently and off the event loop: built-ins (pure, cannot hang) in a thread,
 import-path user functions in worker processes that are killed and restarted on timeout
@@ -26,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpo_stream.tasks.reward_model  # noqa: F401  (registers `reward_model`)
 import grpo_stream.tasks.rewards  # noqa: F401  (registers the built-ins)
 from grpo_stream.config import RewardConfig
 from grpo_stream.tasks.prompt import Prompt
@@ -34,6 +39,7 @@ from grpo_stream.tasks.reward_registry import (
     Outcome,
     call_reward,
     check_kwargs,
+    describe,
     is_import_path,
     split_import_path,
 )
@@ -135,12 +141,25 @@ def combine(fns: list[RewardFn], columns: list[list[Outcome]], n: int) -> list[R
     return results
 
 
+async def score_external(scorer: Any, prompt: Prompt, completions: list[str]) -> list[Outcome]:
+    """A process's own scorer (the reward-model client): its failure fails the group."""
+    try:
+        out = list(await scorer(prompt, completions))
+    except Exception as e:  # CancelledError is no Exception: it propagates
+        return [describe(e)] * len(completions)
+    if len(out) != len(completions):
+        return [f"returned {len(out)} values for {len(completions)} completions"] * len(completions)
+    return out
+
+
 class RewardRunner:
     """The configured reward functions, ready to score groups (see the module docstring)."""
 
-    def __init__(self, cfg: RewardConfig) -> None:
+    def __init__(self, cfg: RewardConfig, external: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.fns = build_reward_fns(cfg)
+        # reward name -> an async scorer of this process (grpo_stream.tasks.reward_model)
+        self.external = dict(external or {})
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it was started on
         self._pool: WorkerPool | None = None
         self._lock: asyncio.Lock | None = None
@@ -173,6 +192,8 @@ class RewardRunner:
         self, fn: RewardFn, prompt: Prompt, completions: list[str]
     ) -> list[Outcome]:
         timeout = self.cfg.timeout_s
+        if fn.name in self.external:  # it keeps its own deadline (reward_model.timeout_s)
+            return await score_external(self.external[fn.name], prompt, completions)
         if fn.ref is not None:
             assert self._pool is not None
             return await self._pool.call(fn.ref, completions, prompt, fn.kwargs, timeout)

@@ -44,7 +44,14 @@ READ_GENERICALLY: dict[tuple[str, str], str] = {
 # where fields are defined and printed, so a mention there is no read
 CONFIG_MODULES = {
     ROOT / "grpo_stream" / "config" / name
-    for name in ("__init__.py", "sections.py", "learning.py", "evaluation.py", "show.py")
+    for name in (
+        "__init__.py",
+        "sections.py",
+        "learning.py",
+        "evaluation.py",
+        "show.py",
+        "reward_model.py",
+    )
 }
 
 

@@ -22,7 +22,10 @@ HISTORY = re.compile(
     r"\((?:was|previously|formerly)\b|\bsession \d|\bno longer\b|\bused to\b"
     r"|\bmade before\b|\bfor older imports\b"
 )
-EXTERNAL = {"to_pylist"}  # pyarrow's, named in buffer/columns.py
+EXTERNAL = {
+    "to_pylist",
+    "softmax",
+}  # pyarrow's (buffer/columns.py); vLLM's old field (generator/reward_model.py)
 
 
 def _docstrings(*parts: str) -> list[tuple[Path, str]]:
