@@ -5,7 +5,7 @@ One pydantic model per role (`server`, `generator`, `task`, `reward`, `buffer`,
 re-exported here), gathered in `Config`. Every default lives there, each field with a
 description (`grpo-stream config show` prints them). Configs are TOML files (see
 `configs/`); the CLI applies dotted overrides such as `learner.lr=1e-5` on top. A field
-that belongs to one variant (`VARIANT_RULES`, e.g. `loss.tis_cap` with
+that belongs to one variant (`VARIANT_RULES` in `rules.py`, e.g. `loss.tis_cap` with
 `behaviour_correction = "tis"`) is refused when set under another, and a renamed field
 (`RENAMED`) names its new name. Every process writes the config it runs with to
 RUN/config.toml (`write_run_config`), and tools read it back with `load_run_config`.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from pydantic import Field, ValidationError, model_validator
 from grpo_stream.config.evaluation import EvalConfig
 from grpo_stream.config.learning import LearnerConfig, LossConfig, SyncConfig
 from grpo_stream.config.reward_model import RewardModelConfig
+from grpo_stream.config.rules import RENAMED, VARIANT_RULES, VariantRule, inapplicable
 from grpo_stream.config.sections import (
     DEFAULT_MODEL,
     TASK_INSTRUCTIONS,
@@ -67,6 +67,10 @@ __all__ = [
     "ServerConfig",
     "SyncConfig",
     "TaskConfig",
+    "RENAMED",
+    "VARIANT_RULES",
+    "VariantRule",
+    "inapplicable",
     "load_config",
     "load_run_config",
     "write_run_config",
@@ -83,58 +87,6 @@ def cache_dir() -> Path:
 
 # Fields whose values are secrets (SecretStr): no file, printout or record holds them.
 SECRET_FIELDS: tuple[str, ...] = ("server.api_key",)
-
-# Old field names and their new ones: an old name in a file or override is refused.
-RENAMED: dict[str, str] = {
-    "task.epochs": "task.passes",  # passes over a dataset file, not the learner's mu
-    "generator.max_groups": "generator.stop_after_groups",  # not buffer retention
-}
-
-
-@dataclass(frozen=True)
-class VariantRule:
-    """`section.fields` only act when `section.selector` is one of `allowed`."""
-
-    section: str
-    fields: tuple[str, ...]
-    selector: str
-    allowed: tuple[str | bool, ...]
-
-    def applies(self, cfg: Config) -> bool:
-        return getattr(getattr(cfg, self.section), self.selector) in self.allowed
-
-    def condition(self) -> str:
-        return " or ".join(f"{self.section}.{self.selector} = {a!r}" for a in self.allowed)
-
-
-VARIANT_RULES: tuple[VariantRule, ...] = (
-    VariantRule("loss", ("tis_cap",), "behaviour_correction", ("tis",)),
-    VariantRule("loss", ("mask_low", "mask_high"), "behaviour_correction", ("mask",)),
-    VariantRule("loss", ("constant_normalizer",), "aggregation", ("constant",)),
-    VariantRule("buffer", ("rollup_segments", "rollup_target_groups"), "backend", ("arrow",)),
-    VariantRule("sync", ("keep_last",), "transport", ("disk",)),
-    VariantRule("sync", ("pause_mode", "timeout_s"), "transport", ("disk", "nccl")),
-    VariantRule("learner", ("max_refill_batches",), "dynamic_sampling", (True,)),
-    VariantRule("task", ("operations",), "name", ("arithmetic",)),
-    VariantRule("task", ("min_operand", "max_operand"), "name", ("arithmetic", "countdown")),
-    VariantRule(
-        "task",
-        ("countdown_min_numbers", "countdown_max_numbers", "countdown_max_target"),
-        "name",
-        ("countdown",),
-    ),
-    VariantRule(
-        "task",
-        ("path", "prompt_column", "answer_column", "passes", "shuffle"),
-        "name",
-        ("jsonl", "parquet"),
-    ),
-)
-
-
-def inapplicable(cfg: Config) -> dict[str, VariantRule]:
-    """'section.field' -> the rule it breaks, for every field the chosen variants ignore."""
-    return {f"{r.section}.{f}": r for r in VARIANT_RULES if not r.applies(cfg) for f in r.fields}
 
 
 class Config(_Section):

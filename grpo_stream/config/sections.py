@@ -3,7 +3,7 @@
 `grpo_stream.config` gathers these into `Config` and re-exports them (import them from
 there). Each field's `description` gives its unit and what it does, and `grpo-stream
 config show` prints it beside the value. A section checks its own fields; rules that tie
-a field to a variant chosen by another field live in `grpo_stream.config.VARIANT_RULES`.
+a field to a variant chosen by another field live in `grpo_stream.config.rules.VARIANT_RULES`.
 
     from grpo_stream.config import LossConfig
     LossConfig.model_fields["tis_cap"].description

@@ -6,7 +6,7 @@ The output loads back as a config (descriptions and unset fields are TOML commen
     text = render_config(load_config("configs/cpu.toml"))
 
 A field that is unset shows as `# name = (unset)`, a field the chosen variant ignores
-(see `config.VARIANT_RULES`) as `# name = value  (ignored: ...)`, and a secret that is set
+(see `config.rules.VARIANT_RULES`) as `# name = value  (ignored: ...)`, and a secret that is set
 (`server.api_key`) as `# api_key = (secret: set, not shown)`. Derived values (the servers'
 seed, ...) show unset: they are derived where they are used.
 """

@@ -17,17 +17,17 @@ group's `reward_model` component with its reason, as a rule reward's failure doe
 generator goes on, and the ledger counts the group as failed.
 
 What vLLM 0.32 serves, read from its sources (vllm/entrypoints/pooling/):
-- a `*ForSequenceClassification` architecture resolves to `--runner pooling
-  --convert classify` (config/model.py `_SUFFIX_TO_DEFAULTS`); Llama's is built by
-  `as_seq_cls_model` (a `score` linear on the last token's hidden state);
-- `POST /classify` (classify/api_router.py, no /v1 prefix) takes
-  `ClassificationCompletionRequest`: `model`, `input` (token ids: list[list[int]]),
-  `add_special_tokens` (default true), `use_activation` (bool | None);
-- the activation (sigmoid for one label) is applied unless `use_activation` is false
-  (layers/pooler/seqwise/heads.py); `normalize` is refused ("removed; use
-  `use_activation`"), and any other unknown field (`activation`, `softmax`) is only
+- a "*ForSequenceClassification" architecture resolves to "--runner pooling
+  --convert classify" (config/model.py "_SUFFIX_TO_DEFAULTS"); Llama's is built by
+  "as_seq_cls_model" (a "score" linear on the last token's hidden state);
+- "POST /classify" (classify/api_router.py, no /v1 prefix) takes
+  "ClassificationCompletionRequest": "model", "input" (token ids: list[list[int]]),
+  "add_special_tokens" (default true), "use_activation" (bool | None);
+- the activation (sigmoid for one label) is applied unless "use_activation" is false
+  (layers/pooler/seqwise/heads.py); "normalize" is refused ("removed; use
+  "use_activation""), and any other unknown field ("activation", "softmax") is only
   logged and ignored (OpenAIBaseModel has extra="allow"), so the name matters;
-- the answer is `data[i].probs` (the logits when the activation is off), one per label.
+- the answer is "data[i].probs" (the logits when the activation is off), one per label.
 """
 
 from __future__ import annotations

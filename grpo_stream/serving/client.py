@@ -19,14 +19,15 @@ ones worth another try (connection errors, 5xx, 429). Every call has a deadline
 (`timeout_s`); idempotent calls retry transient errors `retries` times with jittered
 exponential backoff (`Backoff`), and `CancelledError` always propagates. The API key is
 passed in (`api_key`, from `cfg.server.resolved_api_key()`) and sent as
-`Authorization: Bearer KEY`; the client never reads it from the environment.
+`Authorization: Bearer KEY`; the client never reads it from the environment. The errors
+live in `serving/errors.py` and the answers' parsers in `serving/responses.py` (pure, no
+HTTP); both are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -35,46 +36,37 @@ from typing import Any, Literal
 
 import aiohttp
 
-from grpo_stream.core.errors import UserError
+from grpo_stream.serving.errors import (
+    TRANSIENT_ERRORS,
+    ServerConnectionError,
+    ServerHTTPError,
+    ServerResponseError,
+    ServerUnavailable,
+    VLLMError,
+    is_transient,
+)
+from grpo_stream.serving.responses import (
+    Completion,
+    field,
+    parse_classify,
+    parse_completions,
+    parse_prometheus,
+)
+
+__all__ = [
+    "Completion",
+    "ServerConnectionError",
+    "ServerHTTPError",
+    "ServerResponseError",
+    "ServerUnavailable",
+    "VLLMError",
+    "is_transient",
+    "parse_classify",
+    "parse_completions",
+    "parse_prometheus",
+]
 
 API_KEY_ENV = "VLLM_API_KEY"  # what vLLM's server reads for --api-key (serving.server sets it)
-
-
-class VLLMError(UserError, RuntimeError):
-    """A vLLM server failed a call; the message starts with the server (or route) URL."""
-
-    def __init__(self, message: str, url: str | None = None):
-        super().__init__(f"{url}: {message}" if url else message)
-        self.url, self.reason = url, message
-
-
-class ServerHTTPError(VLLMError):
-    def __init__(self, url: str, status: int, body: str):
-        super().__init__(f"answered HTTP {status}: {body[:500]}", url)
-        self.status, self.body = status, body
-
-
-class ServerResponseError(VLLMError):
-    """The server answered, but not with what the protocol promises."""
-
-
-class ServerConnectionError(VLLMError):
-    """No (complete) answer: connection refused or cut, or the call's deadline passed."""
-
-
-class ServerUnavailable(VLLMError):
-    """A vLLM server did not answer /health in time."""
-
-
-# Errors worth a retry on the same or another server; ServerHTTPError only for 5xx/429
-# (vLLM answers 503 to new requests while paused in abort/wait mode).
-TRANSIENT_ERRORS: tuple[type[VLLMError], ...] = (ServerConnectionError, ServerHTTPError)
-
-
-def is_transient(err: BaseException) -> bool:
-    if isinstance(err, ServerHTTPError):
-        return err.status >= 500 or err.status == 429
-    return isinstance(err, TRANSIENT_ERRORS)
 
 
 def endpoint(url: str, path: str) -> str:
@@ -96,64 +88,6 @@ class Backoff:
     def next(self) -> float:
         d, self._delay = self._delay, min(self._delay * 2, self.cap)
         return d * (1 + random.random()) if self.jitter else d
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: str
-
-
-def _field(obj: Any, key: str, where: str, typ: type | tuple[type, ...]) -> Any:
-    if not isinstance(obj, dict) or key not in obj:
-        raise ServerResponseError(f"{where}: missing field '{key}'")
-    val = obj[key]
-    if not isinstance(val, typ):
-        raise ServerResponseError(f"{where}.{key}: expected {typ}, got {type(val).__name__}")
-    return val
-
-
-def parse_choice(choice: Any, where: str) -> Completion:
-    token_ids = _field(choice, "token_ids", where, list)
-    lp = _field(choice, "logprobs", where, dict)
-    logprobs = _field(lp, "token_logprobs", f"{where}.logprobs", list)
-    if len(logprobs) != len(token_ids):
-        raise ServerResponseError(
-            f"{where}: {len(token_ids)} token_ids but {len(logprobs)} logprobs.token_logprobs"
-        )
-    for i, (t, x) in enumerate(zip(token_ids, logprobs, strict=True)):
-        if not isinstance(t, int) or isinstance(t, bool):
-            raise ServerResponseError(f"{where}.token_ids[{i}]: not an int ({t!r})")
-        if not isinstance(x, int | float) or not math.isfinite(x) or x > 1e-4:
-            raise ServerResponseError(f"{where}.logprobs.token_logprobs[{i}]: bad value {x!r}")
-    text = choice.get("text", "")
-    finish = choice.get("finish_reason") or ""
-    return Completion(list(token_ids), [float(x) for x in logprobs], str(text), str(finish))
-
-
-def parse_completions(body: Any, n: int) -> list[Completion]:
-    choices = _field(body, "choices", "response", list)
-    if len(choices) != n:
-        raise ServerResponseError(f"response.choices: expected {n} choices, got {len(choices)}")
-    ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
-    return [parse_choice(c, f"response.choices[{i}]") for i, c in enumerate(ordered)]
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Prometheus text reduced to {metric name: value summed over its labels}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    return out
 
 
 def _decode(text: str) -> Any:
@@ -291,7 +225,7 @@ class VLLMClient:
     async def weight_version(self, url: str) -> int:
         where = endpoint(url, "/weight_info")
         body = await self.request("GET", url, "/weight_info", timeout_s=min(30.0, self.timeout_s))
-        v = _field(body, "weight_version", where, (str, int, type(None)))
+        v = field(body, "weight_version", where, (str, int, type(None)))
         if v is None or v == "default":  # a server that never had an update serves version 0
             return 0
         try:
@@ -302,7 +236,7 @@ class VLLMClient:
     async def world_size(self, url: str) -> int:
         """Inference workers behind one server (TP × PP × DP), from GET /get_world_size."""
         body = await self.request("GET", url, "/get_world_size", retries=self.retries)
-        n = _field(body, "world_size", endpoint(url, "/get_world_size"), int)
+        n = field(body, "world_size", endpoint(url, "/get_world_size"), int)
         if n < 1:
             raise ServerResponseError(f"world_size {n} is not positive", url)
         return n
@@ -357,29 +291,6 @@ class VLLMClient:
             "POST", url, "/classify", json=payload, timeout_s=timeout_s, retries=retries
         )
         return parse_classify(body, len(token_ids_batch), endpoint(url, "/classify"))
-
-
-def parse_classify(body: Any, n: int, where: str) -> list[float]:
-    """`data[i].probs[0]` of a /classify answer for `n` inputs, checked: one label, finite."""
-    data = _field(body, "data", where, list)
-    if len(data) != n:
-        raise ServerResponseError(f"response.data: expected {n} items, got {len(data)}", where)
-    out = []
-    for i, item in enumerate(
-        sorted(data, key=lambda d: d.get("index", 0) if isinstance(d, dict) else 0)
-    ):
-        probs = _field(item, "probs", f"{where} data[{i}]", list)
-        if len(probs) != 1:
-            raise ServerResponseError(
-                f"data[{i}].probs has {len(probs)} values: the reward model must have "
-                "exactly one label (num_labels = 1)",
-                where,
-            )
-        x = probs[0]
-        if not isinstance(x, int | float) or not math.isfinite(x):
-            raise ServerResponseError(f"data[{i}].probs[0]: bad value {x!r}", where)
-        out.append(float(x))
-    return out
 
 
 class BlockingClient:
