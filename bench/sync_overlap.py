@@ -28,6 +28,7 @@ worker's writes must not slow training more than they save).
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import tempfile
@@ -86,6 +87,7 @@ def run_learner(url: str, model_dir: Path, prompts, tmp: Path, name: str, backgr
     write_groups(Path(cfg.buffer_path(str(run))), prompts, steps * lc.batch_groups)
     (run / "config.toml").write_text(cfg.to_toml())
     Learner(cfg, str(run), str(model_dir)).run()
+    gc.collect()  # the learner's model and optimizer (held in cycles) go before the next run
     return jsonl.read(run / "metrics.jsonl")
 
 
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = demo_prompts(16, model_dir)
     runs: dict[str, list[list[dict]]] = {"sync": [], "background": []}
     with tempfile.TemporaryDirectory(prefix="bench-overlap-") as tmp:
-        scfg = ServerConfig(port=PORT, max_model_len=512)
+        scfg = ServerConfig(port=PORT, max_model_len=512, startup_timeout_s=900)  # a busy box
         server = VLLMServer(model_dir, cfg.model.served_name, PORT, scfg, Path(tmp) / "vllm.log")
         with server:
             startup = server.wait_healthy()

@@ -21,6 +21,8 @@ it (positions and steps never go back). `join` returns the learner's waits for t
 three parts (`eval_wait_s`, `sync_s`, `checkpoint_s`: what it actually waited) and the
 worker's own seconds (`eval_wait_bg_s`, `sync_bg_s`, `checkpoint_bg_s`) with the push's
 metrics. Only one job is in flight: `submit` refuses a second before a join.
+`python -m bench.sync_overlap` measures the learner's waits with and without it, side by
+side (bench/results/sync_overlap.json).
 """
 
 from __future__ import annotations
