@@ -240,3 +240,10 @@ class SyncConfig(_Section):
         "resume; seconds; nccl syncs all servers together, within one such limit): past it "
         "the sync fails naming the server, and `run` restarts it",
     )
+    background: bool = Field(
+        True,
+        description="disk or none transport in one learner process: each step's push and "
+        "checkpoint are written from a copy of its weights by one background thread while "
+        "the next step trains (the learner waits only at the next push); false, or under "
+        "nccl or torchrun: the learner waits for them after every step",
+    )

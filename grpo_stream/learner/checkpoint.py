@@ -82,11 +82,13 @@ def save_checkpoint(
     optimizer_state: dict | None = None,
     model_files: Path | None = None,
     with_optimizer: bool = True,
+    trainer: dict | None = None,
 ) -> Path:
     """`state_dict` / `optimizer_state`: full weights and full optimizer state (keyed by
     parameter name) gathered from FSDP shards on rank 0; None in one process, where the
-    model's and optimizer's own state dicts are written. `model_files`,
-    `with_optimizer`, `keep`: see the module docstring."""
+    model's and optimizer's own state dicts are written. `trainer`: trainer.pt's content
+    taken earlier (`trainer_state`, copied by a background writer's snapshot); None: taken
+    now. `model_files`, `with_optimizer`, `keep`: see the module docstring."""
     root = Path(run_dir) / "checkpoints"
     out = root / f"step-{step}"
     tmp = fresh_dir(root / f"step-{step}.tmp")
@@ -94,20 +96,25 @@ def save_checkpoint(
         link_files(model_files, tmp / "model")
     else:
         model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
-    torch.save(
-        {
-            "optimizer": _optimizer_blob(optimizer, optimizer_state, with_optimizer),
-            "optimizer_format": _optimizer_format(optimizer_state, with_optimizer),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-        },
-        tmp / "trainer.pt",
-    )
+    if trainer is None:
+        trainer = trainer_state(optimizer, scheduler, optimizer_state, with_optimizer)
+    torch.save(trainer, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     publish_dir(tmp, out)  # fsync every file, then rename over any old step-N
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return out
+
+
+def trainer_state(optimizer, scheduler, optimizer_state=None, with_optimizer=True) -> dict:
+    """What trainer.pt holds: optimizer (or None), its format, scheduler and RNG states.
+    Its tensors are the live ones: a writer that runs later copies them first."""
+    return {
+        "optimizer": _optimizer_blob(optimizer, optimizer_state, with_optimizer),
+        "optimizer_format": _optimizer_format(optimizer_state, with_optimizer),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+    }
 
 
 def prune_checkpoints(run_dir: str, keep: int) -> None:

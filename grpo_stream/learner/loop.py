@@ -9,10 +9,15 @@ resume. Each step then takes the next `learner.batch_groups` groups from the buf
 into the vLLM servers every `sync.every` steps (the servers then stamp new samples with
 the new version), writes a checkpoint when due and logs the metrics row. Policy version
 N means "the weights after N learner steps"; it is what the servers report in
-/weight_info.
+/weight_info. With `sync.background` (one process, disk or no sync) the step's push and
+checkpoint run from a copy of its state on one worker thread while the next step trains
+(`learner/background.py`); the learner joins that job before the next push, so a row's
+`sync_s`/`checkpoint_s` are what it waited, and a push that failed there is raised at the
+join (after the newest step is checkpointed), as a synchronous one would be.
 
 The learner publishes its progress (groups consumed, version) for the generator's
-staleness gate whenever its cursor moves, also when every group of a batch was dropped:
+staleness gate whenever its cursor moves (through its `StepWriter`: while a background
+push runs, at that push's end), also when every group of a batch was dropped:
 otherwise a generator held at `generator.max_ahead_batches` would wait for a learner
 that waits for it. Under torchrun, rank 0 alone reads the buffer (and broadcasts each
 batch) and writes the run's files; every rank trains on its shard.
@@ -29,7 +34,8 @@ from grpo_stream.config import Config
 from grpo_stream.core import metric_names as M
 from grpo_stream.core import run_records
 from grpo_stream.core.timing import PhaseTimer
-from grpo_stream.learner.checkpoint import checkpoint_write_error
+from grpo_stream.learner.background import StepJob, StepWriter, merge_metrics, snapshot
+from grpo_stream.learner.checkpoint import checkpoint_write_error, trainer_state
 from grpo_stream.learner.distributed import (
     broadcast_object,
     gathered_optimizer_state,
@@ -69,7 +75,7 @@ class Learner:
         self.source = BatchSource(s.cursor, cfg.learner)
         self.source.on_advance = self._publish_progress  # dynamic sampling's refill
         self.records: RunRecords | NoRecords = NoRecords()
-        self.sync = None
+        self.sync, self.writer, self._kept = None, None, {}  # _kept: the snapshots' buffers
         try:
             if s.dist.is_rank0:
                 # --resume with no checkpoint yet starts over: its logs are cut to step 0
@@ -80,13 +86,18 @@ class Learner:
                     run_records.new_lineage(run_dir))  # fmt: skip
             self.sync = make_weight_sync(cfg, run_dir)  # every rank: each knows its part
             self.source.refuse_ahead = self.sync.versions_servers
+            self.writer = StepWriter(self.records.progress)  # every progress publication
+            # sync.background: the push reads a snapshot (NCCL streams the live weights;
+            # FSDP ranks gather together), so one process with disk or no sync
+            reads_copy = self.sync.needs_state_dict or not self.sync.versions_servers
+            self.background = cfg.sync.background and s.dist.world_size == 1 and reads_copy
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        """Close the metrics writer, the weight sync and the buffer reader."""
-        for part in (self.records, self.sync, self.source):
+        """Wait for the background writer; close the metrics, the weight sync, the reader."""
+        for part in (self.writer, self.records, self.sync, self.source):
             close = getattr(part, "close", None)
             if close is not None:
                 close()
@@ -119,8 +130,10 @@ class Learner:
                     self.train_one()
         except NoMoreGroups as e:  # a finite dataset or stop_after_groups: a clean end
             print0(f"[learn] {e}: no whole batch left, so the learner ends here")
+            self._join()
             if self.step > self.saved_step:
                 self._checkpoint(None, None)
+        self._join()  # a stop or an empty buffer left the last step's job in flight
         if self.stop.requested:
             self._stopped()
             return
@@ -205,7 +218,7 @@ class Learner:
         return self.sync.push(unwrap(self.s.model), self.version, state_dict=weights) or {}
 
     def _publish_progress(self, finished: bool = False) -> None:
-        self.records.progress(self.source.position, self.version, self.step, finished)
+        self.writer.publish(self.source.position, self.version, self.step, finished)
 
     def _after_step(self) -> dict:
         """Sync and checkpoint when due; publishes progress. Returns the sync's metrics."""
@@ -214,6 +227,8 @@ class Learner:
         due_ckpt = (every and self.step % every == 0) or self.step == cfg.learner.max_steps
         due_ckpt = due_ckpt or self.out_of_time
         due_sync = self.step % cfg.sync.every == 0
+        if self.background:
+            return self._after_step_background(due_sync, due_ckpt)
         gather = due_ckpt or (due_sync and self.sync.needs_state_dict)
         timer = PhaseTimer()  # the step's phases after training (grpo_stream.core.timing)
         with timer.phase(M.GATHER_S):
@@ -241,14 +256,66 @@ class Learner:
 
     def _checkpoint(self, weights, opt_state) -> None:
         """Checkpoint the current step (weights/opt_state: gathered under FSDP, else None)."""
-        s, lc = self.s, self.cfg.learner
         state = {"version": self.version, "cursor": self.source.state()}
+        self._save(self.step, self.version, state, weights, opt_state)
+
+    def _save(self, step, version, state, weights, opt_state=None, trainer=None) -> None:
+        """Write checkpoint step-`step` (`trainer`: trainer.pt's content from a snapshot)."""
+        s, lc = self.s, self.cfg.learner
         # the weights just pushed are this step's when the push was of this step
-        files = self.sync.published(self.version) if self.version == self.step else None
-        with_opt = lc.keep_final_optimizer or self.step < lc.max_steps
+        files = self.sync.published(version) if version == step else None
+        with_opt = lc.keep_final_optimizer or step < lc.max_steps
+        weights = dict(weights) if weights is not None else None  # save_pretrained pops
         try:
-            self.records.checkpoint(self.step, unwrap(s.model), s.opt, s.sched, state,
-                                    weights, opt_state, files, with_opt)  # fmt: skip
+            self.records.checkpoint(step, unwrap(s.model), s.opt, s.sched, state, weights,
+                                    opt_state, files, with_opt, trainer=trainer)  # fmt: skip
         except (OSError, RuntimeError) as err:  # a full disk (torch.save says RuntimeError)
-            raise checkpoint_write_error(s.run_dir, self.step, err) from err
-        self.saved_step = self.step
+            raise checkpoint_write_error(s.run_dir, step, err) from err
+        self.saved_step = step
+
+    def _join(self) -> tuple[dict, dict]:
+        """Wait for the background job in hand (`StepWriter.join`). After its failed push
+        the newest trained step is checkpointed, then the error goes on (as when the push
+        was synchronous: `run` restarts the server and resumes from it)."""
+        try:
+            return self.writer.join()
+        except WeightSyncError:
+            if self.step > self.saved_step:
+                self._checkpoint(None, None)
+            raise
+
+    def _after_step_background(self, due_sync: bool, due_ckpt: bool) -> dict:
+        """sync.background: join the previous step's job (the row gets its waits and
+        metrics), then hand this step's to the writer; the last step joins its own too."""
+        prev, self.version = self.version, version_after(self.step, self.cfg)
+        waits, m = self._join()
+        timer = PhaseTimer()
+        with timer.phase(M.GATHER_S):  # the copies the job reads
+            job = self._step_job(prev, due_sync, due_ckpt)
+        self.writer.submit(job)
+        if self.step >= self.cfg.learner.max_steps or self.out_of_time or self.stop.requested:
+            w2, m2 = self._join()
+            waits, m = merge_metrics(waits, w2), merge_metrics(m, m2)
+        return m | waits | timer.take()
+
+    def _step_job(self, prev: int, due_sync: bool, due_ckpt: bool) -> StepJob:
+        """This step's push and checkpoint, on copies of what they read (the next step
+        changes the weights, the optimizer, the RNG and the cursor meanwhile)."""
+        s, step, version = self.s, self.step, self.version
+        model = unwrap(s.model)
+        job = StepJob(step, version, self.source.position)
+        weights = None
+        if due_ckpt or (due_sync and self.sync.needs_state_dict):
+            weights = snapshot(model.state_dict(), self._kept, "model")
+        if due_sync and self.sync.versions_servers:  # the version it replaces, first
+            job.eval_wait = lambda: self.records.wait_for_eval(prev)
+        if due_sync:
+            sd = dict(weights) if weights is not None else None
+            job.push = lambda: self.sync.push(model, version, state_dict=sd) or {}
+        if due_ckpt:
+            lc = self.cfg.learner
+            with_opt = lc.keep_final_optimizer or step < lc.max_steps
+            trainer = snapshot(trainer_state(s.opt, s.sched, None, with_opt), self._kept, "t")
+            state = {"version": version, "cursor": self.source.state()}
+            job.checkpoint = lambda: self._save(step, version, state, weights, trainer=trainer)
+        return job

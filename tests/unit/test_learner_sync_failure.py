@@ -58,10 +58,13 @@ async def cut(request: web.Request) -> web.StreamResponse:
     return web.Response(text="{}")
 
 
-def learn_overrides(run: Path, model: Path, url: str, transport: str) -> list[str]:
-    """`grpo-stream learn` for 2 steps of 2 groups against the scripted server at `url`."""
+def learn_overrides(run: Path, model: Path, url: str, transport: str,
+                    background: bool = False) -> list[str]:  # fmt: skip
+    """`grpo-stream learn` for 2 steps of 2 groups against the scripted server at `url`
+    (the synchronous push unless `background`: test_learner_background.py has that)."""
     return [f"run.run_dir={run}", f"model.path={model}", f'server.urls=["{url}"]',
             f"sync.transport={transport}", "sync.timeout_s=10", "learner.device=cpu",
+            f"sync.background={str(background).lower()}",
             "learner.num_threads=1", "learner.max_steps=2", "learner.batch_groups=2",
             "learner.micro_batch_size=4", "learner.checkpoint_every=100",
             "learner.wait_timeout_s=60"]  # fmt: skip
