@@ -18,7 +18,7 @@ engine core does (`pause_scheduler`):
   weights after the resume: their later tokens are sampled by the new version;
 * ``abort``: running requests end at once with what they decoded so far
   (`finish_reason "abort"`, a cut answer: its text holds no final answer), which the
-  generator scores and writes like any other completion, as the real one does.
+  real generator then handles (`generator/sampler.py`: the group is sampled again).
 
 Each completion token's id is `TOKEN_BASE + v`, v the version that sampled it, so the
 share of trained tokens sampled under an older version than their group's last one (a

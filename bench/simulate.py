@@ -27,8 +27,9 @@ too, which makes the simulation slightly pessimistic at high throughput.
 Prints (labelled SIMULATION) the throughput of sync and async at each point, the speedup,
 the staleness actually seen, and where more servers stop helping; writes
 `bench/results/simulate.json` (the figure format of DESIGN.md) and appends the table to
-`bench/RESULTS.md`. `--pause-modes` compares the three pause modes instead
-(`bench/sim_pause.py`, `bench/results/partial_rollouts.json`).
+`bench/RESULTS.md`; then compares the three pause modes at one point
+(`bench/sim_pause.py`, `bench/results/partial_rollouts.json`), or only that with
+`--pause-modes`.
 """
 
 from __future__ import annotations
@@ -212,21 +213,19 @@ def sweep(p: SimParams, servers: list[int], stalenesses: list[int], steps: int,
     return rows
 
 
-OUT = "bench/results/simulate.json"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few points and steps (a smoke run)")
     ap.add_argument("--fit", default=None, help="a real run's buffer: fit the length law to it")
     ap.add_argument("--steps", type=int, default=None, help="learner steps per point")
     ap.add_argument("--scale", type=float, default=None, help="real s per simulated s")
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--out", default="bench/results/simulate.json")
+    ap.add_argument("--pause-out", default="bench/results/partial_rollouts.json")
     ap.add_argument("--results-md", default="bench/RESULTS.md")
     ap.add_argument(
         "--pause-modes",
         action="store_true",
-        help="compare sync.pause_mode wait/keep/abort (bench/sim_pause.py)",
+        help="only the sync.pause_mode comparison (run after the sweep otherwise)",
     )
     ap.add_argument("--rows", default=None,
                     help="re-report the rows of an earlier simulate.json (no simulation)")  # fmt: skip
@@ -250,16 +249,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = str(resolve_model_path(ModelConfig()))  # its tokenizer renders the prompts
     print(f"SIMULATION (not real hardware): {dataclasses.asdict(p)}", flush=True)
-    if args.pause_modes:
-        from bench import sim_pause
+    if not args.pause_modes:  # the sweep, then the pause modes (make bench runs both)
+        rows = sweep(p, servers, stal, steps, 16, 8, model_dir)
+        config = {"params": dataclasses.asdict(p), "fitted_from": args.fit, "steps": steps,
+                  "batch_groups": 16, "group_size": 8, "servers": servers, "staleness": stal}  # fmt: skip
+        report(rows, config, Path(args.out), Path(args.results_md))
+    from bench import sim_pause
 
-        out = "bench/results/partial_rollouts.json" if args.out == OUT else args.out
-        sim_pause.run(p, args.quick, args.steps, model_dir, Path(out), Path(args.results_md))
-        return 0
-    rows = sweep(p, servers, stal, steps, 16, 8, model_dir)
-    config = {"params": dataclasses.asdict(p), "fitted_from": args.fit, "steps": steps,
-              "batch_groups": 16, "group_size": 8, "servers": servers, "staleness": stal}  # fmt: skip
-    report(rows, config, Path(args.out), Path(args.results_md))
+    sim_pause.run(p, args.quick, args.steps, model_dir, Path(args.pause_out), Path(args.results_md))
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.sim_pause import pause_row
+from bench.sim_pause import figures, pause_row, summary
 from bench.sim_servers import TOKEN_BASE, SimParams, SimServers, decode_tokens
 from bench.simulate import point_config, simulate_point
 
@@ -95,6 +95,26 @@ def test_abort_ends_running_requests_with_their_partial_outputs() -> None:
 def test_unknown_pause_mode_is_named() -> None:
     with pytest.raises(ValueError, match="sync.pause_mode"):
         SimServers([URL], P, seed=0, pause_mode="drain")
+
+
+def test_summary_means_over_seeds_and_the_figures_compare_keep_with_wait() -> None:
+    def row(seed, mode, sps, wait_s, mixed, cut):
+        return {"seed": seed, "pause_mode": mode, "samples_per_s": sps, "sync_wait_s": wait_s,
+                "mixed_token_share": mixed, "abort_cut_share": cut}  # fmt: skip
+
+    rows = [row(0, "wait", 1.0, 40.0, 0.0, 0.0), row(1, "wait", 3.0, 20.0, 0.0, 0.0),
+            row(0, "keep", 4.0, 2.0, 0.3, 0.0), row(1, "keep", 4.0, 1.0, 0.5, 0.0),
+            row(0, "abort", 3.0, 1.0, 0.0, 0.02), row(1, "abort", 3.0, 1.0, 0.0, 0.0)]  # fmt: skip
+    means = summary(rows)
+    assert [m["pause_mode"] for m in means] == ["wait", "keep", "abort"]
+    assert means[0]["samples_per_s"] == 2.0 and means[0]["sync_wait_s"] == 30.0
+    assert (means[0]["samples_per_s_min"], means[0]["samples_per_s_max"]) == (1.0, 3.0)
+    figs = {f["name"]: f for f in figures(means)}
+    assert figs["sim_keep_vs_wait_throughput"]["value"] == 2.0  # 4.0 / 2.0
+    assert figs["sim_keep_vs_wait_sync_wait_ratio"]["value"] == 0.05  # 1.5 / 30
+    assert figs["sim_keep_mixed_token_share"]["value"] == 0.4
+    assert not figs["sim_keep_mixed_token_share"]["ok"]  # goal <= 0.10
+    assert figs["sim_abort_cut_sample_share"]["value"] == 0.01
 
 
 FAST = SimParams(len_mu=3.5, len_sigma=0.8, max_tokens=96, tpot_s=0.01, prefill_s=0.1,
