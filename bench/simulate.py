@@ -1,6 +1,7 @@
 """SIMULATION: async against synchronous GRPO at scale (1..64 servers, staleness 0..8).
 
     python -m bench.simulate [--quick] [--fit RUN/buffer] [--steps N]
+    python -m bench.simulate --pause-modes [--quick]   # wait / keep / abort side by side
 
 Not a measurement of real hardware. What is REAL here (imported and driven, not
 re-implemented): the generator (`grpo_stream.generator.loop.Generator`: its producer,
@@ -12,10 +13,11 @@ version rule (`learner/step.py: version_after`), the progress file the gate read
 (`grpo_stream.core.progress`), and `--sync` (`grpo_stream.config.sync_mode.apply_sync_mode`).
 
 What is SIMULATED: (1) the vLLM servers, an in-process stand-in for the client the
-generator uses (`SimServers`): each server runs `slots` requests at once (continuous
-batching), a request of G samples takes `prefill_s + tpot_s * max(lengths)`, lengths
-drawn from a lognormal (fitted to a real run's buffer with `--fit`, else the defaults
-below: a long tail), paused during a sync; (2) the learner's compute: the learner loop
+generator uses (`bench/sim_servers.py: SimServers`): each server runs `slots` requests at
+once (continuous batching), a request of G samples takes `prefill_s + tpot_s *
+max(lengths)`, lengths drawn from a lognormal (fitted to a real run's buffer with
+`--fit`, else the defaults there: a long tail), paused during a sync as vLLM pauses in
+the run's `sync.pause_mode` (wait, keep, abort; sim_servers.py says what each does); (2) the learner's compute: the learner loop
 cannot run without torch models, so its `train_step` is replaced by a sleep of
 `train_s_per_token` per trained token and its weight push by a pause of `sync_s` on
 every server. Times are simulated seconds run `scale` times faster in real time (real
@@ -25,7 +27,9 @@ too, which makes the simulation slightly pessimistic at high throughput.
 Prints (labelled SIMULATION) the throughput of sync and async at each point, the speedup,
 the staleness actually seen, and where more servers stop helping; writes
 `bench/results/simulate.json` (the figure format of DESIGN.md) and appends the table to
-`bench/RESULTS.md`.
+`bench/RESULTS.md`; then compares the three pause modes at one point
+(`bench/sim_pause.py`, `bench/results/partial_rollouts.json`), or only that with
+`--pause-modes`.
 """
 
 from __future__ import annotations
@@ -44,84 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.sim_servers import TOKEN_BASE, SimParams, SimServers
 from bench.simulate_report import report
 from grpo_stream.config import Config
-from grpo_stream.serving.client import Completion
-
-
-@dataclass
-class SimParams:
-    """The simulated parts (simulated seconds)."""
-
-    len_mu: float = 5.7  # lognormal completion lengths: median e^5.7 ~ 300 tokens
-    len_sigma: float = 1.0  # the long tail: p99 ~ 3000 (capped at max_tokens)
-    max_tokens: int = 2048
-    prompt_tokens: int = 100
-    tpot_s: float = 0.02  # decode seconds per token of the longest sample of a request
-    prefill_s: float = 0.2
-    slots: int = 4  # requests a server runs at once
-    train_s_per_token: float = 1e-4
-    sync_s: float = 1.0  # every server paused this long per weight sync
-    scale: float = 0.04  # real seconds per simulated second
-
-
-class SimServers:
-    """The in-process stand-in for vLLM (the `VLLMClient` the generator uses)."""
-
-    def __init__(self, urls: list[str], p: SimParams, seed: int):
-        self.urls, self.p = urls, p
-        self.rng = np.random.default_rng(seed)
-        self.version = {u: 0 for u in urls}
-        self.paused_until = {u: 0.0 for u in urls}
-        self._sems: dict = {}
-
-    def __call__(self, *args, **kwargs) -> SimServers:  # stands where VLLMClient(...) is
-        return self
-
-    async def __aenter__(self) -> SimServers:
-        import asyncio
-
-        self._sems = {u: asyncio.Semaphore(self.p.slots) for u in self.urls}
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        pass
-
-    async def wait_healthy(self, urls, *args, **kwargs) -> list[str]:
-        return list(urls)
-
-    async def health(self, url: str, timeout_s: float = 5.0) -> bool:
-        return True
-
-    async def health_reason(self, url: str, timeout_s: float = 5.0) -> str | None:
-        return None  # always healthy
-
-    async def metrics(self, url: str) -> dict[str, float]:
-        return {}
-
-    async def weight_version(self, url: str) -> int:
-        return self.version[url]
-
-    async def complete(self, url, model, prompt_ids, n, sampling) -> list[Completion]:
-        import asyncio
-
-        p = self.p
-        while (left := self.paused_until[url] - time.monotonic()) > 0:
-            await asyncio.sleep(left)  # paused for a sync: the request waits
-        async with self._sems[url]:
-            lengths = np.minimum(self.rng.lognormal(p.len_mu, p.len_sigma, n), p.max_tokens)
-            lengths = np.maximum(lengths.astype(int), 1)
-            await asyncio.sleep((p.prefill_s + p.tpot_s * int(lengths.max())) * p.scale)
-        return [Completion([7] * int(k), [-1.0] * int(k), "42", "length") for k in lengths]
-
-    def sync(self, version: int) -> None:
-        """Pause every server for `sync_s`, then serve `version` (learner thread)."""
-        until = time.monotonic() + self.p.sync_s * self.p.scale
-        for u in self.urls:
-            self.paused_until[u] = until
-        time.sleep(max(until - time.monotonic(), 0.0))
-        for u in self.urls:
-            self.version[u] = version
 
 
 @dataclass
@@ -137,6 +66,23 @@ class Outcome:
     t_end: float = 0.0  # real monotonic time of the learner's last step
     gated_s: float = 0.0  # simulated
     buffer_versions: list[int] = field(default_factory=list)
+    sync_wait_s: float = 0.0  # simulated: the learner waiting on weight syncs
+    completion_tokens: int = 0
+    mixed_tokens: int = 0  # sampled under an older version than their group's last one
+    aborted_samples: int = 0  # cut by a pause in abort mode (finish_reason "abort")
+    spanning_samples: int = 0  # policy_version != policy_version_end (what a run sees)
+
+
+def count_mixed(out: Outcome, groups: list) -> None:
+    """Add the trained groups' partial-rollout counts (token ids carry the version that
+    sampled them: bench/sim_servers.py) to `out`."""
+    for g in groups:
+        last = max((t - TOKEN_BASE for s in g for t in s.completion_ids), default=0)
+        for s in g:
+            out.completion_tokens += len(s.completion_ids)
+            out.mixed_tokens += sum(1 for t in s.completion_ids if t - TOKEN_BASE < last)
+            out.aborted_samples += s.finish_reason == "abort"
+            out.spanning_samples += s.policy_version != s.policy_version_end
 
 
 def sim_learner(cfg: Config, servers: SimServers, out: Outcome, errors: list) -> None:
@@ -169,12 +115,13 @@ def sim_learner(cfg: Config, servers: SimServers, out: Outcome, errors: list) ->
                 tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
                 out.staleness += [version - s.policy_version for s in samples]
                 out.samples, out.tokens = out.samples + len(samples), out.tokens + tokens
+                count_mixed(out, batch.groups)
                 time.sleep(tokens * p.train_s_per_token * p.scale)  # the train_step
                 out.train_s += tokens * p.train_s_per_token
                 step += 1
                 version = version_after(step, cfg)
                 if step % cfg.sync.every == 0:
-                    servers.sync(version)
+                    out.sync_wait_s += servers.sync(version)
             publish()
         out.steps, out.t_end = step, time.monotonic()  # in-flight requests after it don't count
         publish(finished=True)
@@ -207,7 +154,7 @@ def simulate_point(cfg: Config, p: SimParams, model_dir: str, seed: int = 0) -> 
 
     import grpo_stream.generator.loop as gen_loop
 
-    servers = SimServers(cfg.server.urls, p, seed)
+    servers = SimServers(cfg.server.urls, p, seed, cfg.sync.pause_mode)
     out, errors = Outcome(), []
     old_client = gen_loop.VLLMClient
     gen_loop.VLLMClient = servers  # the generator's only way to the servers
@@ -273,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="learner steps per point")
     ap.add_argument("--scale", type=float, default=None, help="real s per simulated s")
     ap.add_argument("--out", default="bench/results/simulate.json")
+    ap.add_argument("--pause-out", default="bench/results/partial_rollouts.json")
     ap.add_argument("--results-md", default="bench/RESULTS.md")
+    ap.add_argument(
+        "--pause-modes",
+        action="store_true",
+        help="only the sync.pause_mode comparison (run after the sweep otherwise)",
+    )
     ap.add_argument("--rows", default=None,
                     help="re-report the rows of an earlier simulate.json (no simulation)")  # fmt: skip
     args = ap.parse_args(argv)
@@ -296,10 +249,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = str(resolve_model_path(ModelConfig()))  # its tokenizer renders the prompts
     print(f"SIMULATION (not real hardware): {dataclasses.asdict(p)}", flush=True)
-    rows = sweep(p, servers, stal, steps, 16, 8, model_dir)
-    config = {"params": dataclasses.asdict(p), "fitted_from": args.fit, "steps": steps,
-              "batch_groups": 16, "group_size": 8, "servers": servers, "staleness": stal}  # fmt: skip
-    report(rows, config, Path(args.out), Path(args.results_md))
+    if not args.pause_modes:  # the sweep, then the pause modes (make bench runs both)
+        rows = sweep(p, servers, stal, steps, 16, 8, model_dir)
+        config = {"params": dataclasses.asdict(p), "fitted_from": args.fit, "steps": steps,
+                  "batch_groups": 16, "group_size": 8, "servers": servers, "staleness": stal}  # fmt: skip
+        report(rows, config, Path(args.out), Path(args.results_md))
+    from bench import sim_pause
+
+    sim_pause.run(p, args.quick, args.steps, model_dir, Path(args.pause_out), Path(args.results_md))
     return 0
 
 

@@ -8,9 +8,11 @@
 after the request (vLLM stamps no version on a completion, so the pair brackets it:
 if a sync landed in between, the sample carries the span), and retries transient
 errors on any live server with backoff until both `max_retries` and `retry_budget_s`
-are spent; then, or on any other error, it raises `PromptFailed`. It does not score:
-the caller does (the generator's `_one`, the evaluator), and `build_group` turns the
-completions and their rewards into `Sample` records ready for the buffer.
+are spent; then, or on any other error, it raises `PromptFailed`. A group cut by a
+sync's abort is sampled again (an unfinished answer would be scored as a wrong one). It
+does not score: the caller does (the generator's `_one`, the evaluator), and
+`build_group` turns the completions and their rewards into `Sample` records ready for
+the buffer.
 """
 
 from __future__ import annotations
@@ -59,16 +61,21 @@ async def request_group(
 ) -> tuple[list[Completion], int, int, float, str]:
     """Retries transient errors until both `max_retries` retries and `retry_budget_s`
     seconds since the first failure are spent: a server paused for a long weight sync
-    answers 503 for as long as the sync takes, however few attempts that is."""
+    answers 503 for as long as the sync takes, however few attempts that is. A group a
+    sync cut (`sync.pause_mode = "abort"`: a completion's finish_reason "abort", its
+    answer unfinished) is sampled again, up to `max_retries` times, then kept as cut."""
     backoff = Backoff(backoff_s, cap=10.0)  # doubles per attempt, jittered
     last: BaseException | None = None
-    attempts, first_failure = 0, None
+    attempts, first_failure, resampled = 0, None, 0
     while True:
         attempts += 1
         async with pool.lease() as url:
             try:
                 outs, v0, v1, lat = await _request_once(pool.client, url, model, req, n, sampling)
-                return outs, v0, v1, lat, url
+                if resampled >= max_retries or not any(o.finish_reason == "abort" for o in outs):
+                    return outs, v0, v1, lat, url
+                resampled += 1  # cut by a sync's abort: sampled again (the new weights)
+                continue
             except asyncio.CancelledError:
                 raise
             except Exception as err:

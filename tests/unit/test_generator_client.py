@@ -202,6 +202,40 @@ def test_http_503_is_retried_then_succeeds() -> None:
     assert alive == {srv_url: True}  # /health answered: a busy server is not taken out
 
 
+def _cut_body(n: int = 2) -> dict[str, Any]:
+    """What vLLM answers for requests a `/pause?mode=abort` cut: the partial outputs."""
+    body = {"choices": [choice(i, [10 + i], [-0.5]) for i in range(n)]}
+    body["choices"][1]["finish_reason"] = "abort"
+    return body
+
+
+def test_a_group_cut_by_a_syncs_abort_is_sampled_again() -> None:
+    async def main():
+        async with CannedServer() as srv:
+            srv.script["/weight_info"] = VERSION
+            srv.script["/v1/completions"] = [(200, dumps(_cut_body())), (200, dumps(good_body()))]
+            result, _ = await _group([srv.url], max_retries=3)
+            return result[0], srv.hits["/v1/completions"]
+
+    outs, hits = run(main())
+    assert hits == 2  # the cut answer is not scored: the group is sampled again
+    assert [o.token_ids for o in outs] == [[10, 20, 30], [11, 21, 31]]
+    assert [o.finish_reason for o in outs] == ["length", "length"]
+
+
+def test_a_group_cut_more_than_max_retries_times_is_kept_as_cut() -> None:
+    async def main():
+        async with CannedServer() as srv:
+            srv.script["/weight_info"] = VERSION
+            srv.script["/v1/completions"] = [(200, dumps(_cut_body()))]  # always cut
+            result, _ = await _group([srv.url], max_retries=2)
+            return result[0], srv.hits["/v1/completions"]
+
+    outs, hits = run(main())
+    assert hits == 3  # the first answer and 2 resamples, then the bound
+    assert [o.finish_reason for o in outs] == ["length", "abort"]
+
+
 def test_connection_cut_mid_body_is_retried() -> None:
     full = dumps(good_body()).encode()
 
