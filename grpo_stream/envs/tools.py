@@ -17,6 +17,7 @@ tool runs in a daemon thread, so one that hangs keeps no process from exiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import re
@@ -94,11 +95,12 @@ def _in_daemon_thread(fn: Callable[..., Any], args: dict) -> asyncio.Future:
 
     def work() -> None:
         try:
-            out = fn(**args)
+            result = (True, fn(**args))
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting episode
-            loop.call_soon_threadsafe(settle, False, e)
-        else:
-            loop.call_soon_threadsafe(settle, True, out)
+            result = (False, e)
+        # a late result of a tool that hung: its episode has failed, the loop may be gone
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, *result)
 
     threading.Thread(target=work, name=f"tool-{getattr(fn, '__name__', 'fn')}", daemon=True).start()
     return fut
