@@ -47,7 +47,9 @@ def _run(tool, timeout_s=1.0, max_chars=100):
 
 def test_tool_calls_are_parsed_from_the_model_text():
     text = 'Let me compute. <tool_call>{"name": "calculator", "arguments": {"expression": "2*3"}}'
-    assert parse_tool_call(text + "</tool_call> done") == ToolCall("calculator", {"expression": "2*3"})
+    assert parse_tool_call(text + "</tool_call> done") == ToolCall(
+        "calculator", {"expression": "2*3"}
+    )
     assert parse_tool_call(text) == ToolCall("calculator", {"expression": "2*3"})  # unclosed
     assert parse_tool_call("The answer is 6.") is None
     with pytest.raises(ToolCallError, match="not JSON"):
@@ -62,7 +64,7 @@ def test_the_calculator():
     assert calculate("-3 - -5") == "2"
     assert calculate("1/0") == "error: division by zero"
     assert calculate("__import__('os')").startswith("error: only numbers")
-    assert calculate("2 +") .startswith("error:")
+    assert calculate("2 +").startswith("error:")
     assert CALCULATOR.schema()["function"]["parameters"]["required"] == ["expression"]
 
 
@@ -123,7 +125,10 @@ def test_the_tool_environment_answers_calls_and_tells_the_model_its_mistakes():
     call = '<tool_call>{"name": "calculator", "arguments": {"expression": "347*89"}}</tool_call>'
     assert respond(call) == Reply([{"role": "tool", "content": "30883"}])
     assert respond("30883") == Done()
-    assert "unknown tool 'calc'" in respond('<tool_call>{"name": "calc"}</tool_call>').messages[0]["content"]
+    assert (
+        "unknown tool 'calc'"
+        in respond('<tool_call>{"name": "calc"}</tool_call>').messages[0]["content"]
+    )
     wrong = respond('<tool_call>{"name": "calculator", "arguments": {"x": 1}}</tool_call>')
     assert wrong.messages[0]["content"] == (
         "invalid call of calculator: unknown arguments ['x'], missing ['expression']"
