@@ -13,7 +13,7 @@ metadata write and a tail-chunk rewrite, so columns are packed by kind into few 
     text_ends      int64   [rows, 7]       end offsets into `text`, row-major over STRING_COLUMNS
     text           uint8   [bytes]         UTF-8 of all string columns
     policy_mask_ends int64 [rows]          OPTIONAL_LISTS: an array of ends each, so a
-    policy_mask    int8    [n]             store made before the column just lacks them
+    policy_mask    int8    [n]             store without the column just lacks both
 
 A store without an optional list's arrays reads that column as empty lists (its
 default); a writer opening such a store adds them (fill 0: the old rows stay empty).

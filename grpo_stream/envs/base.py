@@ -13,7 +13,9 @@ episode ends with that reason and no reward.
         def start(self, prompt): return [{"role": "user", "content": prompt.text}]
         async def respond(self, prompt, messages, text): return Done()
 
-The generator (`grpo_stream.generator.episodes`) runs the turns, token in, token out,
+An environment that keeps one episode's state (an OpenEnv one: `envs.openenv`) also
+has `fresh()`, which returns an instance for one new episode; the generator calls it
+once per episode. The generator (`grpo_stream.generator.episodes`) runs the turns, token in, token out,
 under the `EpisodeLimits` of `[env]`.
 """
 

@@ -13,7 +13,8 @@ policy mask 0 and no log-prob (stored 0.0). No earlier turn is ever re-tokenized
 An episode ends when the environment says `Done`, after `env.max_turns` model turns,
 or when `env.max_total_tokens` leaves no room for another turn; the reward functions
 then score its last model turn (unless `Done` carries a reward). A tool that raises,
-hangs or returns garbage, or an episode past `env.wall_time_s`, fails the episode: its
+hangs or returns garbage, an environment that raises, or an episode past
+`env.wall_time_s`, fails the episode: its
 sample keeps the tokens so far, reward NaN and the reason in `reward_error`, so the
 learner drops the group as a failed reward and the ledger counts it (the run goes on).
 A server that keeps failing fails the prompt (`PromptFailed`), as for single-turn groups.
@@ -104,20 +105,27 @@ class EpisodeRunner:
 
     async def episode(self, pool, prompt) -> Episode:
         """One episode on `prompt`; a failed one is returned with its reason."""
-        messages = self.env.start(prompt)
-        text = opening_text(self.tok, messages, self.tools)
-        ep = Episode(EpisodeTokens(self._encode(text)), text)
+        ep = Episode(EpisodeTokens([]), "")
+        # a stateful environment (an OpenEnv one) gives each episode its own instance
+        env = self.env.fresh() if hasattr(self.env, "fresh") else self.env
         try:
             async with asyncio.timeout(self.limits.wall_time_s):
-                await self._turns(pool, prompt, messages, ep)
+                messages = env.start(prompt)
+                ep.prompt_text = opening_text(self.tok, messages, self.tools)
+                ep.tokens.prompt_ids = self._encode(ep.prompt_text)
+                await self._turns(pool, env, prompt, messages, ep)
         except EpisodeFailed as e:
             ep.finish_reason, ep.error = FAILED, str(e)
         except TimeoutError:
             ep.finish_reason = FAILED
             ep.error = f"episode ran past {self.limits.wall_time_s:g} s (env.wall_time_s)"
+        except PromptFailed:
+            raise  # the server's failure: the prompt's, not the episode's
+        except Exception as e:  # noqa: BLE001 - a broken environment fails its episode only
+            ep.finish_reason, ep.error = FAILED, f"environment raised {type(e).__name__}: {e}"
         return ep
 
-    async def _turns(self, pool, prompt, messages: list[dict], ep: Episode) -> None:
+    async def _turns(self, pool, env, prompt, messages: list[dict], ep: Episode) -> None:
         lim, tok, eos = self.limits, ep.tokens, self.tok.eos_token_id
         t0 = time.perf_counter()
         while True:
@@ -134,7 +142,7 @@ class EpisodeRunner:
             ep.latency_s = time.perf_counter() - t0
             ep.last_text = c.text
             messages.append({"role": "assistant", "content": c.text})
-            answer = await self.env.respond(prompt, messages, c.text)
+            answer = await env.respond(prompt, messages, c.text)
             if isinstance(answer, Done):
                 ep.finish_reason, ep.done = "done", answer
                 return

@@ -164,3 +164,31 @@ def test_environments_by_name():
     cfg.name = "grpo_stream.envs.toolenv:nothing"
     with pytest.raises(ConfigError, match="env.name: cannot load"):
         make_environment(cfg)
+
+
+def test_an_environment_that_raises_fails_its_episode_not_the_generator(smollm2_dir):
+    import math
+
+    from transformers import AutoTokenizer
+
+    from grpo_stream.generator.episodes import EpisodeRunner
+
+    class Broken:
+        tools: list = []
+
+        def start(self, prompt):
+            raise RuntimeError("no board for this game")
+
+        async def respond(self, prompt, messages, text):  # pragma: no cover - never reached
+            return Done()
+
+    cfg = Config()
+    runner = EpisodeRunner(Broken(), AutoTokenizer.from_pretrained(smollm2_dir), cfg)
+    ep = asyncio.run(runner.episode(None, PROMPT))  # fails before any request
+    assert ep.finish_reason == "env_failed"
+    assert ep.error == "environment raised RuntimeError: no board for this game"
+    s = runner.sample("r", PROMPT, 0, ep, None)
+    assert math.isnan(s.reward) and s.reward_error == ep.error and s.completion_ids == []
+    cfg.env.max_total_tokens = cfg.server.max_model_len + 1
+    with pytest.raises(ConfigError, match="env.max_total_tokens = .* exceeds server.max_model_len"):
+        EpisodeRunner(Broken(), None, cfg)
