@@ -166,7 +166,7 @@ def test_environments_by_name():
         make_environment(cfg)
 
 
-def test_an_environment_that_raises_fails_its_episode_not_the_generator(smollm2_dir):
+def test_a_raising_environment_and_the_token_limit_end_episodes_before_a_turn(smollm2_dir):
     import math
 
     from transformers import AutoTokenizer
@@ -183,12 +183,19 @@ def test_an_environment_that_raises_fails_its_episode_not_the_generator(smollm2_
             return Done()
 
     cfg = Config()
-    runner = EpisodeRunner(Broken(), AutoTokenizer.from_pretrained(smollm2_dir), cfg)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    runner = EpisodeRunner(Broken(), tok, cfg)
     ep = asyncio.run(runner.episode(None, PROMPT))  # fails before any request
     assert ep.finish_reason == "env_failed"
     assert ep.error == "environment raised RuntimeError: no board for this game"
     s = runner.sample("r", PROMPT, 0, ep, None)
     assert math.isnan(s.reward) and s.reward_error == ep.error and s.completion_ids == []
+    # env.max_total_tokens: a prompt that leaves no room ends the episode before a turn
+    cfg.env.max_total_tokens = 8
+    short = EpisodeRunner(ToolEnv([CALCULATOR], EpisodeLimits()), tok, cfg)
+    ep = asyncio.run(short.episode(None, PROMPT))  # no room: no request is made
+    assert (ep.finish_reason, ep.turns, ep.error) == ("max_tokens", 0, "")
+    assert len(ep.tokens.prompt_ids) > 8 and ep.tokens.completion_ids == []
     cfg.env.max_total_tokens = cfg.server.max_model_len + 1
     with pytest.raises(ConfigError, match="env.max_total_tokens = .* exceeds server.max_model_len"):
         EpisodeRunner(Broken(), None, cfg)
