@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "grpo_stream"
 
 # everything below `run`: the roles and what they are built from
-BELOW_RUN = {"core", "config", "serving", "algo", "buffer", "tasks", "sync", "generator",
-             "learner", "eval", "rm"}  # fmt: skip
+BELOW_RUN = {"core", "config", "serving", "algo", "buffer", "tasks", "envs", "sync",
+             "generator", "learner", "eval", "rm"}  # fmt: skip
 # package -> the packages it may import (besides itself), lowest layer first
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
@@ -30,8 +30,9 @@ ALLOWED: dict[str, set[str]] = {
     "algo": {"core"},
     "buffer": {"core"},
     "tasks": {"core", "config"},
+    "envs": {"core", "config", "tasks"},
     "sync": {"core", "config", "serving"},
-    "generator": {"core", "config", "serving", "buffer", "tasks"},
+    "generator": {"core", "config", "serving", "buffer", "tasks", "envs"},
     "learner": {"core", "config", "serving", "algo", "buffer", "sync"},
     "eval": {"core", "config", "serving", "buffer", "tasks", "generator"},
     "rm": {"core", "config", "serving", "algo", "buffer", "tasks"},

@@ -45,8 +45,14 @@ import pyarrow as pa
 
 from grpo_stream.buffer.base import CorruptSegmentError
 from grpo_stream.buffer.checksums import column_crc, table_crcs
+from grpo_stream.buffer.columns import fill_optional
 from grpo_stream.buffer.fsutil import StoreFS
-from grpo_stream.buffer.schema import ARROW_SCHEMA, SCHEMA_VERSION, check_schema_version
+from grpo_stream.buffer.schema import (
+    ARROW_SCHEMA,
+    OPTIONAL_COLUMNS,
+    SCHEMA_VERSION,
+    check_schema_version,
+)
 
 
 class _Span(Protocol):
@@ -113,7 +119,7 @@ def open_table(sfs: StoreFS, seg: Segment) -> pa.Table:
             source = pa.py_buffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
     else:
         source = pa.BufferReader(pa.py_buffer(sfs.fs.cat_file(path)))
-    return pa.ipc.open_file(source).read_all()
+    return fill_optional(pa.ipc.open_file(source).read_all())  # older segments: defaults
 
 
 def seal_table(
@@ -146,6 +152,8 @@ def bad_column(table: pa.Table, columns: Sequence[str], meta: dict) -> str | Non
     (`meta`, from `segment_meta`), or None."""
     crcs, version = meta["crc"], meta["schema_version"]
     for name in columns:
+        if name not in crcs and name in OPTIONAL_COLUMNS:  # filled in by open_table
+            continue
         if column_crc(table.column(name), version) != crcs[name]:
             return name
     return None

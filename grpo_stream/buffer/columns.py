@@ -23,7 +23,7 @@ from operator import attrgetter
 import numpy as np
 import pyarrow as pa
 
-from grpo_stream.buffer.schema import _ARROW_TYPES, ARROW_SCHEMA, Group, Sample
+from grpo_stream.buffer.schema import _ARROW_TYPES, ARROW_SCHEMA, OPTIONAL_COLUMNS, Group, Sample
 
 LIST_COLUMNS = [n for n, t in _ARROW_TYPES.items() if pa.types.is_large_list(t)]
 STRING_COLUMNS = [n for n, t in _ARROW_TYPES.items() if pa.types.is_string(t)]
@@ -155,6 +155,17 @@ def table_to_groups(table: pa.Table) -> list[Group]:
         else:
             groups.append([s])
     return groups
+
+
+def fill_optional(table: pa.Table) -> pa.Table:
+    """`table` with each missing OPTIONAL_COLUMNS column added as its default (empty
+    lists), in schema order: a segment written before the column existed reads the same."""
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.column_names:
+            empty = pa.array([[]] * table.num_rows, _ARROW_TYPES[name])
+            at = list(_ARROW_TYPES).index(name)
+            table = table.add_column(min(at, table.num_columns), ARROW_SCHEMA.field(name), empty)
+    return table
 
 
 def column_views(arr: pa.Array) -> list[np.ndarray]:

@@ -11,6 +11,10 @@ Versions (the rows are the same in both; the version is the store format's):
   2  Arrow segments carry a CRC-32C per column (hardware-accelerated, so a reader's
      first-use check costs less: `bench.choices`, bench/RESULTS.md)
 A writer appending to an existing store keeps that store's version.
+
+`policy_mask` (multi-turn episodes, `grpo_stream.generator.episodes`) is optional: a
+store written without it reads back with empty masks (every token the policy's), and
+a writer appending to such a store refuses rows with a mask rather than drop it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ class Sample:
     gen_latency_s: float = 0.0
     server_url: str = ""
     created_at: float = 0.0
+    # per completion token: 1 the policy sampled it, 0 an environment turn's token (a
+    # tool result, a reply) with no behaviour log-prob (stored 0.0); empty: all policy
+    # (single-turn rows, and every row of a store written before the column existed)
+    policy_mask: list[int] = field(default_factory=list)
 
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
@@ -73,7 +81,11 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "gen_latency_s": pa.float32(),
     "server_url": pa.string(),
     "created_at": pa.float64(),
+    "policy_mask": pa.large_list(pa.int8()),  # optional: OPTIONAL_COLUMNS
 }
+
+# columns a store may lack (written before they existed): readers fill in their default
+OPTIONAL_COLUMNS = ("policy_mask",)
 
 assert list(_ARROW_TYPES) == [f.name for f in dataclasses.fields(Sample)], "schema drift"
 

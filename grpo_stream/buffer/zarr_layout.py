@@ -12,6 +12,11 @@ metadata write and a tail-chunk rewrite, so columns are packed by kind into few 
     behaviour_logprobs float32 [n]
     text_ends      int64   [rows, 7]       end offsets into `text`, row-major over STRING_COLUMNS
     text           uint8   [bytes]         UTF-8 of all string columns
+    policy_mask_ends int64 [rows]          OPTIONAL_LISTS: an array of ends each, so a
+    policy_mask    int8    [n]             store without the column just lacks both
+
+A store without an optional list's arrays reads that column as empty lists (its
+default); a writer opening such a store adds them (fill 0: the old rows stay empty).
 
 The root group's attributes hold the schema version (`VERSION_ATTR`) and the commit
 pointer (`commit_pointer`): what the writer has published, and the oldest group kept.
@@ -32,10 +37,13 @@ from grpo_stream.buffer.columns import (
     one_chunk,
     take_ranges,
 )
-from grpo_stream.buffer.schema import _ARROW_TYPES, ARROW_SCHEMA
+from grpo_stream.buffer.schema import _ARROW_TYPES, ARROW_SCHEMA, OPTIONAL_COLUMNS
 
 INT_COLUMNS = [n for n, t in _ARROW_TYPES.items() if pa.types.is_integer(t)]
 FLOAT_COLUMNS = [n for n, t in _ARROW_TYPES.items() if pa.types.is_floating(t)]
+PACKED_LISTS = [n for n in LIST_COLUMNS if n not in OPTIONAL_COLUMNS]  # ends in list_ends
+OPTIONAL_LISTS = [n for n in LIST_COLUMNS if n in OPTIONAL_COLUMNS]  # ends in NAME_ends
+OPTIONAL_ARRAYS = [a for n in OPTIONAL_LISTS for a in (f"{n}_ends", n)]
 ROW_ARRAYS = ["ints", "floats", "list_ends", "text_ends"]
 VALUE_ARRAYS = [*LIST_COLUMNS, "text"]
 VERSION_ATTR = "grpo_stream_schema_version"
@@ -54,10 +62,12 @@ def array_specs(row_chunk: int, value_chunk: int) -> dict[str, tuple[tuple[int, 
         "group_rows": ((row_chunk,), "int64"),
         "ints": ((row_chunk, len(INT_COLUMNS)), "int64"),
         "floats": ((row_chunk, len(FLOAT_COLUMNS)), "float64"),
-        "list_ends": ((row_chunk, len(LIST_COLUMNS)), "int64"),
+        "list_ends": ((row_chunk, len(PACKED_LISTS)), "int64"),
         "text_ends": ((row_chunk, len(STRING_COLUMNS)), "int64"),
         "text": ((value_chunk * 4,), "uint8"),
     }
+    for name in OPTIONAL_LISTS:
+        specs[f"{name}_ends"] = ((row_chunk,), "int64")
     for name in LIST_COLUMNS:
         specs[name] = (
             (value_chunk,),
@@ -86,7 +96,11 @@ def table_to_arrays(table: pa.Table, base: dict[str, int]) -> dict[str, np.ndarr
     for name in LIST_COLUMNS:
         offs, vals = _col(table, name)
         out[name] = vals
-        list_ends.append(offs[1:] - offs[0] + base[name])
+        ends = offs[1:] - offs[0] + base[name]
+        if name in OPTIONAL_LISTS:
+            out[f"{name}_ends"] = ends.astype(np.int64)
+        else:
+            list_ends.append(ends)
     out["list_ends"] = np.stack(list_ends, axis=1).astype(np.int64)
     out["text_ends"], out["text"] = _pack_text(table, base["text"])
     return out
@@ -126,8 +140,13 @@ def arrays_to_table(
         elif name in FLOAT_COLUMNS:
             col = parts["floats"][:, FLOAT_COLUMNS.index(name)].astype(typ.to_pandas_dtype())
             arrays.append(pa.array(col, typ))
+        elif name in OPTIONAL_LISTS and f"{name}_ends" not in parts:  # a store without it
+            arrays.append(pa.array([[]] * n, typ))
         elif name in LIST_COLUMNS:
-            ends = parts["list_ends"][:, LIST_COLUMNS.index(name)]
+            if name in OPTIONAL_LISTS:
+                ends = parts[f"{name}_ends"]
+            else:
+                ends = parts["list_ends"][:, PACKED_LISTS.index(name)]
             offs = (ends - ends[0]).astype(np.int64)
             vals = parts[name][: offs[-1]] if n else parts[name][:0]
             arrays.append(pa.LargeListArray.from_arrays(pa.array(offs), pa.array(vals)))

@@ -17,12 +17,15 @@ import pyarrow as pa
 import zarr
 
 from grpo_stream.buffer.base import ChunkError, CorruptSegmentError, ReaderBase, StoreNotFoundError
-from grpo_stream.buffer.columns import LIST_COLUMNS, STRING_COLUMNS, table_to_groups
+from grpo_stream.buffer.columns import STRING_COLUMNS, table_to_groups
 from grpo_stream.buffer.fsutil import open_store_reader
 from grpo_stream.buffer.schema import ARROW_SCHEMA, Group, check_schema_version
 from grpo_stream.buffer.zarr_io import open_zarr_store, read_slice
 from grpo_stream.buffer.zarr_layout import (
     FLOAT_COLUMNS,
+    OPTIONAL_ARRAYS,
+    OPTIONAL_LISTS,
+    PACKED_LISTS,
     VERSION_ATTR,
     array_specs,
     arrays_to_table,
@@ -54,7 +57,8 @@ class ZarrReader(ReaderBase):
         check_schema_version(root.attrs.get(VERSION_ATTR), where)
         commit = commit_pointer(dict(root.attrs))
         if commit != self.commit or not self.arrays:
-            self.arrays = {name: root[name] for name in array_specs(1, 1)}
+            names = [n for n in array_specs(1, 1) if n not in OPTIONAL_ARRAYS or n in root]
+            self.arrays = {name: root[name] for name in names}
             self.commit = commit
         return self.num_groups()
 
@@ -78,7 +82,13 @@ class ZarrReader(ReaderBase):
         if any(c in FLOAT_COLUMNS for c in columns):
             parts["floats"] = self._read("floats", r0, r1)
         value_base: dict[str, int] = {}
-        for kind, names in (("list_ends", LIST_COLUMNS), ("text_ends", ["text"])):
+        for name in OPTIONAL_LISTS:
+            if name in columns and name in self.arrays:  # else: the default, empty lists
+                ends = self._read(f"{name}_ends", max(r0 - 1, 0), r1)
+                ends = np.concatenate([np.zeros(1, np.int64), ends]) if r0 == 0 else ends
+                parts[f"{name}_ends"] = ends
+                parts[name], value_base[name] = self._read(name, int(ends[0]), int(ends[-1])), 0
+        for kind, names in (("list_ends", PACKED_LISTS), ("text_ends", ["text"])):
             texty = any(c in STRING_COLUMNS for c in columns)
             wanted = [n for n in names if n in columns or (kind == "text_ends" and texty)]
             if not wanted:

@@ -21,9 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from grpo_stream.buffer.columns import LIST_COLUMNS
 from grpo_stream.buffer.zarr_io import chunk_key
-from grpo_stream.buffer.zarr_layout import FLOAT_COLUMNS
+from grpo_stream.buffer.zarr_layout import FLOAT_COLUMNS, OPTIONAL_LISTS, PACKED_LISTS
 
 Read = Callable[[str, int, int], np.ndarray]
 _CREATED_AT = FLOAT_COLUMNS.index("created_at")
@@ -70,8 +69,11 @@ def needed_from(read: Read, g: int) -> dict[str, int]:
     need = {"group_rows": max(g - 1, 0), "ints": r0, "floats": r0}
     need["list_ends"] = need["text_ends"] = max(r0 - 1, 0)
     ends = read("list_ends", r0 - 1, r0)[0] if r0 > 0 else None
-    for j, name in enumerate(LIST_COLUMNS):
+    for j, name in enumerate(PACKED_LISTS):
         need[name] = int(ends[j]) if ends is not None else 0
+    for name in OPTIONAL_LISTS:  # the writer's store has them (it adds missing ones)
+        need[f"{name}_ends"] = max(r0 - 1, 0)
+        need[name] = int(read(f"{name}_ends", r0 - 1, r0)[0]) if r0 > 0 else 0
     need["text"] = int(read("text_ends", r0 - 1, r0)[0, -1]) if r0 > 0 else 0
     return need
 

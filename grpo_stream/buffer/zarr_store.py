@@ -43,6 +43,8 @@ from grpo_stream.buffer.fsutil import open_store_writer
 from grpo_stream.buffer.schema import SCHEMA_VERSION, Group, check_schema_version
 from grpo_stream.buffer.zarr_io import open_zarr_store, read_slice, remove_stray_tmp
 from grpo_stream.buffer.zarr_layout import (
+    OPTIONAL_ARRAYS,
+    OPTIONAL_LISTS,
     VALUE_ARRAYS,
     VERSION_ATTR,
     array_specs,
@@ -75,29 +77,27 @@ class ZarrWriter:
         remove_stray_tmp(self.sfs)
         self.store = open_zarr_store(self.sfs, read_only=False, fsync=fsync)
         self.root = self._open_root(row_chunk, value_chunk)
-        self.arrays = {name: self.root[name] for name in array_specs(1, 1)}
+        # write_empty_chunks is not stored with an array: a chunk of zeros (the fill
+        # value; e.g. the ends of empty policy masks) must still get its file
+        self.arrays = {
+            n: self.root[n].with_config({"write_empty_chunks": True}) for n in array_specs(1, 1)
+        }
         self.commit = commit_pointer(dict(self.root.attrs))
         self._sweeper = ChunkSweeper(self.sfs, self.arrays)
 
     def _open_root(self, row_chunk: int, value_chunk: int) -> zarr.Group:
+        specs = array_specs(row_chunk, value_chunk)
         try:
             root = zarr.open_group(self.store, mode="r+", use_consolidated=False)
             check_schema_version(root.attrs.get(VERSION_ATTR), self.sfs.join("zarr.json"))
+            # a store made before an optional column: its arrays now (fill 0: old rows empty)
+            missing = {n: specs[n] for n in OPTIONAL_ARRAYS if n not in root}
+            _create_arrays(root, missing, rows=int(root.attrs.get("num_rows", 0)))
             return root
         except FileNotFoundError:
             pass
         root = zarr.open_group(self.store, mode="a", zarr_format=3)  # "w" would wipe meta.json
-        for name, (chunks, dtype) in array_specs(row_chunk, value_chunk).items():
-            shape = (_INITIAL_CHUNKS * chunks[0], *chunks[1:])  # capacity; unwritten: no files
-            root.create_array(
-                name,
-                shape=shape,
-                chunks=chunks,
-                dtype=dtype,
-                compressors=CHUNK_CODECS,
-                fill_value=0,
-                config={"write_empty_chunks": True},
-            )
+        _create_arrays(root, specs)
         root.attrs.update(
             {VERSION_ATTR: SCHEMA_VERSION, "run_id": self.run_id, **commit_pointer({})}
         )
@@ -118,6 +118,7 @@ class ZarrWriter:
         parts = table_to_arrays(table, base)
         lengths = {"group_rows": first, **{n: base["rows"] for n in ("ints", "floats")}}
         lengths.update({"list_ends": base["rows"], "text_ends": base["rows"]})
+        lengths.update({f"{n}_ends": base["rows"] for n in OPTIONAL_LISTS})
         lengths.update({n: base[n] for n in VALUE_ARRAYS})
         self._write_tails([(self.arrays[n], lengths[n], d) for n, d in parts.items()])
         new = {"num_groups": first + len(groups), "num_rows": row}
@@ -179,3 +180,25 @@ class ZarrWriter:
 
 
 __all__ = ["CHUNK_CODECS", "ZarrWriter"]
+
+
+def _create_arrays(
+    root: zarr.Group, specs: dict[str, tuple[tuple[int, ...], str]], rows: int = 0
+) -> None:
+    """The arrays of `specs`; in a store that already has `rows` rows, each per-row one
+    (NAME_ends) written with zeros for them: empty lists, and chunks a reader finds."""
+    for name, (chunks, dtype) in specs.items():
+        n = max(rows, 1) if name.endswith("_ends") else 1
+        capacity = -(-n // chunks[0]) * chunks[0]
+        shape = (max(_INITIAL_CHUNKS * chunks[0], capacity), *chunks[1:])  # unwritten: no files
+        arr = root.create_array(
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            compressors=CHUNK_CODECS,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+        if rows and name.endswith("_ends"):
+            arr[:rows] = np.zeros(rows, dtype)

@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
+from grpo_stream.config.episodes import EnvConfig
 from grpo_stream.config.evaluation import EvalConfig
 from grpo_stream.config.learning import LearnerConfig, LossConfig, SyncConfig
 from grpo_stream.config.reward_model import RewardModelConfig
@@ -53,6 +54,7 @@ __all__ = [
     "TASK_INSTRUCTIONS",
     "BufferConfig",
     "Config",
+    "EnvConfig",
     "ConfigError",
     "EvalConfig",
     "GeneratorConfig",
@@ -95,6 +97,7 @@ class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig, description="vLLM server(s)")
     task: TaskConfig = Field(default_factory=TaskConfig, description="the prompt source")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="reward functions")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="multi-turn environment")
     generator: GeneratorConfig = Field(
         default_factory=GeneratorConfig, description="sampling groups from the servers"
     )

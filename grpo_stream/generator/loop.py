@@ -30,6 +30,7 @@ from grpo_stream.core import run_records
 from grpo_stream.core.errors import UserError
 from grpo_stream.core.timing import GeneratorClocks
 from grpo_stream.generator import resume
+from grpo_stream.generator.episodes import episode_runner
 from grpo_stream.generator.gate import StalenessGate
 from grpo_stream.generator.pool import ServerPool
 from grpo_stream.generator.sampler import (
@@ -70,6 +71,7 @@ class Generator:
 
         self.scorers = reward_model_scorers(cfg)  # `reward_model`: scored through the client
         self.rewards = RewardRunner(cfg.reward, external=self.scorers)  # validates names now
+        self.episodes = episode_runner(cfg, self.tokenizer)  # None: single-turn samples
         self.run_id = os.path.basename(os.path.normpath(run_dir)) or uuid.uuid4().hex[:8]
         self.clocks = GeneratorClocks(cfg.server.resolved_urls())  # grpo_stream.core.timing
         self.stats = GenStats(os.path.join(run_dir, "generator_metrics.jsonl"), self.clocks)
@@ -128,9 +130,12 @@ class Generator:
         from grpo_stream.tasks import render_prompt
 
         try:
+            run_id = run_records.stamp(self.run_id, self.gate.lineage)  # NAME@LINEAGE, at start
+            if self.episodes is not None:  # multi-turn: grpo_stream.generator.episodes
+                group = await self.episodes.group(pool, prompt, run_id, self.rewards)
+                return await self._publish(group)
             text, ids = render_prompt(prompt, self.tokenizer, self.cfg.task)
             req = SampleRequest(prompt, text, ids)
-            run_id = run_records.stamp(self.run_id, self.gate.lineage)  # NAME@LINEAGE, at start
             g = self.cfg.generator
             outs, v0, v1, lat, url = await request_group(
                 pool,
@@ -144,8 +149,7 @@ class Generator:
             with self.clocks.rewarding():
                 rewards = await self.rewards.score_group(prompt, [o.text for o in outs])
             group = build_group(run_id, req, outs, rewards, (v0, v1), lat, url)
-            self.stats.add_group(group)
-            await self._queue.put(group)
+            await self._publish(group)
         except PromptFailed as err:
             # the ledger's record: this prompt ended here (a restart does not retry it)
             await asyncio.to_thread(
@@ -159,10 +163,14 @@ class Generator:
                 raise GeneratorError(
                     f"{self.failed_prompts} prompts failed in a row; last: {err}"
                 ) from err
-        else:
-            self._failed_at_last_success = self.failed_prompts
         finally:
             sem.release()
+
+    async def _publish(self, group: Group) -> None:
+        """A sampled group to the writer; the prompt succeeded."""
+        self.stats.add_group(group)
+        await self._queue.put(group)
+        self._failed_at_last_success = self.failed_prompts
 
     async def _writer(self, writer) -> None:
         pending: list[Group] = []

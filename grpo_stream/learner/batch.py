@@ -3,7 +3,8 @@
 Padded layout (`collate`): a sequence is prompt + completion, right-padded to the longest
 in its micro-batch. Log-probs are indexed by *target* position: column j holds
 log p(x[j+1] | x[:j+1]), so a completion that starts at token P occupies target columns
-P-1 .. P+C-2. The `mask` is 1 exactly there; behaviour log-probs from vLLM are placed in
+P-1 .. P+C-2. The `mask` is 1 exactly there (but 0 on the tokens of a multi-turn
+episode's environment turns, `Sample.policy_mask`: inputs, never targets); behaviour log-probs from vLLM are placed in
 the same columns, so every [B, T] tensor lines up.
 
 Shared-prefix layout (`collate_shared`, used by `learner.prefix`): rows that share a
@@ -91,7 +92,8 @@ class MicroBatch:
     input_ids: torch.Tensor  # [B, L] long
     attention_mask: torch.Tensor  # [B, L] long, 1 on real tokens
     targets: torch.Tensor  # [B, T] long: input_ids[:, 1:] (padded), input_ids[:, Lp:] (shared)
-    mask: torch.Tensor  # [B, T] float, 1 on completion tokens
+    mask: torch.Tensor  # [B, T] float, 1 on completion tokens the policy sampled (not on
+    # a multi-turn episode's environment tokens, which are inputs only: `policy_mask`)
     behaviour_logprobs: torch.Tensor  # [B, T] float32, 0 off-mask
     advantages: torch.Tensor  # [B] float32
     versions: torch.Tensor  # [B] long, policy version that produced each sample
@@ -106,6 +108,19 @@ class MicroBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum().item())
+
+
+def policy_mask(s: Sample) -> torch.Tensor:
+    """[C] float: 1 on the completion tokens the policy sampled, 0 on an environment
+    turn's (`Sample.policy_mask`; empty: all the policy's)."""
+    C = len(s.completion_ids)
+    if not s.policy_mask:
+        return torch.ones(C, dtype=torch.float32)  # [C]
+    if len(s.policy_mask) != C:
+        raise ValueError(
+            f"sample {s.row_id}: {C} completion tokens but a policy_mask of {len(s.policy_mask)}"
+        )
+    return torch.tensor(s.policy_mask, dtype=torch.float32)  # [C]
 
 
 def _check(s: Sample) -> tuple[int, int]:
@@ -143,7 +158,7 @@ def collate(
         input_ids[i, :P] = torch.tensor(s.prompt_ids)
         input_ids[i, P : P + C] = torch.tensor(s.completion_ids, dtype=torch.long)
         attn[i, : P + C] = 1
-        mask[i, P - 1 : P + C - 1] = 1.0
+        mask[i, P - 1 : P + C - 1] = policy_mask(s)  # environment tokens: no target
         blp[i, P - 1 : P + C - 1] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
     return MicroBatch(
         input_ids=input_ids,
@@ -275,7 +290,7 @@ def collate_shared(
         input_ids[i, Lp : Lp + C] = torch.tensor(s.completion_ids, dtype=torch.long)
         attn[i, :P] = 1
         attn[i, Lp : Lp + C] = 1
-        mask[i, :C] = 1.0
+        mask[i, :C] = policy_mask(s)  # environment tokens: no target
         blp[i, :C] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
     prefix = PrefixLayout(
         prompt_rows=torch.tensor(prompt_rows, dtype=torch.long),  # [N]
