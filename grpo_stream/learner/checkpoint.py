@@ -82,11 +82,13 @@ def save_checkpoint(
     optimizer_state: dict | None = None,
     model_files: Path | None = None,
     with_optimizer: bool = True,
+    extra=None,
 ) -> Path:
     """`state_dict` / `optimizer_state`: full weights and full optimizer state (keyed by
     parameter name) gathered from FSDP shards on rank 0; None in one process, where the
     model's and optimizer's own state dicts are written. `model_files`,
-    `with_optimizer`, `keep`: see the module docstring."""
+    `with_optimizer`, `keep`: see the module docstring. `extra(folder)` writes more into
+    the folder before it is published (the critic, `learner.critic`)."""
     root = Path(run_dir) / "checkpoints"
     out = root / f"step-{step}"
     tmp = fresh_dir(root / f"step-{step}.tmp")
@@ -103,6 +105,8 @@ def save_checkpoint(
         },
         tmp / "trainer.pt",
     )
+    if extra is not None:
+        extra(tmp)
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     publish_dir(tmp, out)  # fsync every file, then rename over any old step-N
     if keep is not None:

@@ -246,9 +246,11 @@ class Learner:
         # the weights just pushed are this step's when the push was of this step
         files = self.sync.published(self.version) if self.version == self.step else None
         with_opt = lc.keep_final_optimizer or self.step < lc.max_steps
+        critic = s.runner.critic  # gathered on every rank (FSDP), written by rank 0
+        extra = critic.writer(with_opt) if critic is not None else None
         try:
             self.records.checkpoint(self.step, unwrap(s.model), s.opt, s.sched, state,
-                                    weights, opt_state, files, with_opt)  # fmt: skip
+                                    weights, opt_state, files, with_opt, extra)  # fmt: skip
         except (OSError, RuntimeError) as err:  # a full disk (torch.save says RuntimeError)
             raise checkpoint_write_error(s.run_dir, self.step, err) from err
         self.saved_step = self.step

@@ -78,11 +78,12 @@ class RunRecords:
         return wait_for_eval(self.buffer_path, self.eval_cfg, version)
 
     def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None,
-                   model_files=None, with_optimizer=True) -> None:  # fmt: skip
+                   model_files=None, with_optimizer=True, extra=None) -> None:  # fmt: skip
         """`model_files`: the published weights folder of this step, shared by hard link."""
         save_checkpoint(self.run_dir, step, model, opt, sched, state, keep=None,
                         state_dict=weights, optimizer_state=opt_state,
-                        model_files=model_files, with_optimizer=with_optimizer)  # fmt: skip
+                        model_files=model_files, with_optimizer=with_optimizer,
+                        extra=extra)  # fmt: skip
 
     def prune(self) -> None:
         """Delete the checkpoints beyond learner.keep_checkpoints; the learner calls it
@@ -115,7 +116,7 @@ class NoRecords:
         return {}
 
     def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None,
-                   model_files=None, with_optimizer=True) -> None:  # fmt: skip
+                   model_files=None, with_optimizer=True, extra=None) -> None:  # fmt: skip
         pass
 
     def prune(self) -> None:
