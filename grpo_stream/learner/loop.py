@@ -37,6 +37,7 @@ from grpo_stream.learner.distributed import (
     print0,
     unwrap,
 )
+from grpo_stream.learner.models_info import resident_models, write_models
 from grpo_stream.learner.records import NoRecords, RunRecords
 from grpo_stream.learner.setup import setup_learner
 from grpo_stream.learner.shutdown import StopRequested, StopSignals
@@ -75,6 +76,7 @@ class Learner:
                 # --resume with no checkpoint yet starts over: its logs are cut to step 0
                 resumed = s.step if (s.resumed_from is not None or resume) else None
                 self.records = RunRecords(cfg, run_dir, resumed, s.cursor.position)
+                write_models(run_dir, resident_models(cfg, s.model, s.runner.ref, s.runner.critic))
                 # a resumed learner keeps its lineage (RUN/lineage); a fresh one makes one
                 self.source.lineage = (resume and run_records.read_lineage(run_dir)) or (
                     run_records.new_lineage(run_dir))  # fmt: skip

@@ -52,9 +52,10 @@ def test_one_gae_step_trains_actor_and_critic(tiny_model_dir):
     assert row[M.EXPLAINED_VARIANCE] == pytest.approx(0.0, abs=1e-9)  # V = 0 explains nothing
     assert row[M.VALUE_LOSS] > 0 and 0.0 <= row[M.VALUE_CLIP_FRAC] <= 1.0
     assert row[M.CRITIC_GRAD_NORM] > 0
-    moved = lambda before, m: max(
-        (p - before[n]).abs().max().item() for n, p in m.named_parameters()
-    )  # noqa: E731
+
+    def moved(before, m) -> float:
+        return max((p - before[n]).abs().max().item() for n, p in m.named_parameters())
+
     assert moved(actor0, runner.model) > 1e-4
     assert moved(critic0, runner.critic.model) > 1e-4
     assert runner.critic.model.score.weight.abs().max() > 0  # the head learned
