@@ -70,7 +70,8 @@ class LossConfig(_Section):
         0.0,
         ge=0,
         description="gae only: classic PPO's KL penalty in the reward, each completion "
-        "token charged this x (log pi_old - log pi_ref) (loads the reference model); 0: none",
+        "token charged this x (log pi_b - log pi_ref), pi_b the sampling policy (vLLM's "
+        "log-probs; loads the reference model); 0: none",
     )
     scale_std: bool = Field(True, description="divide advantages by the std (False: Dr. GRPO)")
     advantage_eps: float = Field(
