@@ -50,6 +50,12 @@ VARIANT_RULES: tuple[VariantRule, ...] = (
     VariantRule("loss", ("mask_low", "mask_high"), "behaviour_correction", ("mask",)),
     VariantRule("loss", ("constant_normalizer",), "aggregation", ("constant",)),
     VariantRule("loss", ("kl_in_reward",), "advantage", ("gae",)),
+    VariantRule(  # gae passes the raw reward to the critic (whitened there: critic.whiten)
+        "loss",
+        ("scale_std", "advantage_eps"),
+        "advantage",
+        ("group", "batch_std", "leave_one_out", "batch"),
+    ),
     VariantRule("critic", tuple(CriticConfig.model_fields), "advantage", ("gae",), "loss"),
     VariantRule("buffer", ("rollup_segments", "rollup_target_groups"), "backend", ("arrow",)),
     VariantRule("sync", ("keep_last",), "transport", ("disk",)),

@@ -89,12 +89,16 @@ def load_value_model(path: str, device: torch.device):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report of the new head and the unused lm_head
     try:
         model, info = AutoModelForTokenClassification.from_pretrained(
             path, num_labels=1, dtype=torch.float32, output_loading_info=True
         )
     except (OSError, ValueError) as err:
         raise ConfigError(f"critic.init: cannot load a value model from {path}: {err}") from err
+    finally:
+        hf_logging.set_verbosity(level)
     missing = set(info.get("missing_keys", ()))
     with torch.no_grad():  # a fresh head starts at V = 0 (deterministic, no RNG)
         for name, p in model.score.named_parameters():
@@ -125,6 +129,20 @@ def _init_path(cfg: Config, init_dir: str, ckpt: Path | None) -> str:
     return init
 
 
+def _check_vocabulary(model, path: str, policy_dir: str) -> None:
+    """The critic reads the policy's token ids: its embedding must cover the policy's
+    vocabulary (a reward model of another base model would not)."""
+    from transformers import AutoConfig
+
+    want = AutoConfig.from_pretrained(policy_dir).vocab_size
+    have = model.get_input_embeddings().weight.shape[0]
+    if have != want:
+        raise ConfigError(
+            f"critic.init: {path} has a vocabulary of {have} tokens, the policy "
+            f"({policy_dir}) {want}: the critic must share the policy's tokenizer"
+        )
+
+
 def load_critic(cfg: Config, init_dir: str, dist: DistInfo, ckpt: Path | None = None):
     """The critic (`Critic`) of a "gae" run, else None; weights from `ckpt`'s critic/ on a
     resume (its optimizer state: `Critic.load_optimizer`), else from `critic.init`."""
@@ -136,6 +154,7 @@ def load_critic(cfg: Config, init_dir: str, dist: DistInfo, ckpt: Path | None = 
     print0(f"[learn] loading the critic from {path} ...")
     load_to = torch.device("cpu") if dist.world_size > 1 else dist.device
     model = load_value_model(path, load_to)
+    _check_vocabulary(model, path, init_dir)
     if cfg.learner.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if dist.world_size > 1:

@@ -17,6 +17,8 @@ def test_critic_fields_refused_unless_gae():
     assert cfg.critic.lr == 1e-4 and cfg.critic.lam == 0.9 and cfg.loss.kl_in_reward == 0.05
     assert "critic.lr" not in inapplicable(cfg)
     assert {"critic.lr", "critic.init", "loss.kl_in_reward"} <= set(inapplicable(Config()))
+    with pytest.raises(ConfigError, match=r"loss.scale_std applies only with"):
+        config_from_dict({"loss": {"advantage": "gae", "scale_std": False}})
 
 
 def test_a_gae_run_folder_read_back_with_group_drops_the_critic(tmp_path):

@@ -135,3 +135,12 @@ def test_a_reward_model_head_becomes_the_value_head(tiny_model_dir, tmp_path):
     cfg = Config.model_validate({"loss": {"advantage": "gae"}, "critic": {"init": str(tmp_path)}})
     with pytest.raises(ConfigError, match="critic.init"):
         load_critic(cfg, str(tiny_model_dir), CPU)
+
+
+def test_a_critic_of_another_vocabulary_is_refused(tiny_model_dir, tiny_lm, tmp_path):
+    tiny_lm.save_pretrained(tmp_path / "other")  # a 32-token vocabulary
+    cfg = Config.model_validate(
+        {"loss": {"advantage": "gae"}, "critic": {"init": str(tmp_path / "other")}}
+    )
+    with pytest.raises(ConfigError, match="vocabulary of 32 tokens, the policy"):
+        load_critic(cfg, str(tiny_model_dir), CPU)
