@@ -216,7 +216,9 @@ class Critic:
         mean, std = moments_mean_std(mom["adv"])
         for mb, adv in zip(mbs, advs, strict=True):
             mb.advantages = masked_whiten(adv, mb.mask, mean, std) if cc.whiten else adv  # [B, T]
+        size = self._batch_moments(mbs, {"abs": [mb.advantages.abs() for mb in mbs]})["abs"]
         out = {M.VALUE_MEAN: moments_mean_std(mom["v"])[0]}
+        out[M.ADVANTAGE_ABS_MEAN] = moments_mean_std(size)[0]  # the tokens', not the rewards'
         out[M.RETURN_MEAN] = moments_mean_std(mom["ret"])[0]
         ev = explained_variance(mom["ret"], mom["res"])
         return out | ({M.EXPLAINED_VARIANCE: ev} if math.isfinite(ev) else {})  # NaN: R constant

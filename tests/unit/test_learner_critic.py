@@ -52,6 +52,7 @@ def test_one_gae_step_trains_actor_and_critic(tiny_model_dir):
     assert row[M.EXPLAINED_VARIANCE] == pytest.approx(0.0, abs=1e-9)  # V = 0 explains nothing
     assert row[M.VALUE_LOSS] > 0 and 0.0 <= row[M.VALUE_CLIP_FRAC] <= 1.0
     assert row[M.CRITIC_GRAD_NORM] > 0
+    assert 0.3 < row[M.ADVANTAGE_ABS_MEAN] < 1.0  # whitened token advantages: std 1
 
     def moved(before, m) -> float:
         return max((p - before[n]).abs().max().item() for n, p in m.named_parameters())
