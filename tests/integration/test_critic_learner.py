@@ -1,7 +1,8 @@
 """PPO with a critic (loss.advantage = "gae") in the real `grpo-stream learn`: a learner
 killed mid-run resumes with the critic's weights and AdamW state, to the same actor and
 critic weights as an uninterrupted run, and `replay` from a checkpoint gives the
-learner's rows; two FSDP2 gloo processes train the critic (and the actor) as one process."""
+learner's rows; two FSDP2 gloo processes train the critic (and the actor) as one process,
+and resume it (its sharded AdamW state) to the weights of an uninterrupted 2-process run."""
 
 from __future__ import annotations
 
@@ -119,3 +120,27 @@ def test_two_process_fsdp_with_the_critic_matches_one_process(tmp_path, tiny_mod
         for k in (M.VALUE_LOSS, M.VALUE_CLIP_FRAC, M.EXPLAINED_VARIANCE, M.VALUE_MEAN,
                   M.RETURN_MEAN, M.CRITIC_GRAD_NORM, M.LOSS, M.KL_REF):  # fmt: skip
             assert m2[k] == pytest.approx(m1[k], rel=1e-3, abs=1e-6), k
+
+
+def test_two_process_resume_with_the_critic_equals_uninterrupted(tmp_path, tiny_model_dir):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for d in (whole, split):
+        _prefill(d, groups=6, size=3)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port())]  # fmt: skip
+    every = ["learner.checkpoint_every=2", "learner.keep_checkpoints=2"]
+
+    def learn(run_dir: Path, steps: int, *extra: str) -> None:
+        done = _run([*torchrun, *_learn(run_dir, tiny_model_dir, *every,
+                                        f"learner.max_steps={steps}", *extra)])  # fmt: skip
+        assert f"[learn] finished at step {steps} (last checkpoint: step-{steps})" in done.stderr
+
+    learn(whole, 3)
+    learn(split, 2)  # stops after step 2's checkpoint (the critic's sharded AdamW state in it)
+    learn(split, 3, "--resume")
+    for part in ("model", "critic"):
+        a, b = _weights(whole, 3, part), _weights(split, 3, part)
+        for k in a:  # the same processes, the same order of every reduction
+            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=f"{part}: {k}")
+    mid = _weights(split, 2, "critic")
+    assert max((a[k] - mid[k]).abs().max().item() for k in a) > 1e-5  # step 3 trained it
