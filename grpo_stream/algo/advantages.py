@@ -10,6 +10,11 @@
   blown up.
 * ``leave_one_out``: r - mean of the *other* G-1 rewards (RLOO), divided by
   (std_group + eps) when scaling.
+* ``batch``: (r - mean_batch) / (std_batch + eps), REINFORCE++'s batch-normalised
+  return: no group baseline, so a group whose rewards are all equal still carries
+  signal (its advantages are not zeroed).
+* ``gae``: the reward itself, passed on per sequence: the learner's critic turns it
+  into per-token GAE advantages (`algo.gae`, `learner.critic`); no scaling, no zeroing.
 
 Standard deviations are unbiased (Bessel, as `torch.std`, TRL and verl use).
 `scale_std=False` skips the division (Dr. GRPO). A group whose rewards are all equal
@@ -47,11 +52,25 @@ def _leave_one_out(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return r - others, r.std(dim=1, keepdim=True)  # [N, G], [N, 1]
 
 
+def _batch(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return r - r.mean(), r.std()  # [N, G], [] over all N*G rewards
+
+
+def _terminal(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return r, r.new_ones(())  # [N, G], []: the reward, for the critic (see RAW_REWARD)
+
+
 ADVANTAGES: dict[str, Baseline] = {
     "group": _group,
     "batch_std": _batch_std,
     "leave_one_out": _leave_one_out,
+    "batch": _batch,
+    "gae": _terminal,
 }
+# no group baseline: an all-equal group keeps its advantages (they are not 0/0 noise)
+NO_GROUP_BASELINE = frozenset({"batch", "gae"})
+# the per-sequence output is the raw reward (no division by the spread)
+RAW_REWARD = frozenset({"gae"})
 
 
 def _check_rewards(rewards: torch.Tensor) -> None:
@@ -71,9 +90,11 @@ def compute_advantages(
     baseline = choose(ADVANTAGES, "loss.advantage", cfg.advantage)
     r = rewards.float()  # [N, G]
     centred, spread = baseline(r)  # [N, G], [N, 1] or []
-    adv = centred / (spread + cfg.advantage_eps) if cfg.scale_std else centred  # [N, G]
+    scale = cfg.scale_std and cfg.advantage not in RAW_REWARD
+    adv = centred / (spread + cfg.advantage_eps) if scale else centred  # [N, G]
     zero_var = r.amax(dim=1) == r.amin(dim=1)  # [N]
-    adv = adv.masked_fill(zero_var.unsqueeze(1), 0.0)  # [N, G] exact zeros, no 0/0 noise
+    if cfg.advantage not in NO_GROUP_BASELINE:
+        adv = adv.masked_fill(zero_var.unsqueeze(1), 0.0)  # [N, G] exact zeros, no 0/0 noise
     keep = ~zero_var if cfg.drop_zero_variance else torch.ones_like(zero_var)  # [N]
     n = r.shape[0]
     stats = torch.stack(

@@ -150,6 +150,8 @@ def samples_to(run: Run, threshold: float) -> float | None:
 
 
 def run_stats(run: Run, threshold: float) -> dict:
+    from grpo_stream.analysis.compare_models import read_costs
+
     rows = run.rows
     evals = eval_points(run)
     peak = [float(r[M.PEAK_MEMORY_MB]) for r in rows if r.get(M.PEAK_MEMORY_MB) is not None]
@@ -167,6 +169,7 @@ def run_stats(run: Run, threshold: float) -> dict:
         "tis_truncated": _mean_of(rows, M.TIS_TRUNCATED_FRAC),
         "s_per_step": statistics.median(step_s) if step_s else None,
         "peak_mb": max(peak) if peak else None,
+        **read_costs(run.path),  # the models held, their sizes, the reward servers' memory
     }
 
 

@@ -176,6 +176,7 @@ def markdown_report(title: str, runs: list[Run], settings: list[Setting], thresh
         "",
         *settings_table(settings, threshold),
         "",
+        *_with_blank(models_table(settings, threshold)),
         "**Conclusion.** " + " ".join(conclusion(settings, threshold)),
         "",
         "<details><summary>Per run</summary>",
@@ -190,9 +191,14 @@ def markdown_report(title: str, runs: list[Run], settings: list[Setting], thresh
     return "\n".join(lines)
 
 
+def _with_blank(lines: list[str]) -> list[str]:
+    return [*lines, ""] if lines else []
+
+
 def summary_json(runs: list[Run], settings: list[Setting], threshold: float) -> dict:
     keys = ("final_reward", "samples_to_threshold", "eval", "approx_kl", "logprob_abs_diff",
-            "tis_truncated", "s_per_step", "peak_mb", "samples", "steps")  # fmt: skip
+            "tis_truncated", "s_per_step", "peak_mb", "samples", "steps",
+            "reward_server_mb")  # fmt: skip
     return {
         "threshold": threshold,
         "runs": [
@@ -205,8 +211,44 @@ def summary_json(runs: list[Run], settings: list[Setting], threshold: float) -> 
                 "runs": [r.name for r in s.runs],
                 **{k: s.summary(k) for k in keys},
                 "clip_epoch": _setting_clip(s),
+                "models": s.runs[0].stats.get("models"),
+                "params_m": s.runs[0].stats.get("params_m"),
             }
             for s in settings
         ],  # fmt: skip
         "conclusion": conclusion(settings, threshold),
     }
+
+
+def _params_cell(params: dict) -> str:
+    return ", ".join(f"{n} {fmt(p, 1)}" for n, p in params.items()) or "-"
+
+
+def _means(s: Setting):
+    def mean(key: str):
+        xs = s.values(key)
+        return sum(xs) / len(xs) if xs else None
+
+    return mean
+
+
+def models_table(settings: list[Setting], threshold: float) -> list[str]:
+    """One row per setting (means over its seeds); [] when no run recorded its models."""
+    if not any(r.stats.get("models") for s in settings for r in s.runs):
+        return []
+    lines = [
+        f"| setting | models resident | parameters (M) | learner peak MB | reward server MB "
+        f"| s/step | samples to {fmt(threshold)} | held-out pass@1 (rule) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in settings:
+        first = s.runs[0].stats
+        reached = s.values("samples_to_threshold")
+        mean = _means(s)
+        stt = fmt(mean("samples_to_threshold"), 0) if reached else "not reached"
+        cells = [s.name, first.get("models") or "-", _params_cell(first.get("params_m") or {}),
+                 fmt(mean("peak_mb"), 0), fmt(mean("reward_server_mb"), 0),
+                 fmt(mean("s_per_step"), 1), f"{stt} ({len(reached)}/{len(s.runs)})",
+                 fmt(mean("eval"))]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

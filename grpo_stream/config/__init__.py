@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
+from grpo_stream.config.critic import CriticConfig
 from grpo_stream.config.episodes import EnvConfig
 from grpo_stream.config.evaluation import EvalConfig
 from grpo_stream.config.learning import LearnerConfig, LossConfig, SyncConfig
@@ -71,6 +72,7 @@ __all__ = [
     "TaskConfig",
     "RENAMED",
     "VARIANT_RULES",
+    "CriticConfig",
     "VariantRule",
     "inapplicable",
     "load_config",
@@ -112,6 +114,9 @@ class Config(_Section):
         default_factory=RewardModelConfig,
         description="the reward-model server(s) of the `reward_model` reward",
     )
+    critic: CriticConfig = Field(
+        default_factory=CriticConfig, description='PPO\'s value model (loss.advantage = "gae")'
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -141,8 +146,8 @@ class Config(_Section):
             if field in getattr(self, rule.section).model_fields_set:
                 raise ValueError(
                     f"{key} applies only with {rule.condition()}, but "
-                    f"{rule.section}.{rule.selector} = "
-                    f"{getattr(getattr(self, rule.section), rule.selector)!r}: remove it "
+                    f"{rule.where}.{rule.selector} = "
+                    f"{getattr(getattr(self, rule.where), rule.selector)!r}: remove it "
                     "or choose that variant"
                 )
         if self.loss.policy_loss == "gspo" and self.loss.aggregation != "seq_mean_token_mean":
@@ -319,8 +324,8 @@ def _drop_ignored(data: dict, overrides: list[str]) -> None:
                              overrides)  # fmt: skip
     given = {".".join(_split_override(o)[0]) for o in overrides}
     for r in VARIANT_RULES:
-        section = merged.get(r.section)
-        default = Config.model_fields[r.section].annotation.model_fields[r.selector].default
+        section = merged.get(r.where, {})
+        default = Config.model_fields[r.where].annotation.model_fields[r.selector].default
         if not isinstance(section, dict) or section.get(r.selector, default) in r.allowed:
             continue
         for f in r.fields:

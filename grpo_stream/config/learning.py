@@ -60,10 +60,18 @@ class LossConfig(_Section):
         "k3", description="estimator of KL(pi_theta || pi_ref) in the loss (used when beta > 0)"
     )
     beta: float = Field(0.0, ge=0, description="KL penalty weight; 0 loads no reference model")
-    advantage: Literal["group", "batch_std", "leave_one_out"] = Field(
+    advantage: Literal["group", "batch_std", "leave_one_out", "batch", "gae"] = Field(
         "group",
         description="baseline and spread: the group's mean/std, the group's mean with the "
-        "batch's std, or the mean of the other G-1 samples",
+        "batch's std, the mean of the other G-1 samples, the batch's mean/std "
+        "(REINFORCE++), or gae: PPO with a critic (the [critic] section), per-token GAE",
+    )
+    kl_in_reward: float = Field(
+        0.0,
+        ge=0,
+        description="gae only: classic PPO's KL penalty in the reward, each completion "
+        "token charged this x (log pi_b - log pi_ref), pi_b the sampling policy (vLLM's "
+        "log-probs; loads the reference model); 0: none",
     )
     scale_std: bool = Field(True, description="divide advantages by the std (False: Dr. GRPO)")
     advantage_eps: float = Field(

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from grpo_stream.config.critic import CriticConfig
+
 # Old field names and their new ones: an old name in a file or override is refused.
 RENAMED: dict[str, str] = {
     "task.epochs": "task.passes",  # passes over a dataset file, not the learner's mu
@@ -23,24 +25,38 @@ RENAMED: dict[str, str] = {
 
 @dataclass(frozen=True)
 class VariantRule:
-    """`section.fields` only act when `section.selector` is one of `allowed`."""
+    """`section.fields` only act when `where.selector` is one of `allowed` (`where`: the
+    section holding the selector, `section` itself unless `selector_section` is set)."""
 
     section: str
     fields: tuple[str, ...]
     selector: str
     allowed: tuple[str | bool, ...]
+    selector_section: str | None = None
+
+    @property
+    def where(self) -> str:
+        return self.selector_section or self.section
 
     def applies(self, cfg: Any) -> bool:
-        return getattr(getattr(cfg, self.section), self.selector) in self.allowed
+        return getattr(getattr(cfg, self.where), self.selector) in self.allowed
 
     def condition(self) -> str:
-        return " or ".join(f"{self.section}.{self.selector} = {a!r}" for a in self.allowed)
+        return " or ".join(f"{self.where}.{self.selector} = {a!r}" for a in self.allowed)
 
 
 VARIANT_RULES: tuple[VariantRule, ...] = (
     VariantRule("loss", ("tis_cap",), "behaviour_correction", ("tis",)),
     VariantRule("loss", ("mask_low", "mask_high"), "behaviour_correction", ("mask",)),
     VariantRule("loss", ("constant_normalizer",), "aggregation", ("constant",)),
+    VariantRule("loss", ("kl_in_reward",), "advantage", ("gae",)),
+    VariantRule(  # gae passes the raw reward to the critic (whitened there: critic.whiten)
+        "loss",
+        ("scale_std", "advantage_eps"),
+        "advantage",
+        ("group", "batch_std", "leave_one_out", "batch"),
+    ),
+    VariantRule("critic", tuple(CriticConfig.model_fields), "advantage", ("gae",), "loss"),
     VariantRule("buffer", ("rollup_segments", "rollup_target_groups"), "backend", ("arrow",)),
     VariantRule("sync", ("keep_last",), "transport", ("disk",)),
     VariantRule("sync", ("pause_mode", "timeout_s"), "transport", ("disk", "nccl")),

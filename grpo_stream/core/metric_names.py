@@ -24,6 +24,14 @@ ZERO_VARIANCE_FRAC = "zero_variance_frac"
 KEPT_GROUPS = "kept_groups"
 ADVANTAGE_ABS_MEAN = "advantage_abs_mean"
 
+# ---- the critic of PPO (loss.advantage = "gae": algo.gae, learner.critic)
+VALUE_LOSS = "value_loss"  # 0.5 * clipped squared error per token, over the micro-batches
+VALUE_CLIP_FRAC = "value_clip_frac"  # tokens whose clipped value term was the larger
+EXPLAINED_VARIANCE = "explained_variance"  # 1 - Var(R - V_old) / Var(R) over the batch
+VALUE_MEAN = "value_mean"  # V_old per completion token, batch mean
+RETURN_MEAN = "return_mean"  # the GAE value targets R, batch mean
+CRITIC_GRAD_NORM = "critic_grad_norm"
+
 # ---- the loss of a micro-batch (algo.loss, algo.policy, algo.corrections)
 LOSS = "loss"
 PG_LOSS = "pg_loss"

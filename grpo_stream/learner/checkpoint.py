@@ -83,12 +83,14 @@ def save_checkpoint(
     model_files: Path | None = None,
     with_optimizer: bool = True,
     trainer: dict | None = None,
+    extra=None,
 ) -> Path:
     """`state_dict` / `optimizer_state`: full weights and full optimizer state (keyed by
     parameter name) gathered from FSDP shards on rank 0; None in one process, where the
     model's and optimizer's own state dicts are written. `trainer`: trainer.pt's content
     taken earlier (`trainer_state`, copied by a background writer's snapshot); None: taken
-    now. `model_files`, `with_optimizer`, `keep`: see the module docstring."""
+    now. `extra(folder)` writes more into the folder before it is published (the critic,
+    `learner.critic`). `model_files`, `with_optimizer`, `keep`: see the module docstring."""
     root = Path(run_dir) / "checkpoints"
     out = root / f"step-{step}"
     tmp = fresh_dir(root / f"step-{step}.tmp")
@@ -99,6 +101,8 @@ def save_checkpoint(
     if trainer is None:
         trainer = trainer_state(optimizer, scheduler, optimizer_state, with_optimizer)
     torch.save(trainer, tmp / "trainer.pt")
+    if extra is not None:
+        extra(tmp)
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     publish_dir(tmp, out)  # fsync every file, then rename over any old step-N
     if keep is not None:

@@ -189,8 +189,11 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def shard_model(model, dist_info: DistInfo, mp_dtype: torch.dtype | None = None) -> ShardedPolicy:
-    """fully_shard each decoder layer, then the `ShardedPolicy` root (see module docstring)."""
+def shard_model(
+    model, dist_info: DistInfo, mp_dtype: torch.dtype | None = None, wrapper=ShardedPolicy
+) -> ShardedPolicy:
+    """fully_shard each decoder layer, then the `wrapper` root (see module docstring; the
+    critic's root is `learner.critic.ShardedCritic`)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not is_distributed():
@@ -205,7 +208,7 @@ def shard_model(model, dist_info: DistInfo, mp_dtype: torch.dtype | None = None)
     sharded = []
     for layer in _decoder_layers(model):
         sharded.append(fully_shard(layer, mp_policy=mp))
-    root = fully_shard(ShardedPolicy(model), mp_policy=mp)
+    root = fully_shard(wrapper(model), mp_policy=mp)
     for m in [*sharded, root]:
         # reduce-scatter SUMS: each rank's loss already carries the global normaliser
         m.set_gradient_divide_factor(1.0)

@@ -43,6 +43,7 @@ from grpo_stream.learner.distributed import (
     print0,
     unwrap,
 )
+from grpo_stream.learner.models_info import resident_models, write_models
 from grpo_stream.learner.records import NoRecords, RunRecords
 from grpo_stream.learner.setup import setup_learner
 from grpo_stream.learner.shutdown import StopRequested, StopSignals
@@ -81,6 +82,7 @@ class Learner:
                 # --resume with no checkpoint yet starts over: its logs are cut to step 0
                 resumed = s.step if (s.resumed_from is not None or resume) else None
                 self.records = RunRecords(cfg, run_dir, resumed, s.cursor.position)
+                write_models(run_dir, resident_models(cfg, s.model, s.runner.ref, s.runner.critic))
                 # a resumed learner keeps its lineage (RUN/lineage); a fresh one makes one
                 self.source.lineage = (resume and run_records.read_lineage(run_dir)) or (
                     run_records.new_lineage(run_dir))  # fmt: skip
@@ -90,7 +92,10 @@ class Learner:
             # sync.background: the push reads a snapshot (NCCL streams the live weights;
             # FSDP ranks gather together), so one process with disk or no sync
             reads_copy = self.sync.needs_state_dict or not self.sync.versions_servers
-            self.background = cfg.sync.background and s.dist.world_size == 1 and reads_copy
+            # and no critic: its checkpoint writes the live value model, which the next
+            # step trains while a background job would still be writing it
+            self.background = (cfg.sync.background and s.dist.world_size == 1 and reads_copy
+                               and s.runner.critic is None)  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -266,9 +271,12 @@ class Learner:
         files = self.sync.published(version) if version == step else None
         with_opt = lc.keep_final_optimizer or step < lc.max_steps
         weights = dict(weights) if weights is not None else None  # save_pretrained pops
+        critic = s.runner.critic  # gathered on every rank (FSDP), written by rank 0
+        extra = critic.writer(with_opt) if critic is not None else None
         try:
             self.records.checkpoint(step, unwrap(s.model), s.opt, s.sched, state, weights,
-                                    opt_state, files, with_opt, trainer=trainer)  # fmt: skip
+                                    opt_state, files, with_opt, trainer=trainer,
+                                    extra=extra)  # fmt: skip
         except (OSError, RuntimeError) as err:  # a full disk (torch.save says RuntimeError)
             raise checkpoint_write_error(s.run_dir, step, err) from err
         self.saved_step = step

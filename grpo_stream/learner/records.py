@@ -78,13 +78,15 @@ class RunRecords:
         return wait_for_eval(self.buffer_path, self.eval_cfg, version)
 
     def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None,
-                   model_files=None, with_optimizer=True, trainer=None) -> None:  # fmt: skip
+                   model_files=None, with_optimizer=True, trainer=None,
+                   extra=None) -> None:  # fmt: skip
         """`model_files`: the published weights folder of this step, shared by hard link;
-        `trainer`: trainer.pt's content from a snapshot (`save_checkpoint`)."""
+        `trainer`: trainer.pt's content from a snapshot (`save_checkpoint`); `extra`:
+        more to write into the folder (the critic)."""
         save_checkpoint(self.run_dir, step, model, opt, sched, state, keep=None,
                         state_dict=weights, optimizer_state=opt_state,
                         model_files=model_files, with_optimizer=with_optimizer,
-                        trainer=trainer)  # fmt: skip
+                        trainer=trainer, extra=extra)  # fmt: skip
 
     def prune(self) -> None:
         """Delete the checkpoints beyond learner.keep_checkpoints; the learner calls it
@@ -117,7 +119,8 @@ class NoRecords:
         return {}
 
     def checkpoint(self, step, model, opt, sched, state, weights=None, opt_state=None,
-                   model_files=None, with_optimizer=True, trainer=None) -> None:  # fmt: skip
+                   model_files=None, with_optimizer=True, trainer=None,
+                   extra=None) -> None:  # fmt: skip
         pass
 
     def prune(self) -> None:

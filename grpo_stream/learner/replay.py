@@ -156,11 +156,14 @@ class Replayer:
         seed_everything(cfg.run.seed)
         self.model, ref = load_models(cfg, start.model_dir, init_dir, dist, tag="replay")
         opt, sched = build_optimizer(self.model, cfg.learner)
-        self.runner = make_runner(cfg, self.model, ref, opt, sched, dist, init_dir)
+        self.runner = make_runner(cfg, self.model, ref, opt, sched, dist, init_dir,
+                                  start.checkpoint)  # fmt: skip
         self.pad_id = self.runner.pad_id
         seed_everything(cfg.run.seed)  # where the learner seeds; a checkpoint restores its own
         if start.checkpoint is not None and (start.checkpoint / "trainer.pt").is_file():
             load_trainer_state(start.checkpoint, opt, sched)
+            if self.runner.critic is not None:
+                self.runner.critic.load_optimizer(start.checkpoint)
         if seed is not None:
             seed_everything(seed)
 

@@ -22,6 +22,7 @@ import torch
 from grpo_stream.buffer.cursor import GroupCursor
 from grpo_stream.config import Config, ConfigError
 from grpo_stream.learner.checkpoint import latest_checkpoint, load_trainer_state
+from grpo_stream.learner.critic import load_critic, needs_reference
 from grpo_stream.learner.distributed import (
     DistInfo,
     broadcast_object,
@@ -79,8 +80,8 @@ def load_models(cfg: Config, weights: str, initial: str, dist: DistInfo, tag: st
     if cfg.learner.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     ref = None
-    if cfg.loss.beta > 0:  # the reference is the initial policy, frozen
-        print0(f"[{tag}] loading the reference model from {initial} (loss.beta > 0) ...")
+    if needs_reference(cfg):  # the reference is the initial policy, frozen
+        print0(f"[{tag}] loading the reference model from {initial} (KL in loss or reward) ...")
         ref = load_causal_lm(initial, load_to, trainable=False)
     if dist.world_size > 1:
         mp = mixed_precision_dtype(cfg.learner.dtype, dist.device)
@@ -98,9 +99,13 @@ def pad_token_id(model_dir: str) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def make_runner(cfg: Config, model, ref, opt, sched, dist: DistInfo, model_dir: str):
-    return StepRunner(cfg, model, ref, opt, sched, dist.device, pad_token_id(model_dir),
-                      world=dist.world_size, rank=dist.rank)  # fmt: skip
+def make_runner(cfg: Config, model, ref, opt, sched, dist: DistInfo, model_dir: str,
+                ckpt: Path | None = None):  # fmt: skip
+    """The StepRunner, with its critic (loss.advantage = "gae"; from `ckpt` on a resume)."""
+    runner = StepRunner(cfg, model, ref, opt, sched, dist.device, pad_token_id(model_dir),
+                        world=dist.world_size, rank=dist.rank)  # fmt: skip
+    runner.critic = load_critic(cfg, model_dir, dist, ckpt)
+    return runner
 
 
 def _final_groups(buffer_path: str) -> int | None:
@@ -149,6 +154,8 @@ def _resume(s: LearnerSetup, ckpt: Path) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     s.step, s.version, s.resumed_from = state["step"], state["version"], ckpt
+    if s.runner.critic is not None:
+        s.runner.critic.load_optimizer(ckpt)
     if s.cursor is not None:
         s.cursor.load_state(state["cursor"])
         print0(f"[learn] resumed from {ckpt} at step {s.step}, cursor {s.cursor.position}")
@@ -163,7 +170,7 @@ def setup_learner(cfg: Config, run_dir: str, model_dir: str, resume: bool = Fals
     ckpt = broadcast_object(latest_checkpoint(run_dir) if resume else None)
     model, ref = load_models(cfg, str(ckpt / "model") if ckpt else model_dir, model_dir, dist)
     opt, sched = build_optimizer(model, cfg.learner)  # after sharding (DTensor parameters)
-    runner = make_runner(cfg, model, ref, opt, sched, dist, model_dir)
+    runner = make_runner(cfg, model, ref, opt, sched, dist, model_dir, ckpt)
     cursor = open_cursor(cfg, run_dir) if dist.is_rank0 else None
     s = LearnerSetup(cfg, run_dir, dist, model, opt, sched, runner, cursor)
     seed_everything(cfg.run.seed)  # as replay does after loading; a resume restores its own

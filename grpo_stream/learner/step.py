@@ -148,6 +148,7 @@ class StepRunner:
         # a ShardedPolicy computes its own log-probs/loss (FSDP does precision), even on
         # one rank (bench.gpu_smoke runs FSDP2 with one rank)
         self.sharded = world > 1 or isinstance(model, ShardedPolicy)
+        self.critic = None  # learner.critic.Critic when loss.advantage = "gae" (make_runner)
 
     def _logprobs(self, model, mb: MicroBatch, entropy: bool = False):
         chunk = self.cfg.learner.logprob_chunk_size
@@ -207,7 +208,7 @@ class StepRunner:
             old = [self._logprobs(self.model, mb)[0].float() for mb in mbs]  # each [B, T]
             self.model.train(was_training)
         ref = [None] * len(mbs)
-        if self.cfg.loss.beta > 0:
+        if self.ref is not None:  # beta > 0, or the KL in the reward (learner.critic)
             ref = [self._logprobs(self.ref, mb)[0].float() for mb in mbs]
         return old, ref
 
@@ -219,9 +220,14 @@ class StepRunner:
         totals = _global(local, self.world)
         totals = {"total_tokens": totals["tokens"], "total_seqs": totals["seqs"]}
         self.opt.zero_grad(set_to_none=True)
+        if self.critic is not None:
+            self.critic.zero_grad()
         for i in order:
             loss, m, lp = self._micro_batch_loss(mbs[i], old[i], ref[i], totals)
             loss.backward()
+            if self.critic is not None:  # the value loss on the same micro-batch
+                meter.add(self.critic.train_micro_batch(i, mbs[i], totals["total_tokens"]),
+                          mbs[i].num_tokens)  # fmt: skip
             if old[i] is None:  # epoch 1 at the batch's starting weights: pi_old from now on
                 old[i] = lp.float()  # [B, T]
             meter.add(m, mbs[i].num_tokens)
@@ -231,6 +237,8 @@ class StepRunner:
         gn = self._clip_grad()
         self.opt.step()
         self.sched.step()
+        if self.critic is not None:
+            meter.add({M.CRITIC_GRAD_NORM: self.critic.step()}, 1.0)
         return gn
 
     def run(self, samples, advantages: list[float]) -> dict[str, float]:
@@ -248,6 +256,7 @@ class StepRunner:
         t0 = time.perf_counter()
         # one optimizer step per epoch: every epoch-1 forward runs at the starting weights
         old, ref = self._frozen_logprobs(mbs, own_pass=n_mini > 1)
+        critic_m = self.critic.prepare(mbs, ref) if self.critic is not None else {}
         t1 = time.perf_counter()
         meter, grad_norms = MetricMean(), []
         epoch_meters = [MetricMean() for _ in range(lc.epochs)]
@@ -257,7 +266,7 @@ class StepRunner:
                 part = order[k::n_mini]
                 grad_norms.append(self._optimizer_step(mbs, old, ref, part, meter, epoch_meters[e]))
         t2 = time.perf_counter()
-        out = meter.result(self.world) | epoch_metrics(epoch_meters, self.world)
+        out = meter.result(self.world) | epoch_metrics(epoch_meters, self.world) | critic_m
         counts = {M.TOKENS: sum(int(mb.attention_mask.sum()) for mb in mbs),
                   M.COMPLETION_TOKENS: sum(mb.num_tokens for mb in mbs),
                   M.NUM_SEQS: sum(self.real_seqs)}  # fmt: skip

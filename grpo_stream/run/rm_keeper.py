@@ -24,6 +24,8 @@ from typing import Any
 from grpo_stream.config import Config
 from grpo_stream.run.supervise.policy import CrashWindow, SupervisorLog
 
+REWARD_SERVERS_FILE = "reward_servers.json"  # peak memory of the reward servers
+
 
 def _uses_local_servers(cfg: Config) -> bool:
     named = any(f.name == "reward_model" for f in cfg.reward.functions)
@@ -100,5 +102,39 @@ class RewardServerKeeper:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.cfg.server.startup_timeout_s + 60)
+        if self.servers:  # what the reward model cost in memory (`grpo-stream compare`)
+            record_peak_memory(self.run_dir, self.servers)
         for s in self.servers:
             s.stop()
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory (MB) of process `pid` and its descendants (Linux VmHWM,
+    summed: vLLM's engine core is a child); None when it cannot be read."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0.0
+    for p in procs:
+        try:
+            status = Path(f"/proc/{p.pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += float(line.split()[1]) / 1024  # kB
+    return total or None
+
+
+def record_peak_memory(run_dir: Path, servers: list[Any]) -> None:
+    """RUN/reward_servers.json: each reward server's peak resident memory (CPU MB; on a
+    GPU its device share is set by reward_model's gpu_memory_utilization)."""
+    import json
+
+    from grpo_stream.core.atomic import atomic_write
+
+    peaks = [peak_rss_mb(s.proc.pid) if getattr(s, "proc", None) else None for s in servers]
+    atomic_write(run_dir / REWARD_SERVERS_FILE, json.dumps({"peak_rss_mb": peaks}) + "\n")

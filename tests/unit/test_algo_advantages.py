@@ -90,3 +90,21 @@ def test_bad_rewards_name_the_field():
         compute_advantages(torch.tensor([[1.0, float("nan")]]), LossConfig())
     with pytest.raises(ValueError, match="loss.advantage: unknown 'foo'"):
         compute_advantages(REWARDS, LossConfig.model_construct(advantage="foo"))
+
+
+def test_batch_normalised_return_keeps_equal_groups():
+    # REINFORCE++: one baseline and spread for the batch; the all-0.5 group keeps its signal
+    adv, keep, _ = compute_advantages(REWARDS, LossConfig(advantage="batch"))
+    values = REWARDS.flatten().tolist()
+    mean = sum(values) / 12
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 11)
+    assert_close(adv, (REWARDS - mean) / (std + EPS))
+    assert adv[1].abs().min() > 0.05 and keep.all()  # (0.5 - 7/12) / std, not zeroed
+
+
+def test_gae_passes_the_raw_reward_to_the_critic():
+    adv, keep, m = compute_advantages(REWARDS, LossConfig(advantage="gae"))
+    assert_close(adv, REWARDS, atol=0, rtol=0)  # no centring, no scaling, no zeroing
+    assert keep.all() and m["zero_variance_groups"] == 1.0
+    _, keep, _ = compute_advantages(REWARDS, LossConfig(advantage="gae", drop_zero_variance=True))
+    assert keep.tolist() == [True, False, True]

@@ -11,7 +11,7 @@ import subprocess
 import time
 
 from grpo_stream.config import Config
-from grpo_stream.run.rm_keeper import RewardServerKeeper
+from grpo_stream.run.rm_keeper import RewardServerKeeper, peak_rss_mb
 
 
 class SleepServer:
@@ -89,3 +89,21 @@ def test_nothing_is_started_for_rule_rewards_or_external_urls(tmp_path) -> None:
     cfg = _cfg()
     cfg.reward_model.urls = ["http://10.0.0.5:8100"]
     assert RewardServerKeeper(cfg, tmp_path).start() == []
+
+
+def test_close_records_the_servers_peak_memory(tmp_path) -> None:
+    class ShellServer(SleepServer):  # a parent with a child: the tree's memory is summed
+        def start(self):
+            self.proc = subprocess.Popen(["sh", "-c", "sleep 600 & wait"])
+            return self
+
+    make = lambda cfg, logs: [ShellServer("rm", "reward", 9400, cfg.server, logs / "x.log")]  # noqa: E731
+    keeper = RewardServerKeeper(_cfg(), tmp_path, poll_s=0.05, make=make)
+    (server,) = keeper.start()
+    import psutil
+
+    assert _wait(lambda: len(psutil.Process(server.proc.pid).children()) == 1)
+    own = peak_rss_mb(server.proc.pid)
+    keeper.close()
+    (peak,) = json.loads((tmp_path / "reward_servers.json").read_text())["peak_rss_mb"]
+    assert peak == own and 0 < peak < 100  # sh + sleep: a few MB
