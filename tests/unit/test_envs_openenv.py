@@ -1,5 +1,5 @@
 """OpenEnv environments as episodes, on real `openenv-core` classes (the `openenv`
-extra; skipped where it is not installed).
+extra, which `make env` installs).
 
 A number-guessing game written the OpenEnv way (an `Environment` with `reset`, `step`
 and `state`, pydantic `Action`/`Observation`) is driven through `OpenEnvAdapter`:
@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 
+import openenv.core.env_server.interfaces as oe_interfaces
+import openenv.core.env_server.types as oe_types
 import pytest
 
-oe_interfaces = pytest.importorskip("openenv.core.env_server.interfaces")
-oe_types = pytest.importorskip("openenv.core.env_server.types")
-
-from grpo_stream.envs import Done, EpisodeFailed, EpisodeLimits, Reply  # noqa: E402
-from grpo_stream.envs.openenv import OpenEnvAdapter  # noqa: E402
-from grpo_stream.tasks import Prompt  # noqa: E402
+from grpo_stream.envs import Done, EpisodeFailed, EpisodeLimits, Reply
+from grpo_stream.envs.openenv import OpenEnvAdapter
+from grpo_stream.tasks import Prompt
 
 
 class GuessAction(oe_types.Action):
