@@ -34,6 +34,7 @@ from grpo_stream.config import Config
 from grpo_stream.config.transports import transport_traits
 from grpo_stream.core import metric_names as M
 from grpo_stream.learner.batch import MicroBatch
+from grpo_stream.learner.lora import adapter_disabled
 from grpo_stream.learner.plan import plan_micro_batches
 from grpo_stream.learner.policy import autocast, sequence_logprobs, sequence_loss
 
@@ -207,8 +208,9 @@ class StepRunner:
             old = [self._logprobs(self.model, mb)[0].float() for mb in mbs]  # each [B, T]
             self.model.train(was_training)
         ref = [None] * len(mbs)
-        if self.cfg.loss.beta > 0:
-            ref = [self._logprobs(self.ref, mb)[0].float() for mb in mbs]
+        if self.cfg.loss.beta > 0:  # LoRA: ref is the policy itself, its adapter off
+            with adapter_disabled(self.ref):
+                ref = [self._logprobs(self.ref, mb)[0].float() for mb in mbs]
         return old, ref
 
     def _optimizer_step(self, mbs, old, ref, order, meter: MetricMean, epoch_meter=None) -> float:
