@@ -21,7 +21,9 @@ path: a version pushed again (a resumed learner redoing a step a killed one had 
 is unloaded and loaded anew, and that server's prefix cache reset. The servers must start
 with LoRA enabled (`server.max_lora_rank`, `server.max_loras`, derived from [lora] when
 `sync.transport = "lora"`: `serving.server`). A failed load raises `WeightSyncError`
-naming the server, which keeps serving its older version.
+naming the server, which keeps serving its older version. A restarted server starts on
+the base model alone: `resync_adapter` loads the newest published adapter into it before
+it is used (`grpo_stream.run.supervise.servers`).
 """
 
 from __future__ import annotations
@@ -213,6 +215,41 @@ class LoraSync:
 
     def close(self) -> None:
         """Nothing is held between pushes."""
+
+
+def newest_adapter(root: Path) -> tuple[Path, int] | None:
+    """The newest complete `vN` adapter folder under `root` and N (None: none yet)."""
+    for version, folder in reversed(version_folders(root)):
+        try:
+            validate_adapter_dir(folder)
+        except (WeightSyncError, OSError):  # pruned or torn under us: the one before
+            continue
+        return folder, version
+    return None
+
+
+async def resync_adapter(
+    url: str, cfg: SyncConfig, root: Path, served_name: str, api_key: str | None = None
+) -> int:
+    """A restarted server (it starts on the base model): load the newest published
+    adapter under its version's name and set that version; returns it (0: none yet,
+    the base model is version 0's policy, as a fresh adapter is)."""
+    newest = newest_adapter(Path(root))
+    if newest is None:
+        return 0
+    folder, version = newest
+    name = adapter_name(served_name, version)
+    async with VLLMClient(cfg.timeout_s, api_key=api_key) as client:
+        try:
+            await asyncio.wait_for(
+                load_on_server(client, url, name, folder, version, cfg.timeout_s), cfg.timeout_s
+            )
+        except TimeoutError:
+            raise WeightSyncError(
+                f"{url}: re-sync to adapter {name} did not finish within "
+                f"sync.timeout_s={cfg.timeout_s:g}s"
+            ) from None
+    return version
 
 
 async def _settle(job):

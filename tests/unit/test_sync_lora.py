@@ -73,3 +73,25 @@ def test_the_window_keeps_the_versions_a_sample_may_still_come_from() -> None:
     assert outside_window(names, "policy", 7, 2) == ["policy-v0", "policy-v8"]
     assert outside_window(names, "policy", 7, 0) == ["policy-v0", "policy-v5", "policy-v6",
                                                      "policy-v8"]  # fmt: skip
+
+
+def test_a_restarted_server_gets_the_newest_adapter(tmp_path, lora_lm) -> None:
+    from grpo_stream.config import load_config
+    from grpo_stream.run.supervise.servers import resync
+    from grpo_stream.sync.lora import write_adapter
+
+    for v in (2, 3):
+        write_adapter(lora_lm, tmp_path / "adapters" / f"v{v}")
+    (tmp_path / "adapters" / "v4").mkdir()  # a torn one (no files): skipped
+    cfg = load_config(None, ["sync.transport=lora", "lora.enabled=true", "sync.timeout_s=10"])
+    script = {"/v1/load_lora_adapter": [(200, "Success")], "/update_weight_version": [OK_JSON]}
+
+    async def main():
+        async with CannedServer(script) as srv:
+            return await asyncio.to_thread(resync, srv.url, cfg, tmp_path), srv.calls
+
+    version, calls = asyncio.run(main())
+    assert version == 3
+    assert [c.path for c in calls] == ["/v1/load_lora_adapter", "/update_weight_version"]
+    assert calls[0].body["lora_name"] == "policy-v3"
+    assert calls[1].body == {"new_version": "3"}
