@@ -185,3 +185,30 @@ def test_the_targets_must_exist_in_the_model(tiny_model_dir):
     model = load_causal_lm(str(tiny_model_dir), torch.device("cpu"))
     with pytest.raises(ValueError, match=r"lora.target_modules = \['wq'\]"):
         apply_lora(model, LoraConfig(enabled=True, target_modules=["wq"]))
+
+
+def test_export_writes_the_adapter_or_a_merged_model(tmp_path, tiny_model_dir):
+    """`grpo-stream export RUN [--merge]`: the merged folder loads with transformers alone
+    and gives the adapter policy's log-probs."""
+    from grpo_stream.cli import main
+    from grpo_stream.config import write_run_config
+    from grpo_stream.learner.checkpoint import save_checkpoint
+
+    cfg, model, runner, samples, advs = lora_setup(tiny_model_dir)
+    runner.run(samples, advs)
+    run = tmp_path / "run"
+    write_run_config(load_config(None, [f"model.path={tiny_model_dir}", "sync.transport=lora",
+                                        "lora.enabled=true"]), run, "learn")  # fmt: skip
+    save_checkpoint(str(run), 1, model, runner.opt, runner.sched, {"version": 1})
+    assert main(["export", str(run)]) == 0
+    adapter = run / "export" / "step-1"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert main(["export", str(run / "checkpoints" / "step-1"), "--merge"]) == 0
+    merged = run / "export" / "step-1-merged"
+    assert not (merged / "adapter_config.json").exists()
+    plain = load_causal_lm(str(merged), torch.device("cpu"), trainable=False)
+    assert not any("lora_" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(
+        _logprobs(plain, samples, advs), _logprobs(model, samples, advs), atol=1e-5, rtol=0
+    )
+    assert main(["export", str(tmp_path / "nothing")]) == 2
