@@ -212,3 +212,13 @@ def test_export_writes_the_adapter_or_a_merged_model(tmp_path, tiny_model_dir):
         _logprobs(plain, samples, advs), _logprobs(model, samples, advs), atol=1e-5, rtol=0
     )
     assert main(["export", str(tmp_path / "nothing")]) == 2
+
+
+def test_eval_of_a_lora_checkpoint_says_to_merge_it_first(tmp_path):
+    from grpo_stream.config import ConfigError
+    from grpo_stream.eval.cli import resolve_target
+
+    (tmp_path / "checkpoints" / "step-3" / "model").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-3" / "model" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"step-3 holds a LoRA adapter.*export .* --merge"):
+        resolve_target(str(tmp_path), Config())
