@@ -222,3 +222,13 @@ def test_eval_of_a_lora_checkpoint_says_to_merge_it_first(tmp_path):
     (tmp_path / "checkpoints" / "step-3" / "model" / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"step-3 holds a LoRA adapter.*export .* --merge"):
         resolve_target(str(tmp_path), Config())
+
+
+def test_rank_alpha_dropout_and_targets_reach_the_adapter(tiny_model_dir):
+    model = load_causal_lm(str(tiny_model_dir), torch.device("cpu"))
+    cfg = LoraConfig(enabled=True, rank=3, alpha=12.0, dropout=0.25, target_modules=["v_proj"])
+    model = apply_lora(model, cfg)
+    a = {n: p.shape for n, p in model.named_parameters() if "lora_A" in n}
+    assert a and all(".v_proj." in n and s[0] == 3 for n, s in a.items())
+    layer = model.model.layers[0].self_attn.v_proj
+    assert layer.scaling["default"] == 12.0 / 3 and layer.lora_dropout["default"].p == 0.25
