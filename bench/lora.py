@@ -8,7 +8,8 @@ chat-templated arithmetic prompts x G = 8 random completions of 4..16 tokens, mu
 one optimizer step per epoch, shared prefix), once with full weights and once with
 configs/cpu-lora.toml's adapter (rank 16 on every attention and MLP projection), each in a
 fresh child process (`--child full|lora`): load, AdamW, one warm-up step, then `--reps`
-timed steps. lora_peak_memory_ratio = the LoRA learner's peak RSS (VmHWM: weights,
+timed steps. lora_peak_memory_ratio = the LoRA learner's peak RSS while it trains (VmHWM,
+reset once the model is loaded, so a loader's transient copies do not count: weights,
 optimizer state, gradients, activations) / the full learner's (goal <= 0.6);
 lora_step_time_ratio = median LoRA step / median full step (recorded, goal <= 1.0: the
 frozen base skips its weight gradients and AdamW updates only the adapter).
@@ -63,6 +64,8 @@ def child(kind: str, reps: int) -> dict:
     model = load_causal_lm(str(model_dir), torch.device("cpu"))
     if kind == "lora":
         model = apply_lora(model, _lora_cfg())
+    loaded = _rss_kib("VmRSS") / 1024
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: training, not loading
     cfg = Config()
     cfg.learner.epochs, cfg.learner.micro_batch_size, cfg.learner.lr = 2, 32, 1e-6
     opt, sched = build_optimizer(model, cfg.learner)
@@ -76,7 +79,13 @@ def child(kind: str, reps: int) -> dict:
         runner.run(samples, advs)
         times.append(time.perf_counter() - t0)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"seconds": times, "peak_rss_mib": _rss_kib("VmHWM") / 1024, "trained": trained}
+    peak = _rss_kib("VmHWM") / 1024
+    return {
+        "seconds": times,
+        "peak_rss_mib": peak,
+        "rss_after_load_mib": loaded,
+        "trained": trained,
+    }
 
 
 def bench_step(reps: int) -> tuple[list[dict], dict]:
