@@ -8,8 +8,8 @@ CONFIG ?= configs/cpu.toml
 ARGS ?=
 # every runnable module of bench/ (tests/unit/test_make_bench.py keeps the list whole);
 # gpu_smoke needs CUDA: without it, it says so in one line and make bench goes on
-BENCHES := logprobs buffer generator reward_model learner checkpoint sync_overlap choices \
-	pipeline simulate gpu_smoke
+BENCHES := logprobs buffer generator reward_model learner lora checkpoint sync_overlap \
+	choices pipeline simulate gpu_smoke
 BENCH_ARGS_gpu_smoke := --if-cuda
 
 .PHONY: env demo test lint unit integration bench clean

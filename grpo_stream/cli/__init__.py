@@ -14,6 +14,7 @@
     grpo-stream doctor   [--config F] [k=v ...]   preflight: one line per check, before a run
     grpo-stream config   show [--config F] [k=v ...]   the resolved config, described
     grpo-stream rm       train|eval ...           reward models: Bradley-Terry on pairs
+    grpo-stream export   RUN [--merge] [--out D]  a checkpoint as a folder (LoRA: adapter, or merged)
 
 Configs are parsed and validated before torch or vLLM is imported, so `--help` and
 config errors are instant. A user error (`grpo_stream.core.errors.UserError`) exits with
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sweep", "grpo_stream.analysis.sweep", "sweep_cli"),
         ("compare", "grpo_stream.analysis.compare_cli", "compare_cli"),
         ("rm", "grpo_stream.rm.cli", "rm_cli"),
+        ("export", "grpo_stream.learner.export", "export_cli"),
     ]:
         sp = sub.add_parser(name, help=f"see `grpo-stream {name} --help`", add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -215,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PASSTHROUGH = {"buffer", "model", "replay", "plot", "doctor", "eval", "sweep", "compare", "rm"}
+PASSTHROUGH = {"buffer", "model", "replay", "plot", "doctor", "eval", "sweep", "compare", "rm",
+               "export"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from grpo_stream.config.critic import CriticConfig
 from grpo_stream.config.episodes import EnvConfig
 from grpo_stream.config.evaluation import EvalConfig
 from grpo_stream.config.learning import LearnerConfig, LossConfig, SyncConfig
+from grpo_stream.config.lora import LoraConfig, check_lora, vllm_lora_rank
 from grpo_stream.config.reward_model import RewardModelConfig
 from grpo_stream.config.rules import RENAMED, VARIANT_RULES, VariantRule, inapplicable
 from grpo_stream.config.sections import (
@@ -60,6 +61,7 @@ __all__ = [
     "EvalConfig",
     "GeneratorConfig",
     "LearnerConfig",
+    "LoraConfig",
     "LossConfig",
     "ModelConfig",
     "RewardConfig",
@@ -117,10 +119,12 @@ class Config(_Section):
     critic: CriticConfig = Field(
         default_factory=CriticConfig, description='PPO\'s value model (loss.advantage = "gae")'
     )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (or off)")
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         self._check_variants()
+        check_lora(self)
         if self.loss.mask_low >= self.loss.mask_high:
             raise ValueError("loss.mask_low must be below loss.mask_high")
         if self.task.name in ("jsonl", "parquet") and not self.task.path:
@@ -164,6 +168,9 @@ class Config(_Section):
         s = self.server
         backend = s.weight_transfer_backend or transport_traits(self.sync.transport).server_backend
         derived = {"seed": s.resolved_seed(self.run), "weight_transfer_backend": backend}
+        if transport_traits(self.sync.transport).adapters:  # the window, plus one being loaded
+            derived["max_lora_rank"] = s.max_lora_rank or vllm_lora_rank(self.lora.rank)
+            derived["max_loras"] = s.max_loras or self.learner.max_staleness + 2
         return s.model_copy(deep=True, update=derived)
 
     def resolved_loss(self) -> LossConfig:

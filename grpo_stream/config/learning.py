@@ -218,10 +218,11 @@ class LearnerConfig(_Section):
 
 
 class SyncConfig(_Section):
-    transport: Literal["disk", "nccl", "none"] = Field(
+    transport: Literal["disk", "nccl", "lora", "none"] = Field(
         "disk",
         description="disk: safetensors folder + reload_weights; nccl: vLLM's NCCL weight "
-        "transfer (GPU); none: no sync (servers keep the initial weights)",
+        "transfer (GPU); lora: the LoRA adapter alone, loaded as policy-vN ([lora]); "
+        "none: no sync (servers keep the initial weights)",
     )
     every: int = Field(1, ge=1, description="push weights every N learner steps")
     pause_mode: Literal["wait", "keep", "abort"] = Field(

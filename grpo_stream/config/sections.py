@@ -102,6 +102,18 @@ class ServerConfig(_Section):
     extra_args: list[str] = Field(
         default_factory=list, description="more vLLM command-line arguments, appended as given"
     )
+    max_lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="starts vLLM with --enable-lora and this --max-lora-rank; unset: the "
+        'smallest vLLM rank >= lora.rank when sync.transport = "lora"',
+    )
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        description="vLLM --max-loras (adapters held at once); unset: learner.max_staleness "
+        '+ 2 when sync.transport = "lora" (every version in the window, plus the next)',
+    )
     weight_transfer_backend: Literal["nccl"] | None = Field(
         None,
         description='starts vLLM with --weight-transfer-config; unset: "nccl" when '

@@ -38,6 +38,10 @@ class TransportTraits:
     nccl_group: bool
     # the `--weight-transfer-config` backend the servers must start with (None: none)
     server_backend: str | None
+    # a push sends a LoRA adapter (RUN/adapters/vN) that the servers load beside the base
+    # model under a versioned name (`policy-vN`, which the generator and evaluator ask
+    # for): the servers start with LoRA enabled, and [lora] must be on
+    adapters: bool = False
 
 
 TRANSPORT_TRAITS: dict[str, TransportTraits] = {
@@ -46,6 +50,13 @@ TRANSPORT_TRAITS: dict[str, TransportTraits] = {
     ),
     "nccl": TransportTraits(
         versions_servers=True, reloads_from_disk=False, nccl_group=True, server_backend="nccl"
+    ),
+    "lora": TransportTraits(
+        versions_servers=True,
+        reloads_from_disk=False,
+        nccl_group=False,
+        server_backend=None,
+        adapters=True,
     ),
     "none": TransportTraits(
         versions_servers=False, reloads_from_disk=False, nccl_group=False, server_backend=None

@@ -118,13 +118,14 @@ SYNC_PAUSES = "sync_pauses"  # [[url, paused_at, resumed_at], ...] wall-clock se
 SYNC_BG_S = "sync_bg_s"
 EVAL_WAIT_BG_S = "eval_wait_bg_s"
 CHECKPOINT_BG_S = "checkpoint_bg_s"
+SYNC_BYTES = "sync_bytes"  # bytes written for one push (sync.lora: the adapter's files)
 
 # wall-clock measurements: the only keys in which a replayed row may differ from the
 # learner's row for the same step
 WALL_CLOCK = (WAIT_S, PROXIMAL_S, TRAIN_S, TOKENS_PER_S, STEP_S)
 # written only by the learner process (it alone talks to the servers; its peak memory)
 LEARNER_ONLY = (SYNC_S, SYNC_SAVE_S, SYNC_PAUSE_S, SYNC_CONNECT_S, SYNC_TRANSFER_S, PEAK_MEMORY_MB,
-                SYNC_PAUSES, GATHER_S, CHECKPOINT_S, EVAL_WAIT_S, SYNC_BG_S, EVAL_WAIT_BG_S,
-                CHECKPOINT_BG_S,
+                SYNC_PAUSES, SYNC_BYTES, GATHER_S, CHECKPOINT_S, EVAL_WAIT_S, SYNC_BG_S,
+                EVAL_WAIT_BG_S, CHECKPOINT_BG_S,
                 LINEAGE_GROUPS_DROPPED, AHEAD_GROUPS_DROPPED,
                 ZERO_VARIANCE_GROUPS_DROPPED)  # fmt: skip

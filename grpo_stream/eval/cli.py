@@ -57,6 +57,11 @@ def resolve_target(spec: str, cfg: Config) -> Target:
     path = Path(spec).expanduser()
     if (path / "checkpoints").is_dir():
         path = _latest_checkpoint(path)
+    if (path / "model" / "adapter_config.json").is_file():  # a LoRA checkpoint: the adapter
+        raise ConfigError(
+            f"--model {spec}: {path.name} holds a LoRA adapter, not a model: merge it first "
+            f"(`grpo-stream export {spec} --merge`) and evaluate the folder it prints"
+        )
     if (path / "model" / "config.json").is_file():  # a checkpoint folder
         state = (
             json.loads((path / "state.json").read_text()) if (path / "state.json").is_file() else {}

@@ -29,6 +29,7 @@ from grpo_stream.eval.passk import mean_at_k, mean_pass_at_k
 from grpo_stream.eval.record import EvalRow
 from grpo_stream.generator.pool import ServerPool
 from grpo_stream.generator.sampler import PromptFailed, SampleRequest, request_group
+from grpo_stream.serving.adapters import request_model
 from grpo_stream.tasks import Prompt, RewardRunner, render_prompt
 from grpo_stream.tasks.heldout import eval_task
 
@@ -96,7 +97,7 @@ class Evaluator:
         n, params = (1, self.greedy_params) if greedy else (self.k, self.sample_params)
         try:
             outs, v0, v1, _, _ = await request_group(
-                pool, self.cfg.model.served_name, req, n, params, g.max_retries, g.retry_budget_s
+                pool, request_model(self.cfg), req, n, params, g.max_retries, g.retry_budget_s
             )
         except PromptFailed:
             res.failed = True

@@ -40,6 +40,7 @@ from grpo_stream.generator.sampler import (
     request_group,
 )
 from grpo_stream.generator.stats import GenStats
+from grpo_stream.serving.adapters import request_model
 from grpo_stream.serving.client import VLLMClient
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class Generator:
             g = self.cfg.generator
             outs, v0, v1, lat, url = await request_group(
                 pool,
-                self.cfg.model.served_name,
+                request_model(self.cfg),  # the version's adapter name under the LoRA sync
                 req,
                 g.group_size,
                 self.sampling_params(),

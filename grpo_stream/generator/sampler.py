@@ -24,6 +24,7 @@ from typing import Any
 
 from grpo_stream.buffer.schema import Group, Sample
 from grpo_stream.generator.pool import ServerPool
+from grpo_stream.serving.adapters import versioned
 from grpo_stream.serving.client import Backoff, Completion, VLLMClient, is_transient
 
 
@@ -43,7 +44,8 @@ async def _request_once(
 ) -> tuple[list[Completion], int, int, float]:
     v0 = await client.weight_version(url)
     t0 = time.perf_counter()
-    outs = await client.complete(url, model, req.prompt_ids, n, sampling)
+    # `model` may name a version slot ('policy-v{version}', LoRA): v0's own adapter
+    outs = await client.complete(url, versioned(model, v0), req.prompt_ids, n, sampling)
     latency = time.perf_counter() - t0
     v1 = await client.weight_version(url)
     return outs, v0, v1, latency

@@ -1,7 +1,7 @@
 """Atomic learner checkpoints: model, optimizer, scheduler, RNG, step, buffer cursor.
 
 `RUN/checkpoints/step-N/` holds `model/` (Hugging Face format, loadable with
-`from_pretrained`), `trainer.pt` (optimizer, scheduler, RNG states) and `state.json`
+`from_pretrained`; with [lora] the adapter alone, in peft's format), `trainer.pt` (optimizer, scheduler, RNG states) and `state.json`
 (step, policy version, cursor). It is written to `step-N.tmp` and renamed, so a
 killed learner leaves either a whole checkpoint or none. `latest_checkpoint` finds
 the newest whole one for `--resume`.
@@ -31,6 +31,8 @@ import torch
 
 from grpo_stream.core.atomic import fresh_dir, link_files, publish_dir
 from grpo_stream.core.errors import UserError
+from grpo_stream.learner.lora import is_lora
+from grpo_stream.sync.lora import ADAPTER_CONFIG, ADAPTER_FILE, write_adapter
 
 OMITTED = "omitted"  # trainer.pt's optimizer_format when AdamW's state was left out
 
@@ -96,6 +98,8 @@ def save_checkpoint(
     tmp = fresh_dir(root / f"step-{step}.tmp")
     if model_files is not None:
         link_files(model_files, tmp / "model")
+    elif is_lora(model):  # the adapter alone: the base is the initial model
+        write_adapter(model, tmp / "model")
     else:
         model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     if trainer is None:
@@ -162,6 +166,9 @@ def latest_checkpoint(run_dir: str) -> Path | None:
 def missing_files(ckpt: Path) -> list[str]:
     """The files a checkpoint lacks: state.json, trainer.pt, model/config.json and every
     weight shard its index names (or model.safetensors when unsharded)."""
+    if (ckpt / "model" / ADAPTER_CONFIG).is_file():  # a LoRA checkpoint: the adapter
+        need = ["state.json", "trainer.pt", f"model/{ADAPTER_CONFIG}", f"model/{ADAPTER_FILE}"]
+        return [n for n in need if not (ckpt / n).is_file()]
     need = ["state.json", "trainer.pt", "model/config.json"]
     index = ckpt / "model" / "model.safetensors.index.json"
     if index.is_file():

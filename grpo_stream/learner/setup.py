@@ -32,6 +32,7 @@ from grpo_stream.learner.distributed import (
     print0,
     shard_model,
 )
+from grpo_stream.learner.lora import apply_lora, policy_folders
 from grpo_stream.learner.optim import build_optimizer
 from grpo_stream.learner.policy import load_causal_lm
 from grpo_stream.learner.step import StepRunner
@@ -71,16 +72,25 @@ def set_threads(cfg: Config, dist: DistInfo) -> None:
 
 def load_models(cfg: Config, weights: str, initial: str, dist: DistInfo, tag: str = "learn"):
     """(policy from `weights`, reference from `initial` or None when beta = 0), sharded
-    under torchrun."""
+    under torchrun. With [lora] the policy is the initial model with an adapter (fresh,
+    or `weights`' when that is an adapter folder), and the reference is the policy itself,
+    used with its adapter off (`learner.lora`)."""
     t0 = time.perf_counter()
     # under FSDP2 load on CPU: shard_model moves only each rank's shards to its GPU
     load_to = torch.device("cpu") if dist.world_size > 1 else dist.device
+    try:  # LoRA: the base is the initial model, the adapter a checkpoint's (learner.lora)
+        weights, adapter = policy_folders(cfg.lora, weights, initial, dist.world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     print0(f"[{tag}] loading the policy from {weights} onto {load_to} ...")
     model = load_causal_lm(weights, load_to)
     if cfg.learner.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.lora.enabled:
+        print0(f"[{tag}] LoRA rank {cfg.lora.rank} on {cfg.lora.target_modules} ...")
+        model = apply_lora(model, cfg.lora, adapter)
     ref = None
-    if needs_reference(cfg):  # the reference is the initial policy, frozen
+    if needs_reference(cfg) and not cfg.lora.enabled:  # the initial policy, frozen
         print0(f"[{tag}] loading the reference model from {initial} (KL in loss or reward) ...")
         ref = load_causal_lm(initial, load_to, trainable=False)
     if dist.world_size > 1:
@@ -88,6 +98,8 @@ def load_models(cfg: Config, weights: str, initial: str, dist: DistInfo, tag: st
         print0(f"[{tag}] FSDP2 over {dist.world_size} processes on {dist.device}: sharding ...")
         model = shard_model(model, dist, mp)
         ref = shard_model(ref, dist, mp) if ref is not None else None
+    if cfg.lora.enabled and needs_reference(cfg):  # the reference: this model, adapter off
+        ref = model
     print0(f"[{tag}] models ready in {time.perf_counter() - t0:.1f}s")
     return model, ref
 

@@ -34,6 +34,7 @@ from grpo_stream.config import Config
 from grpo_stream.config.transports import transport_traits
 from grpo_stream.core import metric_names as M
 from grpo_stream.learner.batch import MicroBatch
+from grpo_stream.learner.lora import adapter_disabled
 from grpo_stream.learner.plan import plan_micro_batches
 from grpo_stream.learner.policy import autocast, sequence_logprobs, sequence_loss
 
@@ -208,8 +209,9 @@ class StepRunner:
             old = [self._logprobs(self.model, mb)[0].float() for mb in mbs]  # each [B, T]
             self.model.train(was_training)
         ref = [None] * len(mbs)
-        if self.ref is not None:  # beta > 0, or the KL in the reward (learner.critic)
-            ref = [self._logprobs(self.ref, mb)[0].float() for mb in mbs]
+        if self.ref is not None:  # beta > 0 or the KL in the reward; LoRA: the policy
+            with adapter_disabled(self.ref):  # itself with its adapter off (else a no-op)
+                ref = [self._logprobs(self.ref, mb)[0].float() for mb in mbs]
         return old, ref
 
     def _optimizer_step(self, mbs, old, ref, order, meter: MetricMean, epoch_meter=None) -> float:

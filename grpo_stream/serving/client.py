@@ -2,7 +2,7 @@
 
 Everything in grpo-stream that talks to vLLM goes through this module: the generator
 (completions, /weight_info, /metrics, health), the weight syncs (/pause, /collective_rpc,
-the NCCL transfer routes, /resume), the launcher (`serving.server`: waiting for a started
+the NCCL transfer routes, /resume, LoRA adapter loading), the launcher (`serving.server`: waiting for a started
 server) and the tests' and tools' `get_json`/`post_json`. It sits below generator/, sync/
 and the rest of serving/.
 
@@ -261,6 +261,34 @@ class VLLMClient:
 
     async def reset_prefix_cache(self, url: str) -> None:
         await self.post(url, "/reset_prefix_cache", retries=self.retries)
+
+    async def load_lora_adapter(self, url: str, name: str, path: str, timeout_s: float) -> None:
+        """POST /v1/load_lora_adapter: the adapter folder `path` served as model `name`
+        (vLLM answers plain text, not JSON; an existing name is refused with 400)."""
+        await self._lora_call(url, "/v1/load_lora_adapter",
+                              {"lora_name": name, "lora_path": path}, timeout_s)  # fmt: skip
+
+    async def unload_lora_adapter(self, url: str, name: str) -> bool:
+        """POST /v1/unload_lora_adapter; False when the server holds no adapter `name`."""
+        try:
+            await self._lora_call(url, "/v1/unload_lora_adapter", {"lora_name": name}, None)
+        except ServerHTTPError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    async def _lora_call(self, url: str, path: str, body: dict, timeout_s: float | None) -> None:
+        full = endpoint(url, path)
+        status, text = await self.raw("POST", full, timeout_s=timeout_s, json=body)
+        if status >= 400:
+            raise ServerHTTPError(full, status, text)
+
+    async def served_models(self, url: str) -> list[str]:
+        """The model names a server answers to (GET /v1/models): the base, and adapters."""
+        body = await self.request("GET", url, "/v1/models", retries=self.retries)
+        data = field(body, "data", endpoint(url, "/v1/models"), list)
+        return [str(m.get("id")) for m in data if isinstance(m, dict)]
 
     async def metrics(self, url: str) -> dict[str, float]:
         """Prometheus text from /metrics, reduced to {name: summed value}."""

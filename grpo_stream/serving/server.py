@@ -97,6 +97,10 @@ def build_command(model_dir: Path, served_name: str, port: int, cfg: ServerConfi
         cmd += ["--seed", str(cfg.seed)]
     if cfg.gpu_memory_utilization is not None:
         cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    if cfg.max_lora_rank is not None:  # adapters loaded at run time (sync.transport = "lora")
+        slots = cfg.max_loras or 1
+        cmd += ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank),
+                "--max-loras", str(slots), "--max-cpu-loras", str(slots)]  # fmt: skip
     if cfg.weight_transfer_backend:  # vLLM's native weight transfer (sync.transport = "nccl")
         cmd += ["--weight-transfer-config", json.dumps({"backend": cfg.weight_transfer_backend})]
     return cmd + list(cfg.extra_args)
@@ -119,6 +123,8 @@ def build_env(
         DO_NOT_TRACK="1",
         PYTHONUNBUFFERED="1",
     )
+    if cfg.max_lora_rank is not None:  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if cfg.cpu_threads is not None:
         env["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
     env.pop(API_KEY_ENV, None)  # the server's key is the config's, not one inherited

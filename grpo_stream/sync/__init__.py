@@ -7,7 +7,8 @@
 
 `sync.transport` picks the implementation from `TRANSPORTS`: "disk" (`disk.DiskSync`:
 safetensors folder + in-place reload, CPU or GPU), "nccl" (`nccl.NCCLSync`: vLLM's NCCL
-weight-transfer engine, GPU), "none" (`base.NoSync`). No code outside this package
+weight-transfer engine, GPU), "lora" (`lora.LoraSync`: the LoRA adapter alone, loaded
+under a versioned name), "none" (`base.NoSync`). No code outside this package
 branches on the name: the learner asks the sync object's traits (`needs_state_dict`,
 `versions_servers`), and code without one asks `transport_traits(name)` (the data-only
 table in `grpo_stream.config.transports`, below this package so that config's GPU
@@ -42,6 +43,14 @@ def _nccl(cfg: Config, run_dir: str) -> WeightSync:
     return NCCLSync(cfg.sync, cfg.server.resolved_urls(), wire_dtype=wire, api_key=key)
 
 
+def _lora(cfg: Config, run_dir: str) -> WeightSync:
+    from grpo_stream.sync.lora import LoraSync
+
+    urls, key = cfg.server.resolved_urls(), cfg.server.resolved_api_key()
+    root, window = Path(run_dir) / "adapters", cfg.learner.max_staleness
+    return LoraSync(cfg.sync, urls, root, cfg.model.served_name, window, api_key=key)
+
+
 def _none(cfg: Config, run_dir: str) -> WeightSync:
     return NoSync()
 
@@ -49,6 +58,7 @@ def _none(cfg: Config, run_dir: str) -> WeightSync:
 TRANSPORTS: dict[str, Callable[[Config, str], WeightSync]] = {
     "disk": _disk,
     "nccl": _nccl,
+    "lora": _lora,
     "none": _none,
 }
 

@@ -24,7 +24,7 @@ import torch
 from fake_vllm import OK_JSON, CannedServer
 from test_doctor import by_name, fake_model
 
-from grpo_stream.config import Config, ConfigError, SyncConfig, load_config
+from grpo_stream.config import Config, ConfigError, LoraConfig, SyncConfig, load_config
 from grpo_stream.config.placement import plan_gpus
 from grpo_stream.config.transports import TRANSPORT_TRAITS, transport_traits
 from grpo_stream.learner.step import version_after
@@ -106,9 +106,11 @@ def test_no_transport_name_branches_outside_sync() -> None:
 
 def test_one_list_of_transports_everywhere(tmp_path: Path) -> None:
     choices = typing.get_args(SyncConfig.model_fields["transport"].annotation)
-    assert set(choices) == set(TRANSPORT_TRAITS) == set(TRANSPORTS) == {"disk", "nccl", "none"}
+    everything = {"disk", "nccl", "lora", "none"}
+    assert set(choices) == set(TRANSPORT_TRAITS) == set(TRANSPORTS) == everything
     for name in choices:
-        sync = make_weight_sync(Config(sync=SyncConfig(transport=name)), str(tmp_path))
+        lora = LoraConfig(enabled=transport_traits(name).adapters)  # adapters need [lora]
+        sync = make_weight_sync(Config(sync=SyncConfig(transport=name), lora=lora), str(tmp_path))
         assert sync.versions_servers is transport_traits(name).versions_servers
         sync.close()
     with pytest.raises(ValueError, match=r"sync.transport = 'ipc': not one of"):
@@ -157,6 +159,25 @@ def test_server_backend_starts_the_servers_with_it(flip) -> None:
     assert launched("disk").weight_transfer_backend is None
     flip("disk", server_backend="nccl")
     assert launched("disk").weight_transfer_backend == "nccl"
+
+
+def test_adapters_decides_the_servers_lora_slots_and_the_requested_name(flip) -> None:
+    from grpo_stream.serving.adapters import request_model, versioned
+    from grpo_stream.serving.server import build_command
+
+    lora = ["lora.enabled=true", "lora.rank=4", "learner.max_staleness=3"]
+    cfg = load_config(None, ["sync.transport=lora", *lora])
+    server = cfg.resolved_server()
+    assert (server.max_lora_rank, server.max_loras) == (8, 5)  # vLLM's rank 8 holds r = 4
+    argv = build_command(Path("/m"), "policy", 8000, server)
+    assert argv[argv.index("--max-lora-rank") + 1] == "8" and "--enable-lora" in argv
+    assert versioned(request_model(cfg), 7) == "policy-v7"
+    none = load_config(None, ["sync.transport=none", *lora])
+    assert none.resolved_server().max_lora_rank is None
+    assert versioned(request_model(none), 7) == "policy"
+    flip("none", adapters=True)
+    assert none.resolved_server().max_loras == 5
+    assert versioned(request_model(none), 7) == "policy-v7"
 
 
 def _resync_calls(tmp_path: Path, transport: str) -> tuple[int, list[str]]:

@@ -11,7 +11,8 @@ the re-sync repeats until the newest folder is the one the server holds. The fol
 held while the server reloads from it (`sync.disk.hold_weights`), so that push does not
 delete it under the server. Under NCCL sync the learner's transfer group died with the
 server: the supervisor restarts the learner too, and the resumed learner sends its
-weights (sync.transport = "nccl").
+weights (sync.transport = "nccl"). Under the adapter sync it loads the newest adapter
+under `RUN/adapters` as that version's name (`sync.lora.resync_adapter`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,13 @@ def _reload_held(url: str, folder: Path, version: int, cfg: Config) -> bool:
 
 def resync(url: str, cfg: Config, run_dir: str | Path) -> int:
     """Disk sync: load the newest published weights into the server at `url`; returns
-    their version (0 when the learner published none: the initial model is version 0)."""
+    their version (0 when the learner published none: the initial model is version 0).
+    Adapter sync: the newest adapter under RUN/adapters (`sync.lora.resync_adapter`)."""
+    if transport_traits(cfg.sync.transport).adapters:
+        from grpo_stream.sync.lora import resync_adapter
+
+        root, key = Path(run_dir) / "adapters", cfg.server.resolved_api_key()
+        return asyncio.run(resync_adapter(url, cfg.sync, root, cfg.model.served_name, key))
     if not transport_traits(cfg.sync.transport).reloads_from_disk:
         return 0
     held = None

@@ -1,0 +1,198 @@
+"""Benchmark: LoRA against full fine-tuning on the demo's shapes, side by side in one run.
+
+    python -m bench.lora                 # step + sync -> results/lora.json
+    python -m bench.lora --part step     # (a) only;  --part sync: (b) only
+
+(a) step: the learner step of bench/learner.py (SmolLM2-135M float32, the demo's 4
+chat-templated arithmetic prompts x G = 8 random completions of 4..16 tokens, mu = 2,
+one optimizer step per epoch, shared prefix), once with full weights and once with
+configs/cpu-lora.toml's adapter (rank 16 on every attention and MLP projection), each in a
+fresh child process (`--child full|lora`): load, AdamW, one warm-up step, then `--reps`
+timed steps. lora_peak_memory_ratio = the LoRA learner's peak RSS while it trains (VmHWM,
+reset once the model is loaded, so a loader's transient copies do not count: weights,
+optimizer state, gradients, activations) / the full learner's (goal <= 0.6);
+lora_step_time_ratio = median LoRA step / median full step (recorded, goal <= 1.0: the
+frozen base skips its weight gradients and AdamW updates only the adapter).
+
+(b) sync: the demo's sync of version v, `--pushes` times each, to a real vLLM CPU server:
+full weights by `DiskSync` (pause, reload_weights, version, prefix cache reset, resume) to
+a plain server, the adapter by `LoraSync` (/v1/load_lora_adapter as policy-vN, version) to
+a LoRA-enabled one. lora_sync_pause_ratio = median LoRA switch / median disk pause (goal
+<= 0.25); lora_sync_bytes_ratio = adapter bytes / weight folder bytes per sync (the bytes
+themselves are in config.sync). After each push the server must report the version.
+
+The box is shared: the load average is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "lora.json"
+PORTS = (8310, 8311)
+
+
+def _lora_cfg():
+    from grpo_stream.config import load_config
+
+    return load_config(ROOT / "configs" / "cpu-lora.toml").lora
+
+
+def child(kind: str, reps: int) -> dict:
+    """One learner variant in this process: its step times and peak RSS."""
+    import torch
+
+    from bench.learner import _rss_kib, demo_prompts, make_batch
+    from grpo_stream.config import Config, ModelConfig
+    from grpo_stream.learner.lora import apply_lora
+    from grpo_stream.learner.optim import build_optimizer
+    from grpo_stream.learner.policy import load_causal_lm
+    from grpo_stream.learner.step import StepRunner
+    from grpo_stream.serving.model import resolve_model_path
+
+    torch.set_num_threads(1)
+    model_dir = resolve_model_path(ModelConfig())
+    model = load_causal_lm(str(model_dir), torch.device("cpu"))
+    if kind == "lora":
+        model = apply_lora(model, _lora_cfg())
+    loaded = _rss_kib("VmRSS") / 1024
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: training, not loading
+    cfg = Config()
+    cfg.learner.epochs, cfg.learner.micro_batch_size, cfg.learner.lr = 2, 32, 1e-6
+    opt, sched = build_optimizer(model, cfg.learner)
+    runner = StepRunner(cfg, model, None, opt, sched, torch.device("cpu"), pad_id=2)
+    prompts = demo_prompts(5, model_dir)
+    samples, advs = make_batch(prompts[:4], cfg)
+    runner.run(*make_batch(prompts[4:], cfg, seed=1))  # warm-up: AdamW state exists
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        runner.run(samples, advs)
+        times.append(time.perf_counter() - t0)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peak = _rss_kib("VmHWM") / 1024
+    return {
+        "seconds": times,
+        "peak_rss_mib": peak,
+        "rss_after_load_mib": loaded,
+        "trained": trained,
+    }
+
+
+def bench_step(reps: int) -> tuple[list[dict], dict]:
+    from bench.learner import figure
+
+    out = {}
+    for kind in ("lora", "full"):
+        cmd = [sys.executable, "-m", "bench.lora", "--child", kind, "--reps", str(reps)]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+        out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {kind}: {out[kind]}", flush=True)
+    med = {k: statistics.median(v["seconds"]) for k, v in out.items()}
+    figures = [
+        figure("lora_peak_memory_ratio",
+               out["lora"]["peak_rss_mib"] / out["full"]["peak_rss_mib"], "x", "<=", 0.6),
+        figure("lora_step_time_ratio", med["lora"] / med["full"], "x", "<=", 1.0),
+    ]  # fmt: skip
+    return figures, {
+        **out,
+        "reps": reps,
+        "lora": {**out["lora"], "config": _lora_cfg().model_dump()},
+    }
+
+
+def _pushes(sync, model, url: str, pushes: int) -> list[dict]:
+    from bench.learner import _weight_version
+
+    rows = []
+    for v in range(1, pushes + 1):
+        rows.append(sync.push(model, v))
+        if _weight_version(url) != str(v):
+            raise RuntimeError(f"{url} did not take version {v}")
+        print(f"  {type(sync).__name__} v{v}: {rows[-1]['sync_pause_s']:.3f} s", flush=True)
+    return rows
+
+
+def bench_sync(pushes: int) -> tuple[list[dict], dict]:
+    import torch
+
+    from bench.learner import figure
+    from grpo_stream.config import Config, ModelConfig, ServerConfig, SyncConfig
+    from grpo_stream.learner.lora import apply_lora
+    from grpo_stream.learner.policy import load_causal_lm
+    from grpo_stream.serving.model import resolve_model_path
+    from grpo_stream.serving.server import VLLMServer
+    from grpo_stream.sync.disk import DiskSync
+    from grpo_stream.sync.lora import LoraSync, folder_bytes
+
+    model_dir = resolve_model_path(ModelConfig())
+    model = load_causal_lm(str(model_dir), torch.device("cpu"), trainable=False)
+    lora_cfg = Config(lora=_lora_cfg(), sync=SyncConfig(transport="lora"))
+    lora_server = lora_cfg.resolved_server().model_copy(update={"max_model_len": 512})
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+        rows = {}
+        for kind, scfg, port in (("full", ServerConfig(max_model_len=512), PORTS[0]),
+                                 ("lora", lora_server, PORTS[1])):  # fmt: skip
+            with VLLMServer(model_dir, "policy", port, scfg, Path(tmp) / f"{kind}.log") as srv:
+                srv.wait_healthy()
+                if kind == "full":
+                    sync = DiskSync(SyncConfig(), [srv.url], Path(tmp) / "weights")
+                    rows[kind] = _pushes(sync, model, srv.url, pushes)
+                    size = folder_bytes(Path(tmp) / "weights" / f"v{pushes}")
+                else:
+                    policy = apply_lora(model, lora_cfg.lora)
+                    sync = LoraSync(lora_cfg.sync, [srv.url], Path(tmp) / "adapters", "policy", 2)
+                    rows[kind] = _pushes(sync, policy, srv.url, pushes)
+                    adapter = rows[kind][-1]["sync_bytes"]
+    pause = {k: statistics.median(r["sync_pause_s"] for r in v) for k, v in rows.items()}
+    figures = [
+        figure("lora_sync_pause_ratio", pause["lora"] / pause["full"], "x", "<=", 0.25),
+        figure("lora_sync_bytes_ratio", adapter / size, "x", "<=", 0.1),
+    ]
+    detail = {"pushes": pushes, "bytes_per_sync": {"full": size, "lora": adapter},
+              "pause_s": {k: [r["sync_pause_s"] for r in v] for k, v in rows.items()},
+              "total_s": {k: [r["sync_s"] for r in v] for k, v in rows.items()}}  # fmt: skip
+    return figures, detail
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.lora", description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["step", "sync", "all"], default="all")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--pushes", type=int, default=3)
+    p.add_argument("--child", choices=["full", "lora"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.reps)))
+        return 0
+    figures, config = [], {"model": "SmolLM2-135M-Instruct float32", "device": "cpu"}
+    for name, run in (("step", lambda: bench_step(args.reps)),
+                      ("sync", lambda: bench_sync(args.pushes))):  # fmt: skip
+        if args.part in (name, "all"):
+            before = os.getloadavg()
+            figs, config[name] = run()
+            config[name]["load_average_1_5_15"] = {"before": before, "after": os.getloadavg()}
+            figures.extend(figs)
+    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    names = {f["name"] for f in figures}
+    kept = [f for f in old.get("figures", []) if f["name"] not in names]
+    out = {"figures": kept + figures, "machine": f"{os.cpu_count()} cpus",
+           "config": {**old.get("config", {}), **config}}  # fmt: skip
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    for f in figures:
+        print(f"{f['name']:28s} {f['value']:>10.4f} {f['op']:>3s}{f['goal']:>7}  {f['ok']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
