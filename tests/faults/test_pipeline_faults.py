@@ -158,10 +158,19 @@ def test_a_truncated_segment_is_skipped_and_its_prompts_regenerated(
            _exactly_once(run))  # fmt: skip
 
 
+def _published_checkpoint(run_dir) -> bool:
+    """A renamed `checkpoints/step-N` folder (not a `step-N.tmp` being written)."""
+    root = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return any(n.startswith("step-") and not n.endswith(".tmp") for n in names)
+
+
 def test_learner_killed_mid_step_resumes_from_its_checkpoint(tmp_path, tiny_server, tiny_model_dir):
     run = Run(tmp_path, tiny_server.url, tiny_model_dir, "learner.max_steps=4")
     gen, learn = run.start("generate"), run.start("learn")
-    wait_until(lambda: steps_logged(run.dir) >= 1, 300, "learner step 1")
+    # a published checkpoint, not a logged row: with sync.background a step's row comes
+    # before its checkpoint (written by the worker while the next step trains)
+    wait_until(lambda: _published_checkpoint(run.dir), 300, "checkpoint step-1")
     kill(learn)  # in step 2: reading, training, syncing or checkpointing
     learn = run.start("learn", "--resume")
     _finish(run, gen, learn)
