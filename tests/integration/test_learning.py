@@ -42,6 +42,7 @@ def test_run_on_the_cpu_default_raises_the_reward(tmp_path, smollm2_dir):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["policy_version"] for r in rows] == list(range(1, STEPS + 1))
     first = sum(r["reward_mean"] for r in rows[:2]) / 2
-    last = sum(r["reward_mean"] for r in rows[-3:]) / 3
+    # the second half's mean: 4 steps of 32 samples, so one hard batch does not decide it
+    last = sum(r["reward_mean"] for r in rows[-4:]) / 4
     assert last > first + 0.15, [round(r["reward_mean"], 3) for r in rows]
     assert _vllm_pids() <= before  # the server it started is gone
