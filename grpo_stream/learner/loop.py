@@ -304,6 +304,8 @@ class Learner:
         if self.step >= self.cfg.learner.max_steps or self.out_of_time or self.stop.requested:
             w2, m2 = self._join()
             waits, m = merge_metrics(waits, w2), merge_metrics(m, m2)
+        # every row names its waits, 0.0 when nothing was joined (the first step's)
+        waits = {M.SYNC_S: 0.0, M.EVAL_WAIT_S: 0.0, M.CHECKPOINT_S: 0.0} | waits
         return m | waits | timer.take()
 
     def _step_job(self, prev: int, due_sync: bool, due_ckpt: bool) -> StepJob:
