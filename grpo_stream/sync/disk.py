@@ -180,6 +180,21 @@ async def _settle(job):
         return e
 
 
+async def on_every_server(jobs, rolling: bool) -> list:
+    """Run one job per server to its end (all at once, or one at a time when `rolling`:
+    the others keep serving), then raise one error naming every server that failed."""
+    if rolling:
+        results = [await _settle(job) for job in jobs]
+    else:
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        if len(failed) == 1:
+            raise failed[0]
+        raise WeightSyncError("; ".join(str(e) for e in failed)) from failed[0]
+    return list(results)
+
+
 class DiskSync:
     """`WeightSync` over a shared folder and vLLM's in-place `reload_weights`."""
 
@@ -237,16 +252,7 @@ class DiskSync:
         paused forever), then one error names every server that failed."""
         async with VLLMClient(self.cfg.timeout_s, api_key=self.api_key) as client:
             jobs = (self._reload_within(client, u, folder, version) for u in self.urls)
-            if self.cfg.mode == "rolling":  # one server at a time: the others keep serving
-                results = [await _settle(job) for job in jobs]
-            else:
-                results = await asyncio.gather(*jobs, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            if len(failed) == 1:
-                raise failed[0]
-            raise WeightSyncError("; ".join(str(e) for e in failed)) from failed[0]
-        return list(results)
+            return await on_every_server(jobs, self.cfg.mode == "rolling")
 
     async def _reload_within(self, client: VLLMClient, url: str, folder: Path, version: int):
         """One server's whole sync within `sync.timeout_s`: a hang is a failure too."""

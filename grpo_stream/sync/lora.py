@@ -42,7 +42,7 @@ from grpo_stream.core.atomic import fresh_dir, publish_dir
 from grpo_stream.serving.adapters import adapter_name
 from grpo_stream.serving.client import ServerHTTPError, VLLMClient
 from grpo_stream.sync.base import WeightSyncError, current_rank
-from grpo_stream.sync.disk import version_folders
+from grpo_stream.sync.disk import on_every_server, version_folders
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -166,16 +166,7 @@ class LoraSync:
     async def _load_all(self, folder: Path, version: int) -> list[float]:
         async with VLLMClient(self.cfg.timeout_s, api_key=self.api_key) as client:
             jobs = (self._load_within(client, u, folder, version) for u in self.urls)
-            if self.cfg.mode == "rolling":
-                results = [await _settle(job) for job in jobs]
-            else:
-                results = await asyncio.gather(*jobs, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            if len(failed) == 1:
-                raise failed[0]
-            raise WeightSyncError("; ".join(str(e) for e in failed)) from failed[0]
-        return list(results)
+            return await on_every_server(jobs, self.cfg.mode == "rolling")
 
     async def _load_within(self, client: VLLMClient, url: str, folder: Path, version: int):
         """One server's load, version and unloads within `sync.timeout_s`."""
@@ -250,10 +241,3 @@ async def resync_adapter(
                 f"sync.timeout_s={cfg.timeout_s:g}s"
             ) from None
     return version
-
-
-async def _settle(job):
-    try:
-        return await job
-    except Exception as e:
-        return e
