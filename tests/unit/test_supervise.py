@@ -337,3 +337,37 @@ def test_a_sync_slower_than_sync_timeout_s_in_all_fails_naming_the_server(tmp_pa
     assert message.startswith(f"{url}: the sync of version 1 did not finish within")
     assert "sync.timeout_s=1s" in message and "/resume" not in paths
     assert took < 2.0  # not the 2.4 s the four calls take
+
+
+@pytest.mark.parametrize("deaths, restarts, ok", [(1, 3, True), (2, 2, False)])
+def test_a_server_dying_while_it_restarts_is_one_crash_more(
+    tmp_path, monkeypatch, capsys, deaths, restarts, ok
+) -> None:
+    """A server killed again while the supervisor restarts it (before /health): started
+    again while run.max_restarts allows (each death counts), else the run stops naming it."""
+    from grpo_stream.run.supervise import servers
+    from grpo_stream.serving.server import ServerStartError
+
+    calls: list[int] = []
+
+    class Dead:  # the server that crashed: what _restart_server reads of it
+        url, log_file = "http://127.0.0.1:9", tmp_path / "vllm-0.log"
+
+    def restart(old, cfg, run_dir, on_started=None):  # fault injection: dies `deaths` times
+        calls.append(1)
+        if len(calls) <= deaths:
+            raise ServerStartError("vLLM server on port 9 exited with code -9 while starting")
+        return Dead(), 3
+
+    monkeypatch.setattr(servers, "restart_server", restart)
+    Dead.log_file.write_text("engine core: killed\n")
+    sup = Supervisor(_cfg(tmp_path, f"run.max_restarts={restarts}"), tmp_path)
+    sup.servers = [Dead()]
+    assert sup._restart_server(0, -9, "exited") is ok
+    assert len(calls) == (deaths + 1 if ok else restarts)
+    assert [r["event"] for r in _rows(tmp_path)] == ["restart"] * (len(calls) - (not ok)) + (
+        [] if ok else ["gave_up"]
+    )
+    out = capsys.readouterr().out
+    assert "exited while restarting; restarting it again (crash 2 of at most" in out
+    assert ("back in" in out) is ok and ("stopping the run: vllm-0" in out) is not ok

@@ -23,7 +23,7 @@ What a child's exit means (polled every `POLL_S`):
   restarted too (its transfer group died with the server).
 - the evaluator: a failure stops the run (it is not restarted).
 Each restart is allowed by `CrashWindow` (run.max_restarts within run.restart_window_s)
-and written to RUN/supervisor.jsonl; one crash more stops the run with the child's name,
+(a server that dies again while it restarts is one crash more, and started again) and written to RUN/supervisor.jsonl; one crash more stops the run with the child's name,
 exit code and log tail. A learner whose progress file has not moved for
 learner.stall_timeout_s is reported (once per stall).
 """
@@ -199,6 +199,7 @@ class Supervisor:
 
     def _restart_server(self, i: int, code: int | None, why: str) -> bool:
         from grpo_stream.run.supervise.servers import restart_server
+        from grpo_stream.serving.server import ServerStartError
 
         name, old = f"vllm-{i}", self.servers[i]
         if not self.window.may_restart(name):
@@ -207,12 +208,21 @@ class Supervisor:
         print(f"[run] vLLM server {old.url} {why} (code {code}); restarting it "
               f"({self._count(name)})", flush=True)  # fmt: skip
         t0 = time.monotonic()
-        try:
-            new, version = restart_server(old, self.cfg, self.rd,
-                                          on_started=lambda s: self.servers.__setitem__(i, s))  # fmt: skip
-        except UserError as err:  # did not come back, or could not be re-synced
-            self._give_up(name, code, old.log_file, f"its restart failed: {err}")
-            return False
+        while True:
+            try:
+                new, version = restart_server(self.servers[i], self.cfg, self.rd,
+                                              on_started=lambda s: self.servers.__setitem__(i, s))  # fmt: skip
+                break
+            except ServerStartError as err:  # it died while starting: one crash more
+                if not self.window.may_restart(name):
+                    self._give_up(name, code, old.log_file, f"its restart failed: {err}")
+                    return False
+                print(f"[run] vLLM server {old.url} exited while restarting; restarting it "
+                      f"again ({self._count(name)})", flush=True)  # fmt: skip
+                self.log.event("restart", name, exit_code=None, why="exited while starting")
+            except UserError as err:  # did not come back in time, or could not be re-synced
+                self._give_up(name, code, old.log_file, f"its restart failed: {err}")
+                return False
         dt, self._restarted_at[i] = time.monotonic() - t0, time.time()
         print(f"[run] vLLM server {new.url} back in {dt:.1f}s, serving version {version}",
               flush=True)  # fmt: skip
