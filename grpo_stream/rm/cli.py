@@ -1,6 +1,7 @@
 """`grpo-stream rm train | eval`: reward models without a hub.
 
     grpo-stream rm train --run runs/demo-... --out runs/rm           # pairs mined from a buffer
+    grpo-stream rm train --run runs/a --run runs/b --out runs/rm     # from several runs
     grpo-stream rm train --pairs prefs.jsonl --base smollm2-135m --out runs/rm
     grpo-stream rm eval --model runs/rm --pairs prefs.jsonl [--json acc.json]
 
@@ -25,7 +26,8 @@ def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a Bradley-Terry reward model")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--pairs", type=Path, help="JSONL of {prompt, chosen, rejected}")
-    src.add_argument("--run", help="a run folder: pairs mined within its buffer's groups")
+    src.add_argument("--run", action="append",
+                     help="a run folder: pairs mined within its buffer's groups (repeatable)")  # fmt: skip
     t.add_argument("--base", default="smollm2-135m", help="model to start from (path)")
     t.add_argument("--out", type=Path, required=True, help="the reward model folder to write")
     t.add_argument("--heldout", type=float, default=0.2, help="share of prompts held out")
@@ -57,9 +59,9 @@ def _pairs(args) -> list:
         from grpo_stream.rm.pairs import load_pairs_jsonl
 
         return load_pairs_jsonl(args.pairs)
-    from grpo_stream.rm.run_pairs import pairs_from_run
+    from grpo_stream.rm.run_pairs import pairs_from_runs
 
-    return pairs_from_run(args.run, args.min_margin, args.max_pairs_per_group, args.reward_key)
+    return pairs_from_runs(args.run, args.min_margin, args.max_pairs_per_group, args.reward_key)
 
 
 def cmd_train(args) -> int:

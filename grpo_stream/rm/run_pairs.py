@@ -2,6 +2,7 @@
 higher rule reward against one with a lower.
 
     pairs = pairs_from_run("runs/demo-...", min_margin=0.0, max_pairs_per_group=8)
+    pairs = pairs_from_runs(["runs/a", "runs/b"], 0.0, 8)   # several runs, split by question
 
 The buffer stores the rendered prompt, not the question; the prompts are rebuilt from
 the run's own config (RUN/config.toml: the task and its seed give the same prompt ids),
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import replace
 
 from grpo_stream.buffer.store import open_reader
 from grpo_stream.config import Config, load_run_config
@@ -94,3 +96,13 @@ def pairs_from_run(
     if not pairs:
         raise PairsError(f"{run_dir}: no group has two completions with different rewards")
     return pairs
+
+
+def pairs_from_runs(run_dirs: list[str], *args, **kwargs) -> list[Pair]:
+    """`pairs_from_run` over several runs (same arguments). Each pair's `prompt_key` is
+    its rendered prompt, so a question that two runs sampled (under different prompt ids:
+    their seeds differ) lands on one side of the train/held-out split."""
+    pairs = [p for run_dir in run_dirs for p in pairs_from_run(run_dir, *args, **kwargs)]
+    if len(run_dirs) == 1:
+        return pairs
+    return [replace(p, prompt_key=json.dumps(p.prompt, sort_keys=True)) for p in pairs]

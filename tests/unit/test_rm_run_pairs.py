@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
@@ -58,3 +59,27 @@ def test_a_run_without_preferences_is_refused(tmp_path) -> None:
         pairs_from_run(run_dir)
     with pytest.raises(PairsError, match="'nope' is not a reward component"):
         pairs_from_run(run_dir, reward_key="nope")
+
+
+def test_pairs_from_two_runs_split_by_question_not_by_prompt_id(tmp_path) -> None:
+    """Two runs of one task: every pair of both, and a question both runs sampled is
+    keyed by its rendered prompt, so the split never puts it on both sides."""
+    from grpo_stream.rm.pairs import split_by_prompt
+    from grpo_stream.rm.run_pairs import pairs_from_runs
+
+    def group(p):
+        return [_sample(p, 0, "low", 0.0), _sample(p, 1, "high", 1.0)]
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run_a, prompts = _run(tmp_path / "a", group)
+    run_b, _ = _run(tmp_path / "b", group)
+    assert len(pairs_from_runs([run_a])) == 2 and pairs_from_runs([run_a])[0].prompt_key == (
+        prompts[1].prompt_id
+    )  # one run: keys unchanged
+    pairs = pairs_from_runs([run_a, run_b])
+    assert len(pairs) == 4 and len({p.prompt_key for p in pairs}) == 2  # 2 questions
+    # keyed by the question itself: runs with other seeds name it by another prompt id
+    assert {p.prompt_key for p in pairs} == {json.dumps(p.prompt, sort_keys=True) for p in pairs}
+    train, held = split_by_prompt(pairs, 0.5)
+    assert len(train) == len(held) == 2
+    assert not {p.prompt_key for p in train} & {p.prompt_key for p in held}
