@@ -44,7 +44,8 @@ def write_doc(doc: Path, section_id: str, markdown: str, images: list[Path]) -> 
     img_dir = doc.parent / doc.stem / slug
     img_dir.mkdir(parents=True, exist_ok=True)
     for img in images:
-        shutil.copyfile(img, img_dir / img.name)
+        if not (img_dir / img.name).exists() or not img.samefile(img_dir / img.name):
+            shutil.copyfile(img, img_dir / img.name)  # --out may be that folder already
         markdown = markdown.replace(f"]({img.name})", f"]({doc.stem}/{slug}/{img.name})")
     begin, end = f"<!-- compare:{slug} -->", f"<!-- /compare:{slug} -->"
     section = f"{begin}\n{markdown.rstrip()}\n{end}"

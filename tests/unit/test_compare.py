@@ -141,3 +141,15 @@ def test_cli_writes_table_pngs_and_doc_section(runs, tmp_path):
     assert "](experiments/epochs/curves.png)" in text
     assert compare_cli(argv) == 0  # a rerun replaces the section, never appends one
     assert doc.read_text().count("<!-- compare:epochs -->") == 1
+
+
+def test_doc_images_written_straight_into_the_docs_folder(runs, tmp_path):
+    """--out naming the doc's own image folder: the pictures are already there (no
+    copy of a file onto itself), and the section links them."""
+    doc = tmp_path / "docs" / "experiments.md"
+    out = doc.parent / "experiments" / "epochs"
+    out.mkdir(parents=True)
+    argv = [str(tmp_path), "--out", str(out), "--title", "Epochs", "--write-doc", str(doc)]
+    assert compare_cli(argv) == 0
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](experiments/epochs/curves.png)" in doc.read_text()
