@@ -112,7 +112,8 @@ def _prefill(run_dir) -> None:
     w.close()
 
 
-def _learn(run_dir, tiny, steps: int, resume: bool = False) -> None:
+def _learn(run_dir, tiny, steps: int, resume: bool = False):
+    """The learner, after `steps` steps (sync.transport = none: sync.background on)."""
     from grpo_stream.learner.loop import Learner
 
     cfg = load_config(None, [
@@ -122,7 +123,9 @@ def _learn(run_dir, tiny, steps: int, resume: bool = False) -> None:
         "generator.temperature=1.0", "learner.max_staleness=1000", "loss.beta=0.05",
         "lora.enabled=true", "lora.rank=4",
     ])  # fmt: skip
-    Learner(cfg, str(run_dir), str(tiny), resume=resume).run()
+    learner = Learner(cfg, str(run_dir), str(tiny), resume=resume)
+    learner.run()
+    return learner
 
 
 def test_a_resumed_lora_learner_equals_an_uninterrupted_one(tmp_path, tiny_model_dir):
@@ -141,6 +144,40 @@ def test_a_resumed_lora_learner_equals_an_uninterrupted_one(tmp_path, tiny_model
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
     assert any(not torch.equal(start[k], wa[k]) for k in wa)  # steps 3-4 moved it
+
+
+def test_a_background_checkpoint_copies_the_adapter_alone(tmp_path, tiny_model_dir):
+    """sync.background keeps a copy of what each checkpoint writes: with LoRA the
+    adapter's tensors, not the frozen base (a second whole model, held for the run)."""
+    _prefill(tmp_path)
+    learner = _learn(tmp_path, tiny_model_dir, 2)
+    assert learner.background
+    kept = [v for k, v in learner._kept.items() if k.startswith("model/")]
+    adapter = [p for n, p in learner.s.model.named_parameters() if "lora_" in n]
+    assert len(kept) == len(adapter) > 0
+    assert sum(v.nbytes for v in kept) == sum(p.nbytes for p in adapter)
+
+
+def test_a_checkpoint_writes_the_adapter_it_is_given(tiny_model_dir, tmp_path):
+    """A background checkpoint writes the adapter copied after its step, not the live
+    one the next step has moved since."""
+    from grpo_stream.learner.background import snapshot
+    from grpo_stream.learner.checkpoint import save_checkpoint
+    from grpo_stream.learner.lora import saved_state_dict
+
+    _, model, runner, samples, advs = lora_setup(tiny_model_dir)
+    runner.run(samples, advs)
+    copy = snapshot(saved_state_dict(model), {})
+    runner.run(samples, advs)  # the next step trains meanwhile
+    ckpt = save_checkpoint(str(tmp_path), 1, model, runner.opt, runner.sched,
+                           {"version": 1}, state_dict=copy)  # fmt: skip
+    saved = load_file(ckpt / "model" / "adapter_model.safetensors")
+    want = {k.replace(".default.", "."): v for k, v in copy.items()}
+    assert len(saved) == len(want) > 0
+    for k, v in want.items():
+        assert torch.equal(saved["base_model.model." + k], v)
+    live = saved_state_dict(model)
+    assert any(not torch.equal(live[k], copy[k]) for k in copy)
 
 
 @pytest.mark.parametrize(
