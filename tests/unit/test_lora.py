@@ -112,20 +112,52 @@ def _prefill(run_dir) -> None:
     w.close()
 
 
-def _learn(run_dir, tiny, steps: int, resume: bool = False):
-    """The learner, after `steps` steps (sync.transport = none: sync.background on)."""
-    from grpo_stream.learner.loop import Learner
-
-    cfg = load_config(None, [
+def _learn_config(run_dir, tiny, steps: int, *more: str):
+    return load_config(None, [
         f"run.run_dir={run_dir}", f"model.path={tiny}", "sync.transport=none",
         "learner.batch_groups=2", f"learner.max_steps={steps}", "learner.checkpoint_every=1",
         "learner.micro_batch_size=4", "learner.lr=1e-2", "learner.epochs=2",
         "generator.temperature=1.0", "learner.max_staleness=1000", "loss.beta=0.05",
-        "lora.enabled=true", "lora.rank=4",
+        "lora.enabled=true", "lora.rank=4", *more,
     ])  # fmt: skip
+
+
+def _learn(run_dir, tiny, steps: int, resume: bool = False, *more: str):
+    """The learner, after `steps` steps (sync.transport = none: sync.background on)."""
+    from grpo_stream.learner.loop import Learner
+
+    cfg = _learn_config(run_dir, tiny, steps, *more)
+    (run_dir / "config.toml").write_text(cfg.to_toml())  # what replay reads
     learner = Learner(cfg, str(run_dir), str(tiny), resume=resume)
     learner.run()
     return learner
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_replay_of_a_lora_run_logs_the_learners_rows(tmp_path, tiny_model_dir):
+    """`grpo-stream replay` of a LoRA run, from the initial model and from an adapter
+    checkpoint (its AdamW state): the learner's rows, key for key, bar wall-clock keys."""
+    from grpo_stream.learner.replay import replay_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _prefill(run)
+    _learn(run, tiny_model_dir, 3, False, "learner.keep_checkpoints=2")
+    learned = _rows(run / "metrics.jsonl")
+    assert [r[M.STEP] for r in learned] == [1, 2, 3]
+    assert replay_cli([str(run), "--out", str(tmp_path / "init")]) == 0
+    assert replay_cli([str(run), "--checkpoint", "step-2", "--out", str(tmp_path / "c2")]) == 0
+    from_init, from_ckpt = _rows(tmp_path / "init" / "metrics.jsonl"), _rows(
+        tmp_path / "c2" / "metrics.jsonl")  # fmt: skip
+    assert [r[M.STEP] for r in from_ckpt] == [3]
+    for a, b in [*zip(learned, from_init, strict=True), (learned[2], from_ckpt[0])]:
+        assert set(a) - set(M.LEARNER_ONLY) == set(b)
+        for k in set(b) - set(M.WALL_CLOCK):
+            assert a[k] == b[k], (a[M.STEP], k, a[k], b[k])
+    assert learned[2][M.KL_REF] > 0  # the adapter-off reference, replayed too
 
 
 def test_a_resumed_lora_learner_equals_an_uninterrupted_one(tmp_path, tiny_model_dir):
