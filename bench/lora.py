@@ -12,7 +12,10 @@ timed steps. lora_peak_memory_ratio = the LoRA learner's peak RSS while it train
 reset once the model is loaded, so a loader's transient copies do not count: weights,
 optimizer state, gradients, activations) / the full learner's (goal <= 0.6);
 lora_step_time_ratio = median LoRA step / median full step (recorded, goal <= 1.0: the
-frozen base skips its weight gradients and AdamW updates only the adapter).
+frozen base skips its weight gradients and AdamW updates only the adapter). Each child
+also records what it holds, to say where the peak goes: the runtime (RSS before
+loading), the weights, the gradients, AdamW's moments, and what autograd keeps for the
+backward of one micro-batch (`saved_for_backward_mib`).
 
 (b) sync: the demo's sync of version v, `--pushes` times each, to a real vLLM CPU server:
 full weights by `DiskSync` (pause, reload_weights, version, prefix cache reset, resume) to
@@ -47,8 +50,53 @@ def _lora_cfg():
     return load_config(ROOT / "configs" / "cpu-lora.toml").lora
 
 
+def _mib(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def saved_for_backward_mib(runner, samples, advs) -> float:
+    """MiB that autograd keeps for the backward of the step's first micro-batch (its
+    activations: every saved tensor's storage once, parameters left out)."""
+    import torch
+
+    from grpo_stream.learner.plan import plan_micro_batches
+
+    weights = {p.untyped_storage().data_ptr() for p in runner.model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    mbs = plan_micro_batches(samples, advs, runner.cfg.learner, runner.pad_id, runner.model)
+    runner.real_seqs = [len(mb.index) for mb in mbs]
+    totals = {"total_tokens": float(sum(mb.num_tokens for mb in mbs)),
+              "total_seqs": float(len(samples))}  # fmt: skip
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = runner._micro_batch_loss(mbs[0], None, None, totals)[0]
+    loss.backward()
+    runner.opt.zero_grad(set_to_none=True)
+    return sum(kept.values()) / 2**20
+
+
+def breakdown(model, opt, runtime_mib: float) -> dict:
+    """MiB of what the learner holds besides its activations: the Python/torch runtime
+    (RSS before loading), the weights, the trained ones' gradients, AdamW's moments."""
+    import torch
+
+    moments = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    return {
+        "runtime_mib": runtime_mib,
+        "weights_mib": _mib(model.parameters()),
+        "gradients_mib": _mib(p for p in model.parameters() if p.requires_grad),
+        "optimizer_state_mib": _mib(moments),
+    }
+
+
 def child(kind: str, reps: int) -> dict:
-    """One learner variant in this process: its step times and peak RSS."""
+    """One learner variant in this process: its step times, peak RSS and what it holds."""
     import torch
 
     from bench.learner import _rss_kib, demo_prompts, make_batch
@@ -60,6 +108,9 @@ def child(kind: str, reps: int) -> dict:
     from grpo_stream.serving.model import resolve_model_path
 
     torch.set_num_threads(1)
+    import transformers  # noqa: F401 (loaded by every learner: part of the runtime)
+
+    runtime = _rss_kib("VmRSS") / 1024
     model_dir = resolve_model_path(ModelConfig())
     model = load_causal_lm(str(model_dir), torch.device("cpu"))
     if kind == "lora":
@@ -80,11 +131,14 @@ def child(kind: str, reps: int) -> dict:
         times.append(time.perf_counter() - t0)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = _rss_kib("VmHWM") / 1024
+    held = breakdown(model, opt, runtime)
     return {
         "seconds": times,
         "peak_rss_mib": peak,
         "rss_after_load_mib": loaded,
         "trained": trained,
+        **held,
+        "saved_for_backward_mib": saved_for_backward_mib(runner, samples, advs),
     }
 
 

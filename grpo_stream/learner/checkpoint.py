@@ -88,8 +88,9 @@ def save_checkpoint(
     extra=None,
 ) -> Path:
     """`state_dict` / `optimizer_state`: full weights and full optimizer state (keyed by
-    parameter name) gathered from FSDP shards on rank 0; None in one process, where the
-    model's and optimizer's own state dicts are written. `trainer`: trainer.pt's content
+    parameter name) gathered from FSDP shards on rank 0, or a background writer's copy
+    of the weights (with LoRA the adapter's tensors alone: `learner.lora.saved_state_dict`);
+    None: the model's and optimizer's own state dicts are written. `trainer`: trainer.pt's content
     taken earlier (`trainer_state`, copied by a background writer's snapshot); None: taken
     now. `extra(folder)` writes more into the folder before it is published (the critic,
     `learner.critic`). `model_files`, `with_optimizer`, `keep`: see the module docstring."""
@@ -98,8 +99,9 @@ def save_checkpoint(
     tmp = fresh_dir(root / f"step-{step}.tmp")
     if model_files is not None:
         link_files(model_files, tmp / "model")
-    elif is_lora(model):  # the adapter alone: the base is the initial model
-        write_adapter(model, tmp / "model")
+    elif is_lora(model):  # the adapter alone (from state_dict when given): the base is
+        # the initial model
+        write_adapter(model, tmp / "model", state_dict)
     else:
         model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     if trainer is None:

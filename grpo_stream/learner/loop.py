@@ -43,6 +43,7 @@ from grpo_stream.learner.distributed import (
     print0,
     unwrap,
 )
+from grpo_stream.learner.lora import saved_state_dict
 from grpo_stream.learner.models_info import resident_models, write_models
 from grpo_stream.learner.records import NoRecords, RunRecords
 from grpo_stream.learner.setup import setup_learner
@@ -316,7 +317,8 @@ class Learner:
         job = StepJob(step, version, self.source.position)
         weights = None
         if due_ckpt or (due_sync and self.sync.needs_state_dict):
-            weights = snapshot(model.state_dict(), self._kept, "model")
+            # LoRA: the adapter alone (the frozen base is never written)
+            weights = snapshot(saved_state_dict(model), self._kept, "model")
         if due_sync and self.sync.versions_servers:  # the version it replaces, first
             job.eval_wait = lambda: self.records.wait_for_eval(prev)
         if due_sync:

@@ -84,6 +84,17 @@ def adapter_disabled(model: torch.nn.Module):
             layer.enable_adapters(True)
 
 
+def saved_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of `model` is written from: a LoRA model's adapter tensors
+    alone (the `lora_` entries of its state dict: the frozen base is the initial model,
+    never written), else the whole state dict. A background writer copies this, not
+    the whole model (`learner.background.snapshot`)."""
+    sd = model.state_dict()
+    if not is_lora(model):
+        return sd
+    return {k: v for k, v in sd.items() if "lora_" in k}
+
+
 def is_adapter_dir(folder: Path | str) -> bool:
     """A saved adapter (adapter_config.json), not a whole model."""
     return (Path(folder) / "adapter_config.json").is_file()

@@ -112,17 +112,52 @@ def _prefill(run_dir) -> None:
     w.close()
 
 
-def _learn(run_dir, tiny, steps: int, resume: bool = False) -> None:
-    from grpo_stream.learner.loop import Learner
-
-    cfg = load_config(None, [
+def _learn_config(run_dir, tiny, steps: int, *more: str):
+    return load_config(None, [
         f"run.run_dir={run_dir}", f"model.path={tiny}", "sync.transport=none",
         "learner.batch_groups=2", f"learner.max_steps={steps}", "learner.checkpoint_every=1",
         "learner.micro_batch_size=4", "learner.lr=1e-2", "learner.epochs=2",
         "generator.temperature=1.0", "learner.max_staleness=1000", "loss.beta=0.05",
-        "lora.enabled=true", "lora.rank=4",
+        "lora.enabled=true", "lora.rank=4", *more,
     ])  # fmt: skip
-    Learner(cfg, str(run_dir), str(tiny), resume=resume).run()
+
+
+def _learn(run_dir, tiny, steps: int, resume: bool = False, *more: str):
+    """The learner, after `steps` steps (sync.transport = none: sync.background on)."""
+    from grpo_stream.learner.loop import Learner
+
+    cfg = _learn_config(run_dir, tiny, steps, *more)
+    (run_dir / "config.toml").write_text(cfg.to_toml())  # what replay reads
+    learner = Learner(cfg, str(run_dir), str(tiny), resume=resume)
+    learner.run()
+    return learner
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_replay_of_a_lora_run_logs_the_learners_rows(tmp_path, tiny_model_dir):
+    """`grpo-stream replay` of a LoRA run, from the initial model and from an adapter
+    checkpoint (its AdamW state): the learner's rows, key for key, bar wall-clock keys."""
+    from grpo_stream.learner.replay import replay_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _prefill(run)
+    _learn(run, tiny_model_dir, 3, False, "learner.keep_checkpoints=2")
+    learned = _rows(run / "metrics.jsonl")
+    assert [r[M.STEP] for r in learned] == [1, 2, 3]
+    assert replay_cli([str(run), "--out", str(tmp_path / "init")]) == 0
+    assert replay_cli([str(run), "--checkpoint", "step-2", "--out", str(tmp_path / "c2")]) == 0
+    from_init, from_ckpt = _rows(tmp_path / "init" / "metrics.jsonl"), _rows(
+        tmp_path / "c2" / "metrics.jsonl")  # fmt: skip
+    assert [r[M.STEP] for r in from_ckpt] == [3]
+    for a, b in [*zip(learned, from_init, strict=True), (learned[2], from_ckpt[0])]:
+        assert set(a) - set(M.LEARNER_ONLY) == set(b)
+        for k in set(b) - set(M.WALL_CLOCK):
+            assert a[k] == b[k], (a[M.STEP], k, a[k], b[k])
+    assert learned[2][M.KL_REF] > 0  # the adapter-off reference, replayed too
 
 
 def test_a_resumed_lora_learner_equals_an_uninterrupted_one(tmp_path, tiny_model_dir):
@@ -141,6 +176,40 @@ def test_a_resumed_lora_learner_equals_an_uninterrupted_one(tmp_path, tiny_model
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
     assert any(not torch.equal(start[k], wa[k]) for k in wa)  # steps 3-4 moved it
+
+
+def test_a_background_checkpoint_copies_the_adapter_alone(tmp_path, tiny_model_dir):
+    """sync.background keeps a copy of what each checkpoint writes: with LoRA the
+    adapter's tensors, not the frozen base (a second whole model, held for the run)."""
+    _prefill(tmp_path)
+    learner = _learn(tmp_path, tiny_model_dir, 2)
+    assert learner.background
+    kept = [v for k, v in learner._kept.items() if k.startswith("model/")]
+    adapter = [p for n, p in learner.s.model.named_parameters() if "lora_" in n]
+    assert len(kept) == len(adapter) > 0
+    assert sum(v.nbytes for v in kept) == sum(p.nbytes for p in adapter)
+
+
+def test_a_checkpoint_writes_the_adapter_it_is_given(tiny_model_dir, tmp_path):
+    """A background checkpoint writes the adapter copied after its step, not the live
+    one the next step has moved since."""
+    from grpo_stream.learner.background import snapshot
+    from grpo_stream.learner.checkpoint import save_checkpoint
+    from grpo_stream.learner.lora import saved_state_dict
+
+    _, model, runner, samples, advs = lora_setup(tiny_model_dir)
+    runner.run(samples, advs)
+    copy = snapshot(saved_state_dict(model), {})
+    runner.run(samples, advs)  # the next step trains meanwhile
+    ckpt = save_checkpoint(str(tmp_path), 1, model, runner.opt, runner.sched,
+                           {"version": 1}, state_dict=copy)  # fmt: skip
+    saved = load_file(ckpt / "model" / "adapter_model.safetensors")
+    want = {k.replace(".default.", "."): v for k, v in copy.items()}
+    assert len(saved) == len(want) > 0
+    for k, v in want.items():
+        assert torch.equal(saved["base_model.model." + k], v)
+    live = saved_state_dict(model)
+    assert any(not torch.equal(live[k], copy[k]) for k in copy)
 
 
 @pytest.mark.parametrize(
