@@ -38,3 +38,11 @@ class EnvConfig(BaseModel):
     max_tool_chars: int = Field(
         2000, ge=1, description="a tool result longer than this (characters) fails the episode"
     )
+    turn_discount: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="an episode's reward is multiplied by this once per model turn after "
+        "the first (1: no discount; 0.5 with `retry`: right at once 1, at the second try "
+        "0.5); the reward components are kept as scored",
+    )

@@ -9,6 +9,9 @@ Per prompt it sends one greedy request (n=1, temperature 0; `eval.greedy`) and o
 sampled request (n=`eval.k`, `eval.temperature`, top_p 1, top_k off), at most
 `eval.max_concurrency` in flight, through the generator's `request_group` (least-loaded
 server, retries, and the server's /weight_info read before and after every request).
+With `[env]` set, each request is an episode instead (`eval.episodes`: the greedy one
+and `eval.k` sampled ones through the training environment, scored as training scores
+an episode), and the row says the mean model turns and tool calls per episode.
 Completions are scored with the eval reward functions (`eval.reward`, default
 [reward]); a completion is correct when the `eval.correct_reward` component reaches
 `eval.correct_threshold` (a failed reward is not correct, and is counted). Nothing is
@@ -25,24 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_stream.config import Config
+from grpo_stream.eval.episodes import EpisodeEval
 from grpo_stream.eval.passk import mean_at_k, mean_pass_at_k
-from grpo_stream.eval.record import EvalRow
+from grpo_stream.eval.record import EvalRow, Scored
 from grpo_stream.generator.pool import ServerPool
 from grpo_stream.generator.sampler import PromptFailed, SampleRequest, request_group
 from grpo_stream.serving.adapters import request_model
 from grpo_stream.tasks import Prompt, RewardRunner, render_prompt
 from grpo_stream.tasks.heldout import eval_task
-
-
-@dataclass
-class Scored:
-    """One eval completion, scored."""
-
-    correct: bool
-    reward: float  # NaN when a reward function failed
-    components: dict[str, float]
-    tokens: int
-    truncated: bool
 
 
 @dataclass
@@ -80,6 +73,11 @@ class Evaluator:
         self.greedy_params = {**base, "temperature": 0.0}
         self.sample_params = {**base, "temperature": temperature}
         self.max_concurrency = e.max_concurrency
+        self.episodes = None
+        if cfg.env.name is not None:  # held-out episodes through the training environment
+            self.episodes = EpisodeEval(
+                cfg, tokenizer, self.rewards, self.correct_key, self.threshold
+            )
 
     def _score(self, outs: list, results: list) -> list[Scored]:
         scored = []
@@ -95,6 +93,15 @@ class Evaluator:
     ) -> None:
         g = self.cfg.generator
         n, params = (1, self.greedy_params) if greedy else (self.k, self.sample_params)
+        if self.episodes is not None:
+            try:
+                scored, versions = await self.episodes.run(pool, req.prompt, n, params)
+            except PromptFailed:
+                res.failed = True
+                return
+            res.versions.update(versions)
+            (res.greedy if greedy else res.samples).extend(scored)
+            return
         try:
             outs, v0, v1, _, _ = await request_group(
                 pool, request_model(self.cfg), req, n, params, g.max_retries, g.retry_budget_s
@@ -160,6 +167,8 @@ def summarize(
         greedy_reward_mean=_mean([s.reward for s in greedy_done]) if greedy else None,
         length_mean=_mean([float(s.tokens) for s in main]),
         truncated_frac=_mean([float(s.truncated) for s in main]),
+        turns_mean=_mean([float(s.turns) for s in main if s.turns is not None]),
+        tool_calls_mean=_mean([float(s.tool_calls) for s in main if s.tool_calls is not None]),
         reward_failed=sum(not math.isfinite(s.reward) for r in ok for s in r.greedy + r.samples),
         failed_prompts=len(results) - len(ok),
         eval_s=eval_s,

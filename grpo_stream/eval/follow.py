@@ -49,6 +49,8 @@ def eval_line(row: EvalRow) -> str:
     )
     if row.k > 0:
         parts += [f"mean@{row.k} {_f(row.mean_at_k)}", f"pass@{row.k} {_f(row.pass_at_k)}"]
+    if row.turns_mean is not None:  # episodes ([env])
+        parts += [f"turns {_f(row.turns_mean)}", f"tool calls {_f(row.tool_calls_mean)}"]
     return " | ".join([*parts, f"reward {_f(row.reward_mean)}", f"{row.eval_s:.1f}s"])
 
 

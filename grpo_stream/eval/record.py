@@ -22,6 +22,20 @@ EVAL_FILE = "eval.jsonl"
 
 
 @dataclass
+class Scored:
+    """One eval completion (or episode, `eval.episodes`), scored; `evaluate.summarize`
+    makes an `EvalRow` of them."""
+
+    correct: bool
+    reward: float  # NaN when a reward function failed
+    components: dict[str, float]
+    tokens: int
+    truncated: bool
+    turns: int | None = None  # an episode's model turns (None: a single-turn completion)
+    tool_calls: int | None = None
+
+
+@dataclass
 class EvalRow:
     policy_version: int  # the servers' /weight_info during every eval request
     version_mismatch: bool  # a request saw another version before or after it (marked)
@@ -42,6 +56,8 @@ class EvalRow:
     time: float  # unix time when it ended
     step: int | None = None  # the learner step that produced the version, when known
     model: str = ""  # standalone `grpo-stream eval`: the model evaluated
+    turns_mean: float | None = None  # episodes ([env]): model turns, same ones as reward_mean
+    tool_calls_mean: float | None = None  # episodes: environment turns with a tool's result
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

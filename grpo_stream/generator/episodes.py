@@ -2,6 +2,9 @@
 
     runner = EpisodeRunner(env, tokenizer, cfg)          # env: grpo_stream.envs
     group = await runner.group(pool, prompt, run_id, rewards)
+    ep = await runner.episode(pool, prompt, sampling)    # one, other sampling (eval)
+    [result] = await runner.score(prompt, [ep], rewards)
+    reward, components, error = runner.outcome(ep, result)
 
 Each episode is one token sequence. The prompt (the environment's opening messages,
 its tools presented by the chat template: `envs.render`) is tokenized once; each model
@@ -12,7 +15,9 @@ policy mask 0 and no log-prob (stored 0.0). No earlier turn is ever re-tokenized
 
 An episode ends when the environment says `Done`, after `env.max_turns` model turns,
 or when `env.max_total_tokens` leaves no room for another turn; the reward functions
-then score its last model turn (unless `Done` carries a reward). A tool that raises,
+then score its last model turn (unless `Done` carries a reward), times
+`env.turn_discount` per model turn after the first. The held-out evaluation runs and
+scores its episodes with the same `episode`, `score` and `outcome`. A tool that raises,
 hangs or returns garbage, an environment that raises, or an episode past
 `env.wall_time_s`, fails the episode: its
 sample keeps the tokens so far, reward NaN and the reason in `reward_error`, so the
@@ -32,6 +37,7 @@ from grpo_stream.core.errors import ConfigError
 from grpo_stream.envs import Done, Environment, EpisodeFailed, EpisodeLimits, Reply
 from grpo_stream.envs.render import env_turn_text, opening_text
 from grpo_stream.generator.sampler import PromptFailed, SampleRequest, request_group
+from grpo_stream.serving.adapters import request_model
 
 FAILED = "env_failed"  # finish_reason of a failed episode
 
@@ -71,6 +77,7 @@ class Episode:
     prompt_text: str
     last_text: str = ""  # the model's last turn (what the reward functions score)
     turns: int = 0
+    tool_calls: int = 0  # environment turns that answered with a "tool" message
     finish_reason: str = ""  # done | max_turns | max_tokens | env_failed
     error: str = ""  # a failed episode's reason
     done: Done | None = None
@@ -91,20 +98,25 @@ class EpisodeRunner:
                 f"server.max_model_len = {cfg.server.max_model_len}"
             )
         self.tools = [t.schema() for t in env.tools]
+        g = cfg.generator
+        self.sampling = {"max_tokens": g.max_tokens, "temperature": g.temperature,
+                         "top_p": g.top_p, "top_k": g.top_k, **({"stop": g.stop} if g.stop else {})}  # fmt: skip
+        self.model = request_model(cfg)  # the version's adapter name under the LoRA sync
+        self.discount = cfg.env.turn_discount
 
     def _encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    async def _turn(self, pool, prompt, ids: list[int], max_tokens: int):
-        g = self.cfg.generator
-        sampling = {"max_tokens": max_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                    "top_k": g.top_k, **({"stop": g.stop} if g.stop else {})}  # fmt: skip
-        req = SampleRequest(prompt, "", ids)
-        served = self.cfg.model.served_name
-        return await request_group(pool, served, req, 1, sampling, g.max_retries, g.retry_budget_s)
+    async def _turn(self, pool, prompt, ids: list[int], sampling: dict):
+        g, req = self.cfg.generator, SampleRequest(prompt, "", ids)
+        return await request_group(
+            pool, self.model, req, 1, sampling, g.max_retries, g.retry_budget_s
+        )
 
-    async def episode(self, pool, prompt) -> Episode:
-        """One episode on `prompt`; a failed one is returned with its reason."""
+    async def episode(self, pool, prompt, sampling: dict | None = None) -> Episode:
+        """One episode on `prompt`, each turn sampled with `sampling` (vLLM's fields;
+        `max_tokens` per turn; default: [generator]'s); a failed one is returned with
+        its reason."""
         ep = Episode(EpisodeTokens([]), "")
         # a stateful environment (an OpenEnv one) gives each episode its own instance
         env = self.env.fresh() if hasattr(self.env, "fresh") else self.env
@@ -113,7 +125,7 @@ class EpisodeRunner:
                 messages = env.start(prompt)
                 ep.prompt_text = opening_text(self.tok, messages, self.tools)
                 ep.tokens.prompt_ids = self._encode(ep.prompt_text)
-                await self._turns(pool, env, prompt, messages, ep)
+                await self._turns(pool, env, prompt, messages, ep, sampling or self.sampling)
         except EpisodeFailed as e:
             ep.finish_reason, ep.error = FAILED, str(e)
         except TimeoutError:
@@ -125,7 +137,7 @@ class EpisodeRunner:
             ep.finish_reason, ep.error = FAILED, f"environment raised {type(e).__name__}: {e}"
         return ep
 
-    async def _turns(self, pool, env, prompt, messages: list[dict], ep: Episode) -> None:
+    async def _turns(self, pool, env, prompt, messages: list, ep: Episode, sampling) -> None:
         lim, tok, eos = self.limits, ep.tokens, self.tok.eos_token_id
         t0 = time.perf_counter()
         while True:
@@ -133,8 +145,8 @@ class EpisodeRunner:
             if room < 1:
                 ep.finish_reason = "max_tokens"
                 return
-            max_tokens = min(self.cfg.generator.max_tokens, room)
-            outs, v0, v1, _, ep.url = await self._turn(pool, prompt, tok.ids(), max_tokens)
+            turn = {**sampling, "max_tokens": min(sampling["max_tokens"], room)}
+            outs, v0, v1, _, ep.url = await self._turn(pool, prompt, tok.ids(), turn)
             c = outs[0]
             tok.add_model(c.token_ids, c.logprobs)
             ep.turns += 1
@@ -158,6 +170,7 @@ class EpisodeRunner:
                 return
             tok.add_env(env_ids)
             messages.extend(answer.messages)
+            ep.tool_calls += any(m.get("role") == "tool" for m in answer.messages)
 
     async def group(self, pool, prompt, run_id: str, rewards) -> Group:
         """The G episodes of `prompt`, scored (`rewards`: a `tasks.RewardRunner`)."""
@@ -168,19 +181,34 @@ class EpisodeRunner:
         except* PromptFailed as group_err:
             raise group_err.exceptions[0] from None
         eps = [t.result() for t in tasks]
+        results = await self.score(prompt, eps, rewards)
+        pairs = enumerate(zip(eps, results, strict=True))
+        return [self.sample(run_id, prompt, i, e, r) for i, (e, r) in pairs]
+
+    async def score(self, prompt, eps: list[Episode], rewards) -> list:
+        """Each episode's RewardResult from `rewards` (a `tasks.RewardRunner`) on its last
+        model turn, scored as one group; None for a failed episode or one whose
+        environment gave the reward."""
         scored = [e for e in eps if not e.error and (e.done is None or e.done.reward is None)]
         results = await rewards.score_group(prompt, [e.last_text for e in scored])
         by_id = {id(e): r for e, r in zip(scored, results, strict=True)}
-        return [self.sample(run_id, prompt, i, e, by_id.get(id(e))) for i, e in enumerate(eps)]
+        return [by_id.get(id(e)) for e in eps]
 
-    def sample(self, run_id: str, prompt, index: int, ep: Episode, result) -> Sample:
-        """The buffer record of one episode (`result`: its RewardResult, or None)."""
+    def outcome(self, ep: Episode, result) -> tuple[float, dict[str, float], str]:
+        """(reward, components, error) of an episode (`result`: from `score`): NaN and
+        the reason when it failed; the reward times `env.turn_discount` per model turn
+        after the first."""
         if ep.error:
-            reward, components, error = float("nan"), {}, ep.error
-        elif result is None:  # the environment's own reward
+            return float("nan"), {}, ep.error
+        if result is None:  # the environment's own reward
             reward, components, error = float(ep.done.reward), dict(ep.done.components), ""
         else:
             reward, components, error = float(result.total), dict(result.components), result.error
+        return reward * self.discount ** max(ep.turns - 1, 0), components, error
+
+    def sample(self, run_id: str, prompt, index: int, ep: Episode, result) -> Sample:
+        """The buffer record of one episode (`result`: its RewardResult, or None)."""
+        reward, components, error = self.outcome(ep, result)
         t = ep.tokens
         return Sample(
             run_id=run_id, prompt_id=prompt.prompt_id, sample_index=index,

@@ -5,7 +5,7 @@ right, so every turn gets "Try again" until `env.max_turns`): the stored sequenc
 vLLM's sampled tokens and the environment's tokens, each environment turn exactly
 the tokenizer's ids of its rendered text; the learner's recomputed log-probs match
 vLLM's on every policy token of every turn (the drift check) and the environment
-tokens carry none. Then the fault cases on the same server: a tool that raises, hangs
+tokens carry none; the held-out evaluation plays the prompt as the same 3-turn episode. Then the fault cases on the same server: a tool that raises, hangs
 or returns garbage, and an episode past its wall time, each give a failed episode with
 its reason, which the learner drops as a failed group with that reason for the ledger.
 """
@@ -49,6 +49,22 @@ def _group(cfg, url, env, tokenizer):
                 return await EpisodeRunner(env, tokenizer, cfg).group(pool, PROMPT, "r", rewards)
             finally:
                 await pool.close()
+
+    return asyncio.run(go())
+
+
+def _evaluate(cfg, url, tokenizer):
+    from grpo_stream.eval.evaluate import Evaluator
+
+    async def go():
+        evaluator = Evaluator(cfg, tokenizer, [PROMPT])
+        async with VLLMClient(60.0) as client:
+            pool = ServerPool([url], client)
+            try:
+                return await evaluator.evaluate(pool)
+            finally:
+                await pool.close()
+                await evaluator.aclose()
 
     return asyncio.run(go())
 
@@ -110,6 +126,10 @@ def test_three_turn_episodes_are_token_exact_and_match_the_learner(
     for s, rec in zip(group, records, strict=True):
         assert rec["tokens"] == sum(s.policy_mask)  # the env tokens are not compared
         assert rec["max_abs"] < 2e-3, rec  # the learner's log-probs are vLLM's, every turn
+    cfg = _cfg(tmp_path, tiny_server.url, tiny_model_dir, "env.name=retry", "eval.k=1")
+    row = _evaluate(cfg, tiny_server.url, tokenizer)  # greedy and one sampled episode
+    assert (row.turns_mean, row.greedy_pass_at_1, row.prompts, row.tool_calls_mean) == (
+        3.0, 0.0, 1, 0.0)  # fmt: skip
 
 
 class _AlwaysCalls:
