@@ -8,7 +8,9 @@ and the PNGs (`compare_table.py`, `compare_plot.py`).
 Each run folder gives `metrics.jsonl` (one row per learner step), `config.toml` and, when
 held-out evaluation ran, `eval.jsonl`. Runs are grouped into settings by their resolved
 config minus the `run` section (so seeds of one setting group together); a setting is
-named by the config keys that differ between settings. Trained samples are the running
+named by the config keys that differ between settings, or, when every run is a sweep's
+point (its `sweep_done.json`), by the sweep's own choices minus the seed (a bundle's
+name, such as `setting=ppo`, instead of every key it sets). Trained samples are the running
 sum of each step's `samples`; wall time the running sum of `step_s` (the learner's time,
 waits for batches included, model loading and server start excluded).
 
@@ -35,6 +37,7 @@ from grpo_stream.core import jsonl
 from grpo_stream.core import metric_names as M
 from grpo_stream.core.errors import UserError
 
+SWEEP_DONE_FILE = "sweep_done.json"  # `grpo_stream.analysis.sweep` writes it per point
 IGNORED_PREFIXES = ("run.", "server.urls", "server.port")  # never part of a setting
 
 
@@ -50,6 +53,7 @@ class Run:
     rows: list[dict]
     evals: list[dict]
     setting: str = ""
+    choice: dict = field(default_factory=dict)  # the sweep's choice, `run.seed` left out
     samples: list[float] = field(default_factory=list)  # cumulative, after each step
     wall: list[float] = field(default_factory=list)  # cumulative learner seconds
     reward: list[float] = field(default_factory=list)
@@ -108,6 +112,10 @@ def load_run(path: Path, window: int) -> Run:
     cfg_file = path / "config.toml"
     config = _flatten(tomllib.loads(cfg_file.read_text())) if cfg_file.is_file() else {}
     run = Run(path, path.name, config, rows, _jsonl(path / "eval.jsonl"))
+    done = path / SWEEP_DONE_FILE
+    if done.is_file():
+        choice = json.loads(done.read_text()).get("choice") or {}
+        run.choice = {k: v for k, v in choice.items() if k != "run.seed"}
     run.samples = _cumsum(r.get(M.SAMPLES) for r in rows)
     run.wall = _cumsum(r.get(M.STEP_S) for r in rows)
     run.reward = [float(r[M.REWARD_MEAN]) for r in rows]
@@ -186,6 +194,10 @@ def name_settings(runs: list[Run]) -> None:
     def key(run: Run) -> dict:
         return {k: v for k, v in run.config.items() if not k.startswith(IGNORED_PREFIXES)}
 
+    if all(r.choice for r in runs):  # sweep points: the sweep's names for its choices
+        for r in runs:
+            r.setting = ",".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in r.choice.items())
+        return
     keys = sorted({k for r in runs for k in key(r)})
     differ = [k for k in keys if len({json.dumps(key(r).get(k), sort_keys=True) for r in runs}) > 1]
     for r in runs:

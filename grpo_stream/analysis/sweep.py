@@ -61,12 +61,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpo_stream.analysis.compare import SWEEP_DONE_FILE
 from grpo_stream.config import SECRET_FIELDS, Config, load_config
 from grpo_stream.core import jsonl
 from grpo_stream.core.atomic import atomic_write
 from grpo_stream.core.errors import UserError
 
-DONE_FILE = "sweep_done.json"
+DONE_FILE = SWEEP_DONE_FILE  # one name, read by compare too
 BUDGET_KEYS = ("samples", "wall_s")
 
 

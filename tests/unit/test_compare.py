@@ -153,3 +153,18 @@ def test_doc_images_written_straight_into_the_docs_folder(runs, tmp_path):
     assert compare_cli(argv) == 0
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "](experiments/epochs/curves.png)" in doc.read_text()
+
+
+def test_sweep_points_are_named_by_the_sweeps_choices(runs):
+    """Every run a sweep point (sweep_done.json): settings take the sweep's choice minus
+    the seed (a bundle's name), not every config key the bundle set."""
+    for path, name in zip(runs, ["ppo", "lean", "lean"], strict=True):
+        choice = {"setting": name, "run.seed": 0}
+        (path / "sweep_done.json").write_text(json.dumps({"point": name, "choice": choice}))
+    got, settings, _ = compare_runs([str(p) for p in runs], threshold=0.4, window=2)
+    assert [r.setting for r in got] == ["setting=ppo", "setting=lean", "setting=lean"]
+    assert [len(s.runs) for s in settings] == [1, 2]
+    (runs[0] / "sweep_done.json").unlink()  # one run not a point: named by its config
+    assert [r.setting for r in compare_runs([str(p) for p in runs], 0.4, 2)[0]] == [
+        "epochs=1", "epochs=2", "epochs=2"
+    ]
