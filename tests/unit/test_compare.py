@@ -166,5 +166,7 @@ def test_sweep_points_are_named_by_the_sweeps_choices(runs):
     assert [len(s.runs) for s in settings] == [1, 2]
     (runs[0] / "sweep_done.json").unlink()  # one run not a point: named by its config
     assert [r.setting for r in compare_runs([str(p) for p in runs], 0.4, 2)[0]] == [
-        "epochs=1", "epochs=2", "epochs=2"
+        "epochs=1",
+        "epochs=2",
+        "epochs=2",
     ]
