@@ -18,13 +18,11 @@ and its reward is NaN (counted as failed).
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
 from grpo_stream.eval.record import Scored
 from grpo_stream.generator.episodes import Episode, episode_runner
-from grpo_stream.generator.sampler import PromptFailed
 
 
 class EpisodeEval:
@@ -41,14 +39,7 @@ class EpisodeEval:
     ) -> tuple[list[Scored], set[int]]:
         """`n` episodes of `prompt`, scored (`eval.evaluate.Scored`), and the policy
         versions their turns saw; raises `PromptFailed` when the server keeps failing."""
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(self.runner.episode(pool, prompt, sampling)) for _ in range(n)
-                ]
-        except* PromptFailed as err:
-            raise err.exceptions[0] from None
-        eps = [t.result() for t in tasks]
+        eps = await self.runner.episodes(pool, prompt, n, sampling)
         results = await self.runner.score(prompt, eps, self.rewards)
         scored = [self._scored(e, r) for e, r in zip(eps, results, strict=True)]
         versions = {v for e in eps for v in e.versions if v >= 0}

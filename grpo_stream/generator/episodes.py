@@ -174,16 +174,20 @@ class EpisodeRunner:
 
     async def group(self, pool, prompt, run_id: str, rewards) -> Group:
         """The G episodes of `prompt`, scored (`rewards`: a `tasks.RewardRunner`)."""
-        G = self.cfg.generator.group_size
-        try:  # a prompt that fails (the server) stops its other episodes too
-            async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self.episode(pool, prompt)) for _ in range(G)]
-        except* PromptFailed as group_err:
-            raise group_err.exceptions[0] from None
-        eps = [t.result() for t in tasks]
+        eps = await self.episodes(pool, prompt, self.cfg.generator.group_size)
         results = await self.score(prompt, eps, rewards)
         pairs = enumerate(zip(eps, results, strict=True))
         return [self.sample(run_id, prompt, i, e, r) for i, (e, r) in pairs]
+
+    async def episodes(self, pool, prompt, n: int, sampling: dict | None = None) -> list:
+        """`n` episodes of `prompt` at once (`episode`); raises `PromptFailed` when the
+        server keeps failing, which stops the prompt's other episodes too."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self.episode(pool, prompt, sampling)) for _ in range(n)]
+        except* PromptFailed as group_err:
+            raise group_err.exceptions[0] from None
+        return [t.result() for t in tasks]
 
     async def score(self, prompt, eps: list[Episode], rewards) -> list:
         """Each episode's RewardResult from `rewards` (a `tasks.RewardRunner`) on its last
