@@ -10,7 +10,7 @@ What it runs, on one device:
    layer + GRPO loss, on synthetic groups (random token ids, rewards, behaviour log-probs);
 2. the same two steps under FSDP2 with one rank, started through `torch.distributed.run`
    (nccl on CUDA, gloo on CPU): the model is loaded on CPU and `shard_model` moves only
-   shards to the device; then `full_state_dict_on_rank0` gathers the weights, whose names
+   shards to the device; then `gather.full_state_dict_on_rank0` gathers the weights, whose names
    and shapes must be exactly the Hugging Face ones (`LlamaForCausalLM.state_dict()`: what
    `save_pretrained` writes and vLLM loads), and must have moved from their initial values;
 3. figures, as ratios measured side by side in this run (the machines are shared):
@@ -222,6 +222,7 @@ def state_dict_mismatches(full: dict, size: dict) -> list[str]:
 def fsdp_worker(size_name: str, device_name: str, out: str) -> None:
     """One torchrun rank: load on CPU, shard (FSDP2), two bf16 steps, gather, check."""
     from grpo_stream.learner import distributed as d
+    from grpo_stream.learner import gather
 
     size = SIZES[size_name]
     dist = d.init_distributed(device_name)
@@ -232,7 +233,7 @@ def fsdp_worker(size_name: str, device_name: str, out: str) -> None:
     runner = make_runner(cfg, sharded, dist.device, dist.world_size, dist.rank)
     samples, advs = synthetic_batch(size, cfg)
     losses, step_s = learner_steps(runner, samples, advs, dist.device)
-    full = d.full_state_dict_on_rank0(sharded)  # collective: every rank
+    full = gather.full_state_dict_on_rank0(sharded)  # collective: every rank
     if dist.rank == 0:
         moved = not torch.equal(full["model.layers.0.mlp.up_proj.weight"], start)
         result = {

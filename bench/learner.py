@@ -341,7 +341,8 @@ def machine(device: torch.device) -> str:
 
 
 def merge_results(new: dict) -> dict:
-    """Keep the figures (and their config) of the part not run this time (--part)."""
+    """Keep the figures (and their config) of the parts not run this time (--part, and
+    bench/lora.py's `lora_*` figures, which it merges into this file)."""
     try:
         old = json.loads(RESULTS.read_text())
     except (OSError, json.JSONDecodeError):
@@ -349,7 +350,7 @@ def merge_results(new: dict) -> dict:
     names = {f["name"] for f in new["figures"]}
     kept = [f for f in old.get("figures", []) if f["name"] not in names]
     config = {**old.get("config", {}), **new["config"]}
-    return {**new, "figures": kept + new["figures"], "config": config}
+    return {**old, **new, "figures": kept + new["figures"], "config": config}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Benchmark: LoRA against full fine-tuning on the demo's shapes, side by side in one run.
 
-    python -m bench.lora                 # step + sync -> results/lora.json
+    python -m bench.lora                 # step + sync -> results/learner.json (lora_*)
     python -m bench.lora --part step     # (a) only;  --part sync: (b) only
 
 (a) step: the learner step of bench/learner.py (SmolLM2-135M float32, the demo's 4
@@ -8,7 +8,10 @@ chat-templated arithmetic prompts x G = 8 random completions of 4..16 tokens, mu
 one optimizer step per epoch, shared prefix), once with full weights and once with
 configs/cpu-lora.toml's adapter (rank 16 on every attention and MLP projection), each in a
 fresh child process (`--child full|lora`): load, AdamW, one warm-up step, then `--reps`
-timed steps. lora_peak_memory_ratio = the LoRA learner's peak RSS while it trains (VmHWM,
+timed steps, with glibc's mmap threshold at the LoRA config's
+`learner.malloc_mmap_threshold_kib` for both (learner/heap.py: freed activations leave
+the heap), then again under glibc's adaptive threshold (recorded as `adaptive_heap`).
+lora_peak_memory_ratio = the LoRA learner's peak RSS while it trains (VmHWM,
 reset once the model is loaded, so a loader's transient copies do not count: weights,
 optimizer state, gradients, activations) / the full learner's (goal <= 0.6);
 lora_step_time_ratio = median LoRA step / median full step (recorded, goal <= 1.0: the
@@ -24,6 +27,8 @@ a LoRA-enabled one. lora_sync_pause_ratio = median LoRA switch / median disk pau
 <= 0.25); lora_sync_bytes_ratio = adapter bytes / weight folder bytes per sync (the bytes
 themselves are in config.sync). After each push the server must report the version.
 
+The figures and their details (config.lora_step, config.lora_sync) are merged into
+bench/results/learner.json beside bench/learner.py's, which keeps them when it reruns.
 The box is shared: the load average is recorded with the results.
 """
 
@@ -40,14 +45,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "lora.json"
 PORTS = (8310, 8311)
 
 
-def _lora_cfg():
+def _lora_config():
     from grpo_stream.config import load_config
 
-    return load_config(ROOT / "configs" / "cpu-lora.toml").lora
+    return load_config(ROOT / "configs" / "cpu-lora.toml")
+
+
+def _lora_cfg():
+    return _lora_config().lora
 
 
 def _mib(tensors) -> float:
@@ -95,12 +103,14 @@ def breakdown(model, opt, runtime_mib: float) -> dict:
     }
 
 
-def child(kind: str, reps: int) -> dict:
-    """One learner variant in this process: its step times, peak RSS and what it holds."""
+def child(kind: str, reps: int, heap_kib: int | None) -> dict:
+    """One learner variant in this process: its step times, peak RSS and what it holds,
+    with glibc's mmap threshold fixed at `heap_kib` (None: glibc's adaptive one)."""
     import torch
 
     from bench.learner import _rss_kib, demo_prompts, make_batch
     from grpo_stream.config import Config, ModelConfig
+    from grpo_stream.learner.heap import set_mmap_threshold
     from grpo_stream.learner.lora import apply_lora
     from grpo_stream.learner.optim import build_optimizer
     from grpo_stream.learner.policy import load_causal_lm
@@ -108,6 +118,7 @@ def child(kind: str, reps: int) -> dict:
     from grpo_stream.serving.model import resolve_model_path
 
     torch.set_num_threads(1)
+    set_mmap_threshold(heap_kib)  # what the learner's set_threads does, before loading
     import transformers  # noqa: F401 (loaded by every learner: part of the runtime)
 
     runtime = _rss_kib("VmRSS") / 1024
@@ -142,25 +153,41 @@ def child(kind: str, reps: int) -> dict:
     }
 
 
+def _run_child(kind: str, reps: int, heap_kib: int | None) -> dict:
+    cmd = [sys.executable, "-m", "bench.lora", "--child", kind, "--reps", str(reps),
+           "--heap", json.dumps(heap_kib)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {kind} heap={heap_kib}: {row}", flush=True)
+    return row
+
+
 def bench_step(reps: int) -> tuple[list[dict], dict]:
+    """Each kind under configs/cpu-lora.toml's fixed mmap threshold (the figures), then
+    under glibc's adaptive one (recorded: what the freed-activation holes cost)."""
     from bench.learner import figure
 
-    out = {}
-    for kind in ("lora", "full"):
-        cmd = [sys.executable, "-m", "bench.lora", "--child", kind, "--reps", str(reps)]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-        out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"  {kind}: {out[kind]}", flush=True)
-    med = {k: statistics.median(v["seconds"]) for k, v in out.items()}
+    heap = _lora_config().learner.malloc_mmap_threshold_kib
+    fixed = {kind: _run_child(kind, reps, heap) for kind in ("lora", "full")}
+    adaptive = {kind: _run_child(kind, reps, None) for kind in ("lora", "full")}
+    med = {k: statistics.median(v["seconds"]) for k, v in fixed.items()}
     figures = [
         figure("lora_peak_memory_ratio",
-               out["lora"]["peak_rss_mib"] / out["full"]["peak_rss_mib"], "x", "<=", 0.6),
+               fixed["lora"]["peak_rss_mib"] / fixed["full"]["peak_rss_mib"], "x", "<=", 0.6),
         figure("lora_step_time_ratio", med["lora"] / med["full"], "x", "<=", 1.0),
     ]  # fmt: skip
+    peak = {k: v["peak_rss_mib"] for k, v in adaptive.items()}
     return figures, {
-        **out,
+        **fixed,
         "reps": reps,
-        "lora": {**out["lora"], "config": _lora_cfg().model_dump()},
+        "malloc_mmap_threshold_kib": heap,
+        "lora": {**fixed["lora"], "config": _lora_cfg().model_dump()},
+        "adaptive_heap": {
+            **adaptive,
+            "peak_memory_ratio": peak["lora"] / peak["full"],
+            "step_time_ratio": statistics.median(adaptive["lora"]["seconds"])
+            / statistics.median(adaptive["full"]["seconds"]),
+        },  # fmt: skip
     }
 
 
@@ -224,23 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--pushes", type=int, default=3)
     p.add_argument("--child", choices=["full", "lora"], help=argparse.SUPPRESS)
+    p.add_argument("--heap", type=json.loads, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.reps)))
+        print(json.dumps(child(args.child, args.reps, args.heap)))
         return 0
-    figures, config = [], {"model": "SmolLM2-135M-Instruct float32", "device": "cpu"}
+    from bench.learner import RESULTS, merge_results
+
+    figures, config = [], {}
     for name, run in (("step", lambda: bench_step(args.reps)),
                       ("sync", lambda: bench_sync(args.pushes))):  # fmt: skip
         if args.part in (name, "all"):
             before = os.getloadavg()
-            figs, config[name] = run()
-            config[name]["load_average_1_5_15"] = {"before": before, "after": os.getloadavg()}
+            figs, part = run()
+            part["load_average_1_5_15"] = {"before": before, "after": os.getloadavg()}
+            part["machine"] = f"{os.cpu_count()} cpus, SmolLM2-135M-Instruct float32, cpu"
+            config[f"lora_{name}"] = part
             figures.extend(figs)
-    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    names = {f["name"] for f in figures}
-    kept = [f for f in old.get("figures", []) if f["name"] not in names]
-    out = {"figures": kept + figures, "machine": f"{os.cpu_count()} cpus",
-           "config": {**old.get("config", {}), **config}}  # fmt: skip
+    out = merge_results({"figures": figures, "config": config})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     for f in figures:

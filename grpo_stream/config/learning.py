@@ -215,6 +215,15 @@ class LearnerConfig(_Section):
         None,
         description="torch CPU threads (per process); unset: every core, split across ranks",
     )
+    malloc_mmap_threshold_kib: int | None = Field(
+        None,
+        ge=1,
+        le=32768,
+        description="glibc's mmap threshold for the learner process (KiB): blocks above "
+        "it are unmapped when freed, so the peak RSS follows the live tensors (a slower "
+        "step: fresh pages); unset: glibc's own threshold, which rises as blocks are "
+        "freed and leaves freed activations in the heap",
+    )
 
 
 class SyncConfig(_Section):

@@ -47,14 +47,13 @@ from grpo_stream.learner.distributed import (
     ShardedPolicy,
     all_reduce_scalars,
     clip_grad_norm,
-    full_optimizer_state_dict_on_rank0,
     is_distributed,
-    load_full_optimizer_state,
     mixed_precision_dtype,
     print0,
     shard_model,
     unwrap,
 )
+from grpo_stream.learner.gather import full_optimizer_state_dict_on_rank0, load_full_optimizer_state
 from grpo_stream.learner.policy import autocast, final_hidden
 
 CRITIC_DIR = "critic"  # in a checkpoint folder: the value model and optimizer.pt
@@ -248,7 +247,7 @@ class Critic:
     def gather(self) -> tuple[dict | None, dict]:
         """(full weights or None in one process, optimizer state): under FSDP a collective
         every rank calls, full states on rank 0."""
-        from grpo_stream.learner.distributed import gathered_state_dict
+        from grpo_stream.learner.gather import gathered_state_dict
 
         weights = gathered_state_dict(self.model)
         opt = full_optimizer_state_dict_on_rank0(self.model, self.opt)

@@ -9,8 +9,9 @@ so the learner's code reads the same in one process and in N:
     policy = shard_model(hf_model, dist, mp_dtype)  # only under torchrun; then build_optimizer
     samples, advs = shard_batch(samples, advs, rank, world)
     batch = broadcast_object(batch_on_rank0)        # identity in one process
-    sd = gathered_state_dict(policy)                # collective; None in one process
     print0("[learn] ...")                           # rank 0 alone prints
+
+The state dicts gathered from the shards (checkpoints, disk sync) are `learner.gather`'s.
 
 Sharding: `shard_model` shards every decoder layer, then wraps the Hugging Face model in
 `ShardedPolicy` and makes that wrapper the FSDP root (embedding, final norm, lm_head).
@@ -341,50 +342,3 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
     full = getattr(norm, "full_tensor", None)
     return float(full() if callable(full) else norm)
-
-
-def full_state_dict_on_rank0(model) -> dict[str, torch.Tensor]:
-    """Full CPU state dict under Hugging Face names on rank 0, {} elsewhere. Collective.
-
-    Single process: the plain state dict of the (unwrapped) model.
-    """
-    inner = unwrap(model)
-    if not is_distributed():
-        return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(inner, options=opts)
-
-
-def gathered_state_dict(model) -> dict[str, torch.Tensor] | None:
-    """Under FSDP the full weights on rank 0 ({} elsewhere; a collective every rank calls);
-    None in one process, where the model's own state dict is the full one."""
-    return full_state_dict_on_rank0(model) if is_distributed() else None
-
-
-def gathered_optimizer_state(model, optimizer) -> dict | None:
-    """Under FSDP the full per-name optimizer state on rank 0 (collective); None in one
-    process, where the checkpoint writes the optimizer's own state dict."""
-    return full_optimizer_state_dict_on_rank0(model, optimizer) if is_distributed() else None
-
-
-def full_optimizer_state_dict_on_rank0(model, optimizer) -> dict:
-    """Full optimizer state (keyed by parameter FQN) on rank 0, {} elsewhere. Collective."""
-    if not is_distributed():
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=opts)
-
-
-def load_full_optimizer_state(model, optimizer, state: dict) -> None:
-    """Inverse of `full_optimizer_state_dict_on_rank0` (rank 0's `state` is broadcast)."""
-    if not is_distributed():
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_optimizer_state_dict(model, optimizer, state, options=opts)

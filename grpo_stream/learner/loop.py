@@ -38,11 +38,10 @@ from grpo_stream.learner.background import StepJob, StepWriter, merge_metrics, s
 from grpo_stream.learner.checkpoint import checkpoint_write_error, trainer_state
 from grpo_stream.learner.distributed import (
     broadcast_object,
-    gathered_optimizer_state,
-    gathered_state_dict,
     print0,
     unwrap,
 )
+from grpo_stream.learner.gather import gathered_optimizer_state, gathered_state_dict
 from grpo_stream.learner.lora import saved_state_dict
 from grpo_stream.learner.models_info import resident_models, write_models
 from grpo_stream.learner.records import NoRecords, RunRecords

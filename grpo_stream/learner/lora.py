@@ -100,21 +100,12 @@ def is_adapter_dir(folder: Path | str) -> bool:
     return (Path(folder) / "adapter_config.json").is_file()
 
 
-def policy_folders(
-    cfg: LoraConfig, weights: str, initial: str, world_size: int = 1
-) -> tuple[str, str | None]:
+def policy_folders(cfg: LoraConfig, weights: str, initial: str) -> tuple[str, str | None]:
     """(the folder the policy's base weights load from, the adapter folder or None) for a
     learner starting from `weights` (the initial model, or a checkpoint's model/) whose
     initial model is `initial`. A LoRA policy's base is always the initial model, so
     the adapter-off reference stays the initial policy. ValueError naming lora.enabled
-    when the checkpoint's kind and the config disagree, or under torchrun (FSDP2 does not
-    gather or checkpoint an adapter yet)."""
-    if cfg.enabled and world_size > 1:
-        raise ValueError(
-            f"lora.enabled = true with {world_size} learner processes (torchrun, FSDP2): "
-            "the adapter is trained by one learner process; set lora.enabled = false to "
-            "shard full weights, or run the learner as one process"
-        )
+    when the checkpoint's kind and the config disagree."""
     adapter = is_adapter_dir(weights)
     if adapter and not cfg.enabled:
         raise ValueError(

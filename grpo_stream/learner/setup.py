@@ -27,11 +27,12 @@ from grpo_stream.learner.distributed import (
     DistInfo,
     broadcast_object,
     init_distributed,
-    load_full_optimizer_state,
     mixed_precision_dtype,
     print0,
     shard_model,
 )
+from grpo_stream.learner.gather import load_full_optimizer_state
+from grpo_stream.learner.heap import set_mmap_threshold
 from grpo_stream.learner.lora import apply_lora, policy_folders
 from grpo_stream.learner.optim import build_optimizer
 from grpo_stream.learner.policy import load_causal_lm
@@ -64,10 +65,12 @@ def seed_everything(seed: int) -> None:
 
 def set_threads(cfg: Config, dist: DistInfo) -> None:
     """CPU threads for a CPU learner: `learner.num_threads`, else the cores split over
-    the ranks (the thread count changes float summation order, so replay uses it too)."""
+    the ranks (the thread count changes float summation order, so replay uses it too);
+    and the heap's mmap threshold (`learner.heap`)."""
     if dist.device.type == "cpu":
         cores = (os.cpu_count() or 1) // dist.world_size
         torch.set_num_threads(cfg.learner.num_threads or max(1, cores))
+    set_mmap_threshold(cfg.learner.malloc_mmap_threshold_kib)  # before any model loads
 
 
 def load_models(cfg: Config, weights: str, initial: str, dist: DistInfo, tag: str = "learn"):
@@ -79,7 +82,7 @@ def load_models(cfg: Config, weights: str, initial: str, dist: DistInfo, tag: st
     # under FSDP2 load on CPU: shard_model moves only each rank's shards to its GPU
     load_to = torch.device("cpu") if dist.world_size > 1 else dist.device
     try:  # LoRA: the base is the initial model, the adapter a checkpoint's (learner.lora)
-        weights, adapter = policy_folders(cfg.lora, weights, initial, dist.world_size)
+        weights, adapter = policy_folders(cfg.lora, weights, initial)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     print0(f"[{tag}] loading the policy from {weights} onto {load_to} ...")

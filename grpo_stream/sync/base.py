@@ -73,9 +73,20 @@ class NoSync:
         pass
 
 
-def current_rank() -> int:
-    """This process's rank in torch.distributed (0 when not initialized or not imported)."""
+def _process_group():
     import sys
 
     dist = sys.modules.get("torch.distributed")
-    return dist.get_rank() if dist and dist.is_available() and dist.is_initialized() else 0
+    return dist if dist and dist.is_available() and dist.is_initialized() else None
+
+
+def current_rank() -> int:
+    """This process's rank in torch.distributed (0 when not initialized or not imported)."""
+    dist = _process_group()
+    return dist.get_rank() if dist else 0
+
+
+def current_world_size() -> int:
+    """The learner's processes in torch.distributed (1 when not initialized)."""
+    dist = _process_group()
+    return dist.get_world_size() if dist else 1

@@ -1,6 +1,7 @@
 """Adapter-only weight sync: the LoRA adapter written atomically, loaded as `policy-vN`.
 
-`LoraSync.push(model, version)` (rank 0 does the work; other ranks return `{}`):
+`LoraSync.push(model, version, state_dict)` (rank 0 does the work; other ranks return
+`{}`; under FSDP `state_dict` is the adapter gathered from the shards):
 1. writes the adapter (peft's format: adapter_config.json + adapter_model.safetensors,
    megabytes) to `RUN/adapters/v{N}.tmp`, fsyncs and renames it to `RUN/adapters/v{N}`
    (`write_adapter`, `grpo_stream.core.atomic`);
@@ -41,7 +42,7 @@ from grpo_stream.core import metric_names as M
 from grpo_stream.core.atomic import fresh_dir, publish_dir
 from grpo_stream.serving.adapters import adapter_name
 from grpo_stream.serving.client import ServerHTTPError, VLLMClient
-from grpo_stream.sync.base import WeightSyncError, current_rank
+from grpo_stream.sync.base import WeightSyncError, current_rank, current_world_size
 from grpo_stream.sync.disk import on_every_server, version_folders
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -119,7 +120,6 @@ def outside_window(names: list[str], served: str, version: int, window: int) -> 
 class LoraSync:
     """`WeightSync` of a LoRA adapter through a shared folder and vLLM's adapter loading."""
 
-    needs_state_dict = False  # the adapter is read from the model itself
     versions_servers = transport_traits("lora").versions_servers
 
     def __init__(self, cfg: SyncConfig, urls: list[str], root: Path, served_name: str,
@@ -127,6 +127,9 @@ class LoraSync:
         self.cfg, self.urls, self.api_key = cfg, [u.rstrip("/") for u in urls], api_key
         self.served, self.window = served_name, window  # learner.max_staleness
         self.rank = current_rank() if rank is None else rank
+        # under FSDP the adapter comes gathered from the shards (`learner.gather`); in one
+        # process push reads it from the model itself
+        self.needs_state_dict = current_world_size() > 1
         self.root = Path(root).resolve()
         self.pauses: list[list] = []
         self._published: tuple[int, Path] | None = None
@@ -137,7 +140,7 @@ class LoraSync:
         if self.rank != 0:
             return {}
         t0 = time.perf_counter()
-        folder = self.publish(model, version)
+        folder = self.publish(model, version, state_dict)
         save_s = time.perf_counter() - t0
         self.pauses = []
         pauses = asyncio.run(self._load_all(folder, version))
@@ -150,9 +153,10 @@ class LoraSync:
             M.SYNC_BYTES: float(folder_bytes(folder)),
         }
 
-    def publish(self, model, version: int) -> Path:
-        """Write and validate `RUN/adapters/v{version}` (no server is called)."""
-        folder = write_adapter(model, self.root / f"v{version}")
+    def publish(self, model, version: int, state_dict: dict | None = None) -> Path:
+        """Write and validate `RUN/adapters/v{version}` (no server is called) from
+        `state_dict` (the gathered adapter), else from the model itself."""
+        folder = write_adapter(model, self.root / f"v{version}", state_dict)
         validate_adapter_dir(folder)
         self._published = (version, folder)
         return folder

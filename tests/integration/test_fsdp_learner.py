@@ -1,7 +1,8 @@
 """The real `grpo-stream learn` under torchrun: 2 gloo processes with FSDP2 on CPU train
 the same batches to the same weights as one process (tolerance stated below), and a
 2-process run stopped at a checkpoint resumes (weights, sharded AdamW state, scheduler,
-cursor) to the same weights as an uninterrupted one."""
+cursor) to the same weights as an uninterrupted one. The same holds for a LoRA policy
+(its adapter gathered from the shards, the reference its own base with the adapter off)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def _prefill(run_dir: Path, groups: int = 4) -> None:
     w.close()
 
 
-def _weights(run_dir: Path, step: int = 2) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "checkpoints" / f"step-{step}" / "model" / "model.safetensors")
+def _weights(run_dir: Path, step: int = 2, name: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step-{step}" / "model" / f"{name}.safetensors")
 
 
 def _torchrun() -> list[str]:
@@ -102,3 +103,45 @@ def test_two_process_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     for k in w_whole:  # the same processes, the same order of every reduction
         torch.testing.assert_close(w_split[k], w_whole[k], atol=1e-6, rtol=1e-5)
     assert max((w_whole[k] - w_mid[k]).abs().max().item() for k in w_whole) > 1e-3
+
+
+LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=16", "loss.beta=0.1"]
+
+
+def test_two_process_lora_matches_one_process_and_resumes(tmp_path, tiny_model_dir):
+    """1 process, 2 steps == 2 processes' step 2 (of 4); 2 + resume 2 == 4 uninterrupted.
+    beta > 0: every step also runs the adapter-off reference under FSDP."""
+    one, whole, split = tmp_path / "one", tmp_path / "whole", tmp_path / "split"
+    for d in (one, whole, split):
+        _prefill(d, groups=8)
+    args = ["-m", "grpo_stream.cli", "learn", f"model.path={tiny_model_dir}", *OVERRIDES,
+            *LORA, "learner.checkpoint_every=2", "learner.keep_checkpoints=2"]  # fmt: skip
+
+    def learn(launcher: list[str], run_dir: Path, steps: int, *extra: str) -> None:
+        cmd = [*launcher, *args, f"run.run_dir={run_dir}", f"learner.max_steps={steps}"]
+        done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    learn([sys.executable], one, 2)
+    learn(_torchrun(), whole, 4)
+    learn(_torchrun(), split, 2)
+    learn(_torchrun(), split, 4, "--resume")
+    assert _batches(whole) == _batches(split) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    saved = sorted(p.name for p in (whole / "checkpoints" / "step-4" / "model").iterdir())
+    assert saved == ["adapter_config.json", "adapter_model.safetensors"]  # no base weights
+    adapter = "adapter_model"
+    w_one, w_mid = _weights(one, 2, adapter), _weights(whole, 2, adapter)
+    assert set(w_one) == set(w_mid) and all("lora_" in k for k in w_one)
+    for k in w_one:  # reduction order differs between 1 and 2 processes
+        torch.testing.assert_close(w_mid[k], w_one[k], atol=5e-5, rtol=1e-4)
+    w_whole, w_split = _weights(whole, 4, adapter), _weights(split, 4, adapter)
+    for k in w_whole:  # the same processes, the same order of every reduction
+        torch.testing.assert_close(w_split[k], w_whole[k], atol=1e-6, rtol=1e-5)
+    lora_b = [k for k in w_one if "lora_B" in k]  # zero at the start: any change is a step
+    assert max(w_one[k].abs().max().item() for k in lora_b) > 1e-3
+    assert max((w_whole[k] - w_mid[k]).abs().max().item() for k in w_whole) > 1e-3
+    rows = {d: [json.loads(x) for x in (d / "metrics.jsonl").open()] for d in (one, whole)}
+    for m1, m2 in zip(rows[one], rows[whole][:2], strict=True):  # the KL: adapter off
+        for k in ("loss", "kl", "grad_norm"):
+            assert m2[k] == pytest.approx(m1[k], rel=1e-3, abs=1e-6), k
+    assert rows[one][-1]["kl"] > 1e-6  # the adapter moved the policy off the reference

@@ -106,6 +106,7 @@ def _worker(out: Path, model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from grpo_stream.learner import distributed as D
+    from grpo_stream.learner import gather as G
 
     torch.manual_seed(0)
     info = D.init_distributed("cpu")
@@ -125,8 +126,8 @@ def _worker(out: Path, model_dir: Path) -> None:
     grads = {n: p.grad.full_tensor() for n, p in D.unwrap(policy).named_parameters()}
     grad_norm = D.clip_grad_norm(policy.parameters(), MAX_NORM)
     opt.step()
-    params = D.full_state_dict_on_rank0(policy)
-    optim = D.full_optimizer_state_dict_on_rank0(policy, opt)
+    params = G.full_state_dict_on_rank0(policy)
+    optim = G.full_optimizer_state_dict_on_rank0(policy, opt)
     try:  # ranks passing different keys must fail loudly, not add unrelated numbers
         D.all_reduce_scalars({"a" if info.rank == 0 else "b": 1.0})
         mismatch_raised = False

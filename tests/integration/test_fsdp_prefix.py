@@ -71,6 +71,7 @@ def _worker(out: Path, model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from grpo_stream.learner import distributed as D
+    from grpo_stream.learner import gather as G
     from grpo_stream.learner.optim import build_optimizer
     from grpo_stream.learner.plan import plan_micro_batches
     from grpo_stream.learner.step import StepRunner
@@ -101,7 +102,7 @@ def _worker(out: Path, model_dir: Path) -> None:
     layouts["cached"] = float(all(mb.prefix and mb.prefix.packed is None for mb in mbs))
     random.seed(1)
     metrics.append(runner.run(mine, my_advs))  # step 2: the KV cache
-    params = D.full_state_dict_on_rank0(policy)
+    params = G.full_state_dict_on_rank0(policy)
     if info.is_rank0:
         torch.save({"params": params, "metrics": metrics, "layouts": layouts}, out / "rank0.pt")
 

@@ -8,16 +8,21 @@ log-probs of those completions equal vLLM's (the drift check, `learner.drift`). 
 syncs a real learner step moves the adapter, so each version is a different policy: the
 previous version's samples no longer match. Versions outside the staleness window are
 unloaded from the server and deleted from disk, and a version pushed again is served anew.
+Then `grpo-stream learn` under torchrun (2 gloo processes, FSDP2) syncs into the same
+server: the adapter gathered from the shards is what vLLM serves, and the checkpoint's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
 
 import pytest
 import torch
 from conftest import free_port
+from safetensors.torch import load_file
+from test_fsdp_learner import OVERRIDES, _prefill, _torchrun
 
 from grpo_stream.buffer.schema import Sample
 from grpo_stream.config import Config, LoraConfig, SyncConfig
@@ -120,3 +125,28 @@ def test_vllm_serves_each_synced_adapter_version(lora_server, cfg, tiny_model_di
     sync.push(model, 2)  # a version pushed again (a resumed learner) is served anew
     samples = _sample(lora_server.url, cfg)
     assert _max_drift(model, samples, cfg) < 2e-3
+
+
+def test_fsdp_learner_syncs_its_gathered_adapter(lora_server, cfg, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    _prefill(run)
+    lc = cfg.lora
+    overrides = [o for o in OVERRIDES if not o.startswith(("sync.", "learner.max_staleness"))]
+    cmd = [*_torchrun(), "-m", "grpo_stream.cli", "learn", f"model.path={tiny_model_dir}",
+           *overrides, f"run.run_dir={run}", f'server.urls=["{lora_server.url}"]',
+           "sync.transport=lora", f"learner.max_staleness={WINDOW}", "lora.enabled=true",
+           f"lora.rank={lc.rank}", f"lora.alpha={lc.alpha}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["v1", "v2"]
+    served = _served(lora_server.url)
+    assert {"policy-v1", "policy-v2"} <= set(served) and "policy-v0" not in served
+    pushed = load_file(run / "adapters" / "v2" / "adapter_model.safetensors")
+    saved = load_file(run / "checkpoints" / "step-2" / "model" / "adapter_model.safetensors")
+    assert set(pushed) == set(saved) and all(torch.equal(pushed[k], saved[k]) for k in saved)
+    assert max(pushed[k].abs().max().item() for k in pushed if "lora_B" in k) > 1e-3
+    model = apply_lora(load_causal_lm(str(tiny_model_dir), torch.device("cpu")), lc,
+                       run / "adapters" / "v2")  # fmt: skip
+    samples = _sample(lora_server.url, cfg)
+    assert {s.policy_version for s in samples} == {2}
+    assert _max_drift(model, samples, cfg) < 2e-3  # vLLM's policy-v2 is the gathered adapter

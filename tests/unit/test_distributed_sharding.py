@@ -16,7 +16,6 @@ from grpo_stream.learner.distributed import (
     all_reduce_scalars,
     broadcast_object,
     count_real,
-    full_state_dict_on_rank0,
     init_distributed,
     is_padding,
     is_rank0,
@@ -25,6 +24,7 @@ from grpo_stream.learner.distributed import (
     shard_indices,
     shard_samples,
 )
+from grpo_stream.learner.gather import full_state_dict_on_rank0
 
 
 def _sample(i: int, p: int = 3, c: int = 2) -> Sample:
