@@ -5,9 +5,9 @@
     adv = masked_whiten(adv, mask, *moments_mean_std(masked_moments(adv, mask)))
     loss, metrics = value_loss(new_values, values, ret, mask, clip, total_tokens=n)
 
-Tensors are [B, T] over target columns; `mask` is 1 exactly on each row's completion
-tokens (one contiguous run per row, as the learner's layouts lay them out). The
-sequence's score (the rule, the reward model, or their sum) is the reward of its last
+Tensors are [B, T] over target columns; `mask` is 1 exactly on the policy's tokens. In
+a padded layout that is one contiguous run per row; in a multi-turn episode the
+environment's tokens inside the row are 0 too (a mask with holes). The sequence's score (the rule, the reward model, or their sum) is the reward of its last
 completion token; classic PPO (`loss.kl_in_reward`) also charges every token
 `-kl_coef * (log pi_old - log pi_ref)`. GAE runs backward over each row:
 
@@ -15,7 +15,10 @@ completion token; classic PPO (`loss.kl_in_reward`) also charges every token
     A_t     = delta_t + gamma * lam * A_{t+1}
     R_t     = A_t + V_t                          (the value target)
 
-With gamma = lam = 1, A_t = (reward-to-go from t) - V_t. Positions off the mask may
+where t+1 is the row's next *masked* column: the recursion steps over the holes (the
+environment's turns are not actions, so they are neither discounted nor terminal), and
+only the row's end ends the episode, as verl does on observation tokens. With
+gamma = lam = 1, A_t = (reward-to-go from t) - V_t. Positions off the mask may
 hold anything (NaN included): they are zeroed first, and their outputs are 0. Whitening
 uses moments given by the caller, so the learner can take them over the whole batch
 (every micro-batch and rank), not one micro-batch.
@@ -74,10 +77,14 @@ def gae(
     next_v = v.new_zeros(B)  # [B] V_{t+1}, 0 past the last token
     next_a = v.new_zeros(B)  # [B] A_{t+1}
     for t in range(T - 1, -1, -1):
+        on = valid[:, t]  # [B]
         delta = r[:, t] + gamma * next_v - v[:, t]  # [B]
         a = (delta + gamma * lam * next_a) * m[:, t]  # [B] 0 off the mask
         adv[:, t] = a
-        next_v, next_a = v[:, t], a  # v, a are 0 off the mask: terminal before it
+        # off the mask the next value and advantage carry over: a hole inside an episode
+        # passes the future through, and columns before the completion read nothing
+        next_v = torch.where(on, v[:, t], next_v)  # [B]
+        next_a = torch.where(on, a, next_a)  # [B]
     returns = (adv + v) * m  # [B, T]
     return adv, returns
 

@@ -104,3 +104,48 @@ def test_shapes_are_checked():
         gae(torch.zeros(2, 5), torch.zeros(2, 4), MASK, 1.0, 1.0)
     with pytest.raises(ValueError, match="scores: expected"):
         token_rewards(torch.zeros(3), MASK)
+
+
+def _gae_by_hand(r: list[float], v: list[float], m: list[int], gamma: float, lam: float):
+    """The textbook recursion over the policy's columns alone: the holes are skipped."""
+    cols = [t for t, on in enumerate(m) if on]
+    adv, ret = [0.0] * len(m), [0.0] * len(m)
+    next_v = next_a = 0.0
+    for t in reversed(cols):
+        next_a = r[t] + gamma * next_v - v[t] + gamma * lam * next_a
+        next_v = v[t]
+        adv[t], ret[t] = next_a, next_a + v[t]
+    return adv, ret
+
+
+def test_gae_carries_the_outcome_across_an_environment_turn():
+    # an episode: two model tokens, one environment token (mask 0), two model tokens;
+    # reward 1 at the end, V = 0, gamma = lambda = 1: every model token's return is 1
+    mask = torch.tensor([[1, 1, 0, 1, 1]], dtype=torch.float32)
+    rewards = torch.tensor([[0.0, 0.0, NAN, 0.0, 1.0]])
+    adv, ret = gae(rewards, torch.zeros(1, 5), mask, gamma=1.0, lam=1.0)
+    assert_close(ret, torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]]))
+    assert_close(adv, torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.5])
+@pytest.mark.parametrize("lam", [1.0, 0.95, 0.0])
+def test_gae_on_masks_with_gaps_matches_the_hand_recursion(gamma: float, lam: float):
+    # padding before and after, and two holes of different widths inside the episode
+    m = [0, 1, 1, 0, 0, 1, 0, 1, 1, 0]
+    r = [NAN, -0.1, 0.0, NAN, NAN, 0.2, NAN, -0.05, 1.0, NAN]
+    v = [NAN, 0.3, 0.1, 7.0, -3.0, 0.6, 9.0, 0.2, 0.4, NAN]
+    mask = torch.tensor([m], dtype=torch.float32)
+    adv, ret = gae(torch.tensor([r]), torch.tensor([v]), mask, gamma=gamma, lam=lam)
+    clean = [x if on else 0.0 for x, on in zip(r, m, strict=True)]
+    want_adv, want_ret = _gae_by_hand(
+        clean, [x if on else 0.0 for x, on in zip(v, m, strict=True)], m, gamma, lam
+    )
+    assert_close(adv[0], torch.tensor(want_adv))
+    assert_close(ret[0], torch.tensor(want_ret))
+    # the same episode without its holes gives the same numbers on the model's columns
+    keep = [t for t, on in enumerate(m) if on]
+    a2, r2 = gae(torch.tensor([[r[t] for t in keep]]), torch.tensor([[v[t] for t in keep]]),
+                 torch.ones(1, len(keep)), gamma=gamma, lam=lam)  # fmt: skip
+    assert_close(adv[0, keep], a2[0])
+    assert_close(ret[0, keep], r2[0])
